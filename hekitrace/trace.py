@@ -1,0 +1,722 @@
+"""Trace files: the on-disk form of an event stream, in a binary and a JSON Lines encoding.
+
+``hekitrace record``, the daemon's journal, ``hekitrace simulate`` and the bundled examples
+write traces; ``hekitrace replay`` and journal recovery read them. Both encodings carry
+exactly the events of :mod:`hekitrace.events`, so a replay feeds the daemon's pipeline
+the same values it saw live (DESIGN.md principle 1). The reader detects the encoding from
+the first bytes. docs/trace-format.md is the user-facing specification.
+
+Binary encoding (all integers little-endian)::
+
+    file   = header block*
+    header = magic "\\x89HKT\\r\\n\\x1a\\n" | u16 version | u16 reserved | u32 json_len
+             | u32 crc32(json) | json (host facts: kernel_release, abi_profile,
+             start_time_ns, hostname, extra)
+    block  = sync "\\xf5HKBLK\\x0a\\x00" | u32 payload_len | u32 records | u32 crc32(payload)
+             | payload
+    record = u8 kind | u32 body_len | body   (fixed struct per kind, then
+             length-prefixed parts: u16 + UTF-8 for strings, u32 count + 3 x u64 for entries)
+
+Why blocks: a crash or a full disk leaves at most one torn block, and a flipped bit spoils
+one block. Each block is checked on its own, and after a bad one the reader scans for the
+next sync marker, so everything valid before *and* after damage is still read. The marker
+starts with a byte (0xf5) never produced by UTF-8 text and the payload CRC rejects a false
+sync found inside data. Blocks are bounded (:data:`MAX_BLOCK_BYTES`), so reading needs
+constant memory. The per-record ``body_len`` lets a reader skip a kind it does not know.
+
+JSON Lines encoding: an optional header line ``{"kind": "header", ...}`` then one event
+per line, field names of :mod:`hekitrace.events`; blank lines and lines starting with
+``#`` are ignored so scenarios can be written and commented by hand.
+
+Problems (a bad block, a bad line) never end the read and are never dropped: each becomes
+a :class:`TraceProblem` handed to the caller's ``errors`` list or callback. Only a file
+that is not a trace at all raises :class:`~hekitrace.errors.TraceFormatError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import IO, Any, Callable, Iterator, NamedTuple, Union
+
+from hekitrace.errors import TraceFormatError
+from hekitrace.events import (CLASS_BY_NAME, KIND_OF, NAME_OF, AttrApplied, AttrIoctl,
+                              CrPinRequest, CrWrite, Event, EventKind, Fault, Hypercall,
+                              Lost, Memslot, ProtectEntry, ProtectRequest, VmCreated,
+                              VmDestroyed)
+
+MAGIC = b"\x89HKT\r\n\x1a\n"
+FORMAT_VERSION = 1
+SYNC = b"\xf5HKBLK\n\x00"
+_FILE_HEAD = struct.Struct("<8sHHII")        # magic, version, reserved, json_len, crc
+_BLOCK_HEAD = struct.Struct("<8sIII")        # sync, payload_len, records, crc32
+_REC_HEAD = struct.Struct("<BI")             # kind, body_len
+#: a block larger than this is corrupt (the writer never exceeds it): bounds reader memory
+MAX_BLOCK_BYTES = 16 << 20
+MAX_HEADER_BYTES = 1 << 20
+DEFAULT_BLOCK_BYTES = 64 << 10
+_ENTRY = struct.Struct("<QQQ")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+
+# Fixed part of each kind's body, fields in NamedTuple order. time_ns is signed (q);
+# tgid/tid are u32; guest-controlled values are u64 as the kernel hands them over.
+_FIXED: dict[EventKind, struct.Struct] = {
+    EventKind.VM_CREATED: struct.Struct("<qIIi?"),             # + 5 strings
+    EventKind.VM_DESTROYED: struct.Struct("<qII"),             # + stats_path
+    EventKind.MEMSLOT: struct.Struct("<qIIIIQQQ"),
+    EventKind.HYPERCALL: struct.Struct("<qIIQQQQQ"),
+    EventKind.PROTECT_REQUEST: struct.Struct("<qIIQIIQI"),     # + entries (count last)
+    EventKind.CR_PIN_REQUEST: struct.Struct("<qIIQQQ"),
+    EventKind.ATTR_APPLIED: struct.Struct("<qIIQQQ"),
+    EventKind.ATTR_IOCTL: struct.Struct("<qIIQQQQq"),
+    EventKind.FAULT: struct.Struct("<qIIIQQQIQq"),
+    EventKind.CR_WRITE: struct.Struct("<qIIQQ"),
+    EventKind.LOST: struct.Struct("<qIIQ"),                     # count; + stage, reason, hook
+}
+#: kinds whose body is exactly the fixed struct, decoded by one unpack
+_PLAIN = (EventKind.MEMSLOT, EventKind.HYPERCALL, EventKind.CR_PIN_REQUEST,
+          EventKind.ATTR_APPLIED, EventKind.ATTR_IOCTL, EventKind.FAULT, EventKind.CR_WRITE)
+
+
+@dataclass(frozen=True)
+class TraceHeader:
+    """Host facts recorded at the start of a trace (all optional for hand-written ones)."""
+
+    kernel_release: str = ""
+    abi_profile: str = ""
+    start_time_ns: int = 0
+    hostname: str = ""
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kernel_release": self.kernel_release, "abi_profile": self.abi_profile,
+                "start_time_ns": self.start_time_ns, "hostname": self.hostname,
+                "format_version": self.format_version, "extra": dict(self.extra)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TraceHeader:
+        start = data.get("start_time_ns", 0)
+        if "start_time" in data and "start_time_ns" not in data:
+            start = parse_time(data["start_time"])
+        return cls(kernel_release=str(data.get("kernel_release", "")),
+                   abi_profile=str(data.get("abi_profile", "")),
+                   start_time_ns=_int(start),
+                   hostname=str(data.get("hostname", "")),
+                   format_version=_int(data.get("format_version", FORMAT_VERSION)),
+                   extra=dict(data.get("extra") or {}))
+
+
+class TraceProblem(NamedTuple):
+    """One thing wrong in a trace: ``offset`` (bytes, binary) or ``line`` (1-based, JSON
+    Lines) locates it; the reader went on after it."""
+
+    path: str
+    offset: int | None
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"byte {self.offset}" if self.offset is not None else f"line {self.line}"
+        return f"{self.path}: {where}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "offset": self.offset, "line": self.line,
+                "message": self.message}
+
+
+ErrorSink = Union[list, Callable[[TraceProblem], None], None]
+
+
+def _sink(errors: ErrorSink) -> Callable[[TraceProblem], None]:
+    if errors is None:
+        def raise_problem(problem: TraceProblem) -> None:
+            raise TraceFormatError(problem.message, path=problem.path,
+                                   offset=problem.offset, line=problem.line)
+        return raise_problem
+    if isinstance(errors, list):
+        return errors.append
+    return errors
+
+
+# -- binary encoding -----------------------------------------------------------------------
+
+def _pack_str(text: str) -> bytes:
+    raw = text.encode("utf-8", "surrogateescape")[:0xFFFF]
+    return _U16.pack(len(raw)) + raw
+
+
+def encode_event(event: Event) -> bytes:
+    """The binary record of ``event`` (kind, length, body).
+
+    Raises :class:`TraceFormatError` for a value outside its field's range (e.g. a
+    negative gpa), which only a bug upstream can produce.
+    """
+    kind = KIND_OF[type(event)]
+    fixed = _FIXED[kind]
+    try:
+        if kind in _PLAIN:
+            body = fixed.pack(*event)
+        elif kind is EventKind.PROTECT_REQUEST:
+            ev: Any = event
+            parts = [fixed.pack(ev.time_ns, ev.tgid, ev.tid, ev.list_gpa, ev.pages, ev.flags,
+                                ev.declared_entries, len(ev.entries))]
+            parts.extend(_ENTRY.pack(*entry) for entry in ev.entries)
+            body = b"".join(parts)
+        elif kind is EventKind.VM_CREATED:
+            ev = event
+            body = (fixed.pack(ev.time_ns, ev.tgid, ev.tid, ev.vm_fd, ev.preexisting)
+                    + _pack_str(ev.stats_path) + _pack_str(ev.name) + _pack_str(ev.uuid)
+                    + _pack_str(ev.vmm) + _pack_str(ev.source))
+        elif kind is EventKind.VM_DESTROYED:
+            ev = event
+            body = fixed.pack(ev.time_ns, ev.tgid, ev.tid) + _pack_str(ev.stats_path)
+        else:  # LOST
+            ev = event
+            body = (fixed.pack(ev.time_ns, ev.tgid, ev.tid, ev.count) + _pack_str(ev.stage)
+                    + _pack_str(ev.reason) + _pack_str(ev.hook))
+    except (struct.error, TypeError, AttributeError) as error:
+        raise TraceFormatError(f"cannot encode {NAME_OF[type(event)]} event {event!r}: "
+                               f"{error}") from None
+    return _REC_HEAD.pack(kind, len(body)) + body
+
+
+def _strings(buf: bytes | memoryview, pos: int, count: int) -> tuple[list[str], int]:
+    out = []
+    for _ in range(count):
+        (n,) = _U16.unpack_from(buf, pos)
+        pos += 2
+        raw = bytes(buf[pos:pos + n])
+        if len(raw) != n:
+            raise struct.error("string runs past the record")
+        out.append(raw.decode("utf-8", "surrogateescape"))
+        pos += n
+    return out, pos
+
+
+def _decode_complex(kind: int, buf: bytes, pos: int, end: int) -> Event:
+    """Decode a record with variable parts (strings, entries) in buf[pos:end]."""
+    fixed = _FIXED[EventKind(kind)]
+    head = fixed.unpack_from(buf, pos)
+    p = pos + fixed.size
+    if kind == EventKind.PROTECT_REQUEST:
+        count = head[7]
+        if p + count * _ENTRY.size != end:
+            raise struct.error(f"{count} entries do not fill the {end - pos}-byte record")
+        entries = tuple(map(ProtectEntry._make, _ENTRY.iter_unpack(buf[p:end])))
+        return ProtectRequest(head[0], head[1], head[2], head[3], entries, head[4], head[5],
+                              head[6])
+    if kind == EventKind.VM_CREATED:
+        (stats_path, name, uuid, vmm, source), p = _strings(buf, p, 5)
+        event: Event = VmCreated(head[0], head[1], head[2], head[3], stats_path, name, uuid,
+                                 vmm, source, head[4])
+    elif kind == EventKind.VM_DESTROYED:
+        (stats_path,), p = _strings(buf, p, 1)
+        event = VmDestroyed(head[0], head[1], head[2], stats_path)
+    else:
+        (stage, reason, hook), p = _strings(buf, p, 3)
+        event = Lost(head[0], head[1], head[2], stage, reason, head[3], hook)
+    if p != end:
+        raise struct.error(f"{end - p} trailing bytes in the record")
+    return event
+
+
+def decode_block(payload: bytes, base: int, report: Callable[[str, int], None]
+                 ) -> list[Event]:
+    """Events of one checked block payload; ``base`` is its file offset (for reports).
+
+    A record that does not decode is reported with its offset and skipped by its length;
+    an impossible length ends the block (the remaining bytes cannot be framed).
+    """
+    out: list[Event] = []
+    append = out.append
+    plain = _PLAIN_DECODERS
+    rec_head = _REC_HEAD.unpack_from
+    pos = 0
+    end = len(payload)
+    while pos < end:
+        if end - pos < 5:
+            report(f"{end - pos} stray bytes at the end of a block", base + pos)
+            break
+        kind, length = rec_head(payload, pos)
+        body = pos + 5
+        stop = body + length
+        if stop > end:
+            report(f"record length {length} runs past the end of its block", base + pos)
+            break
+        fast = plain.get(kind)
+        try:
+            if fast is not None and fast[1] == length:
+                append(fast[2](fast[3], fast[0](payload, body)))
+            elif kind in _COMPLEX_KINDS:
+                append(_decode_complex(kind, payload, body, stop))
+            else:
+                report(f"unknown event kind {kind} ({length}-byte record skipped)",
+                       base + pos)
+        except (struct.error, ValueError) as error:
+            report(f"bad {EventKind(kind).name.lower()} record: {error}", base + pos)
+        pos = stop
+    return out
+
+
+CLASS_OF_KIND: dict[EventKind, type] = {kind: cls for cls, kind in KIND_OF.items()}
+#: kind -> (unpack_from, body size, constructor, class) of the one-unpack kinds
+_PLAIN_DECODERS = {int(k): (_FIXED[k].unpack_from, _FIXED[k].size, tuple.__new__,
+                            CLASS_OF_KIND[k]) for k in _PLAIN}
+_COMPLEX_KINDS = frozenset(int(k) for k in (EventKind.PROTECT_REQUEST, EventKind.VM_CREATED,
+                                            EventKind.VM_DESTROYED, EventKind.LOST))
+
+
+class TraceWriter:
+    """Writes a trace (binary by default, or ``encoding="jsonl"``) to a path or file.
+
+    Binary events are collected into blocks of about ``block_bytes`` and written whole,
+    so a reader never sees a half-written block except after a crash (which it reports
+    and skips). ``flush()`` ends the current block; ``fsync()`` also makes it durable
+    (the journal decides how often). ``append=True`` on an existing binary trace adds
+    blocks after its end without a second header (journal segments); a torn tail left by
+    a crash is then reported once by readers and everything after it still reads.
+    """
+
+    def __init__(self, target: str | os.PathLike | IO[bytes], header: TraceHeader | None = None,
+                 *, encoding: str = "binary", block_bytes: int = DEFAULT_BLOCK_BYTES,
+                 append: bool = False) -> None:
+        if encoding not in ("binary", "jsonl"):
+            raise TraceFormatError(f"unknown trace encoding {encoding!r}; "
+                                   "expected 'binary' or 'jsonl'")
+        self.encoding = encoding
+        self.header = header or TraceHeader()
+        self.block_bytes = max(256, min(block_bytes, MAX_BLOCK_BYTES // 2))
+        self.bytes_written = 0
+        self.events_written = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._owns = not hasattr(target, "write")
+        if self._owns:
+            path = os.fspath(target)  # type: ignore[arg-type]
+            exists = append and os.path.exists(path) and os.path.getsize(path) > 0
+            if exists and encoding == "binary":
+                with open(path, "rb") as probe:
+                    if probe.read(len(MAGIC)) != MAGIC:
+                        raise TraceFormatError("cannot append: not a binary hekitrace trace",
+                                               path=path, offset=0)
+            self._file: IO[bytes] = open(path, "ab" if append else "wb")
+            self.path = path
+        else:
+            exists = append
+            self._file = target  # type: ignore[assignment]
+            self.path = getattr(target, "name", "<stream>")
+        if not exists:
+            self._write_header()
+
+    def _write_header(self) -> None:
+        if self.encoding == "jsonl":
+            line = {"kind": "header", "format": "hekitrace-trace"}
+            line.update(self.header.to_dict())
+            self._raw(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+            return
+        blob = json.dumps(self.header.to_dict(), sort_keys=True).encode()
+        self._raw(_FILE_HEAD.pack(MAGIC, FORMAT_VERSION, 0, len(blob), zlib.crc32(blob)) + blob)
+
+    def _raw(self, data: bytes) -> None:
+        self._file.write(data)
+        self.bytes_written += len(data)
+
+    def write(self, event: Event) -> None:
+        """Add one event (buffered until the block is full or :meth:`flush`)."""
+        if self.encoding == "jsonl":
+            self._raw(event_to_json_line(event).encode() + b"\n")
+        else:
+            record = encode_event(event)
+            self._pending.append(record)
+            self._pending_bytes += len(record)
+            if self._pending_bytes >= self.block_bytes:
+                self._end_block()
+        self.events_written += 1
+
+    def write_all(self, events: Any) -> None:
+        for event in events:
+            self.write(event)
+
+    def _end_block(self) -> None:
+        if not self._pending:
+            return
+        payload = b"".join(self._pending)
+        self._raw(_BLOCK_HEAD.pack(SYNC, len(payload), len(self._pending), zlib.crc32(payload))
+                  + payload)
+        self._pending = []
+        self._pending_bytes = 0
+
+    def flush(self) -> None:
+        """Write the pending events as a whole block and flush the file object."""
+        self._end_block()
+        self._file.flush()
+
+    def fsync(self) -> None:
+        """:meth:`flush`, then make the bytes durable (``os.fsync``)."""
+        self.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self.flush()
+        if self._owns:
+            self._file.close()
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- JSON Lines encoding -------------------------------------------------------------------
+
+#: fields written as hex strings because people read them as addresses or bit masks
+_HEX_FIELDS = frozenset({"gpa", "hva", "list_gpa", "address", "rip", "mask", "value",
+                         "a0", "a1", "a2", "a3", "error_code", "attributes"})
+_STR_FIELDS = frozenset({"stats_path", "name", "uuid", "vmm", "source", "stage", "reason",
+                         "hook"})
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """The JSON object of ``event`` (as in a JSON Lines trace and in finding evidence)."""
+    out: dict[str, Any] = {"kind": NAME_OF[type(event)]}
+    for name, value in zip(event._fields, event):
+        if name == "entries":
+            out[name] = [[hex(e.gpa), hex(e.end_gpa), e.permissions] for e in value]
+        elif name in _HEX_FIELDS and isinstance(value, int) and value >= 0:
+            out[name] = hex(value)
+        else:
+            out[name] = value
+    return out
+
+
+def event_to_json_line(event: Event) -> str:
+    return json.dumps(event_to_dict(event), separators=(",", ":"))
+
+
+def parse_time(value: Any) -> int:
+    """An RFC 3339 UTC time (``2026-11-25T15:00:00.5Z``) or an integer to Unix-epoch ns."""
+    if isinstance(value, str) and "T" in value:
+        text = value.strip()
+        frac = 0
+        if text.endswith("Z"):
+            text = text[:-1] + "+00:00"
+        main, sep, rest = text.partition(".")
+        if sep:
+            digits = "".join(ch for ch in rest if ch.isdigit())
+            tz = rest[len(digits):]
+            frac = int((digits + "000000000")[:9])
+            text = main + tz
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"bad time {value!r}; expected e.g. 2026-11-25T15:00:00Z") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return int(moment.timestamp()) * 1_000_000_000 + frac
+    return _int(value)
+
+
+def _int(value: Any) -> int:
+    """An integer from a JSON value: int, or a string in decimal or 0x hex."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value, 0)
+        except ValueError:
+            raise ValueError(f"expected an integer (decimal or 0x hex), got {value!r}") from None
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def event_from_dict(data: dict[str, Any], *, start_ns: int = 0, last_ns: int = 0) -> Event:
+    """Build an event from its JSON object; raises ValueError naming the bad field.
+
+    Time: ``time_ns`` (integer), ``time`` (RFC 3339 UTC) or ``t`` (seconds after
+    ``start_ns``, the header's start); when none is given the previous event's time.
+    ``tid`` defaults to ``tgid``; other fields default as in :mod:`hekitrace.events`.
+    """
+    kind = data.get("kind")
+    cls = CLASS_BY_NAME.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(CLASS_BY_NAME)}")
+    fields = cls._fields
+    unknown = set(data) - set(fields) - {"kind", "time", "t"}
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))} for {kind}; "
+                         f"expected {', '.join(fields)}")
+    values: dict[str, Any] = {}
+    if "time_ns" in data:
+        values["time_ns"] = _int(data["time_ns"])
+    elif "time" in data:
+        values["time_ns"] = parse_time(data["time"])
+    elif "t" in data:
+        t = data["t"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise ValueError(f"t: expected seconds as a number, got {t!r}")
+        values["time_ns"] = start_ns + round(t * 1e9)
+    else:
+        values["time_ns"] = last_ns
+    if "tgid" not in data:
+        raise ValueError("missing field tgid")
+    for name in fields[1:]:
+        if name not in data:
+            continue
+        raw = data[name]
+        try:
+            if name == "entries":
+                values[name] = _entries(raw)
+            elif name in _STR_FIELDS:
+                if not isinstance(raw, str):
+                    raise ValueError(f"expected a string, got {raw!r}")
+                values[name] = raw
+            elif name == "preexisting":
+                if not isinstance(raw, bool):
+                    raise ValueError(f"expected true or false, got {raw!r}")
+                values[name] = raw
+            else:
+                values[name] = _int(raw)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+    values.setdefault("tid", values["tgid"])
+    missing = [n for n in fields if n not in values and n not in cls._field_defaults]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)} for {kind}")
+    return cls(**values)
+
+
+def _entries(raw: Any) -> tuple[ProtectEntry, ...]:
+    if not isinstance(raw, list):
+        raise ValueError(f"expected a list of [gpa, end_gpa, permissions], got {raw!r}")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, list) or len(item) != 3:
+            raise ValueError(f"entry {i}: expected [gpa, end_gpa, permissions], got {item!r}")
+        out.append(ProtectEntry(_int(item[0]), _int(item[1]), _int(item[2])))
+    return tuple(out)
+
+
+# -- reading -------------------------------------------------------------------------------
+
+class TraceReader:
+    """Iterates the events of one trace file, either encoding, in constant memory.
+
+    ``errors`` receives each :class:`TraceProblem` (a list is appended to, a callable is
+    called); with ``errors=None`` the first problem raises :class:`TraceFormatError`.
+    The constructor reads the header, so a file that is not a trace fails right away.
+    """
+
+    def __init__(self, path: str | os.PathLike, errors: ErrorSink = None) -> None:
+        self.path = os.fspath(path)
+        self._report = _sink(errors)
+        self._file = open(self.path, "rb")
+        try:
+            head = self._file.read(_FILE_HEAD.size)
+            if head[:len(MAGIC)] == MAGIC:
+                self.encoding = "binary"
+                self.header = self._binary_header(head)
+            elif head[:len(MAGIC) - 2] == MAGIC[:len(MAGIC) - 2]:
+                raise TraceFormatError("truncated trace header", path=self.path, offset=0)
+            else:
+                self.encoding = "jsonl"
+                self._file.seek(0)
+                self.header = self._jsonl_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _binary_header(self, head: bytes) -> TraceHeader:
+        if len(head) < _FILE_HEAD.size:
+            raise TraceFormatError("truncated trace header", path=self.path, offset=0)
+        _, version, _, size, crc = _FILE_HEAD.unpack(head)
+        if version != FORMAT_VERSION:
+            raise TraceFormatError(f"trace format version {version}; this hekitrace reads "
+                                   f"version {FORMAT_VERSION}", path=self.path, offset=8)
+        if size > MAX_HEADER_BYTES:
+            raise TraceFormatError(f"header length {size} exceeds {MAX_HEADER_BYTES}",
+                                   path=self.path, offset=12)
+        blob = self._file.read(size)
+        if len(blob) != size or zlib.crc32(blob) != crc:
+            raise TraceFormatError("trace header is truncated or fails its checksum",
+                                   path=self.path, offset=_FILE_HEAD.size)
+        try:
+            return TraceHeader.from_dict(json.loads(blob))
+        except (ValueError, AttributeError) as error:
+            raise TraceFormatError(f"bad header: {error}", path=self.path,
+                                   offset=_FILE_HEAD.size) from None
+
+    def _jsonl_header(self) -> TraceHeader:
+        """Decide that the file is JSON Lines: its first content line must be a JSON
+        object (a header line or an event); anything else is not a trace."""
+        for number, raw in enumerate(self._file, 1):
+            text = raw.strip()
+            if not text or text.startswith(b"#"):
+                continue
+            try:
+                first = json.loads(text)
+            except (ValueError, UnicodeDecodeError):
+                first = None
+            if not isinstance(first, dict):
+                raise TraceFormatError("not a hekitrace trace: neither the binary magic nor "
+                                       "a JSON object on the first line", path=self.path,
+                                       line=number)
+            self._file.seek(0)
+            if first.get("kind") == "header":
+                try:
+                    return TraceHeader.from_dict(first)
+                except ValueError as error:
+                    raise TraceFormatError(f"bad header: {error}", path=self.path,
+                                           line=number) from None
+            return TraceHeader()
+        raise TraceFormatError("empty file: not a hekitrace trace", path=self.path, line=1)
+
+    def __iter__(self) -> Iterator[Event]:
+        try:
+            if self.encoding == "binary":
+                for block in self._blocks():
+                    yield from block
+            else:
+                yield from self._lines()
+        finally:
+            self._file.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _problem(self, message: str, *, offset: int | None = None,
+                 line: int | None = None) -> None:
+        self._report(TraceProblem(self.path, offset, line, message))
+
+    def _blocks(self) -> Iterator[list[Event]]:
+        f = self._file
+        pos = f.tell()
+        report = self._report_offset
+        while True:
+            head = f.read(_BLOCK_HEAD.size)
+            if not head:
+                return
+            if len(head) < _BLOCK_HEAD.size:
+                self._problem(f"truncated block header ({len(head)} of {_BLOCK_HEAD.size} "
+                              "bytes) at the end of the file", offset=pos)
+                return
+            sync, size, records, crc = _BLOCK_HEAD.unpack(head)
+            if sync != SYNC:
+                pos = self._resync(pos, "no block sync marker")
+                if pos < 0:
+                    return
+                continue
+            if size > MAX_BLOCK_BYTES:
+                pos = self._resync(pos, f"block length {size} exceeds {MAX_BLOCK_BYTES}")
+                if pos < 0:
+                    return
+                continue
+            payload = f.read(size)
+            if len(payload) < size:
+                self._problem(f"truncated block: {size} payload bytes announced, the file "
+                              f"ends after {len(payload)} ({records} records lost)",
+                              offset=pos)
+                # a torn block may be followed by appended blocks: look for them
+                pos = self._resync(pos, None)
+                if pos < 0:
+                    return
+                continue
+            if zlib.crc32(payload) != crc:
+                pos = self._resync(pos, f"block checksum mismatch ({records} records "
+                                        "announced, skipped)")
+                if pos < 0:
+                    return
+                continue
+            events = decode_block(payload, pos + _BLOCK_HEAD.size, report)
+            if len(events) != records:
+                self._problem(f"block announces {records} records, {len(events)} decoded",
+                              offset=pos)
+            pos += _BLOCK_HEAD.size + size
+            yield events
+
+    def _report_offset(self, message: str, offset: int) -> None:
+        self._problem(message, offset=offset)
+
+    def _resync(self, bad: int, message: str | None) -> int:
+        """Report the damage at ``bad`` and seek to the next sync marker after it.
+
+        Returns the new position, or -1 at end of file. Scans in 1 MiB chunks so memory
+        stays bounded whatever the size of the damaged region.
+        """
+        f = self._file
+        start = bad + 1
+        f.seek(start)
+        carry = b""
+        base = start
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                if message:
+                    self._problem(f"{message}; no further block found", offset=bad)
+                return -1
+            data = carry + chunk
+            hit = data.find(SYNC)
+            if hit >= 0:
+                found = base + hit
+                if message:
+                    self._problem(f"{message}; skipped {found - bad} bytes to the next block "
+                                  f"at byte {found}", offset=bad)
+                f.seek(found)
+                return found
+            keep = len(SYNC) - 1
+            carry = data[-keep:]
+            base += len(data) - len(carry)
+
+    def _lines(self) -> Iterator[Event]:
+        start_ns = self.header.start_time_ns
+        last_ns = start_ns
+        loads = json.loads
+        from_dict = event_from_dict
+        for number, raw in enumerate(self._file, 1):
+            text = raw.strip()
+            if not text or text[:1] == b"#":
+                continue
+            try:
+                data = loads(text)
+                if not isinstance(data, dict):
+                    raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+                if data.get("kind") == "header":
+                    continue  # read by _jsonl_header (only the first one counts)
+                event = from_dict(data, start_ns=start_ns, last_ns=last_ns)
+            except (ValueError, UnicodeDecodeError) as error:
+                snippet = text[:60].decode("utf-8", "replace")
+                self._problem(f"{error} (line skipped: {snippet!r})", line=number)
+                continue
+            last_ns = event.time_ns
+            yield event
+
+
+def open_trace(path: str | os.PathLike, errors: ErrorSink = None) -> TraceReader:
+    """A :class:`TraceReader` for ``path`` (header read, encoding detected)."""
+    return TraceReader(path, errors)
+
+
+def read_events(path: str | os.PathLike, errors: ErrorSink = None) -> Iterator[Event]:
+    """The events of the trace at ``path``; see :class:`TraceReader` for ``errors``."""
+    return iter(TraceReader(path, errors))
+
+
+#: name used in docs/internals.md
+read_trace = read_events
+
+
+def write_events(path: str | os.PathLike, events: Any, header: TraceHeader | None = None,
+                 *, encoding: str = "binary") -> int:
+    """Write ``events`` to a new trace at ``path``; returns the number written."""
+    with TraceWriter(path, header, encoding=encoding) as writer:
+        writer.write_all(events)
+        return writer.events_written
