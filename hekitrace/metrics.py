@@ -202,7 +202,11 @@ def vm_labels(guests: Iterable[Any], label: str = "name") -> dict[Any, str]:
 class HekitraceCollector(Collector):
     """Yields every family of :data:`METRICS` from ``host``, ``abi`` and ``stats``.
 
-    ``host_ref`` is a callable returning the current ``(host, abi)`` so a config reload
+    Findings counts come from ``policy.counts`` ({(vm, rule, severity): n}, vm a VmKey or
+    a name) when the policy keeps them (they include collapsed findings), else from
+    ``stats.findings``.
+
+    ``host_ref`` is a callable returning the current ``(host, abi, policy)`` so a config reload
     that rebuilds the pipeline is seen by the next scrape. ``build`` is
     :func:`build_info`'s dict. ``vm_label`` is ``metrics.vm_label``.
     """
@@ -232,7 +236,7 @@ class HekitraceCollector(Collector):
 
     def _collect_locked(self) -> list[Metric]:
         s = self._stats
-        host, abi = self._host_ref()
+        host, abi, policy = self._host_ref()
         fams: dict[str, Metric] = {spec.name: self._family(spec.name) for spec in METRICS}
 
         b = self._build
@@ -276,11 +280,15 @@ class HekitraceCollector(Collector):
                 fams["hekitrace_vm_pinned_cr_bits"].add_metric(
                     [vm, _CR_LABEL.get(cr, f"cr{cr}")], mask)
 
+        counts = getattr(policy, "counts", None)
+        findings = counts if counts is not None else s.findings
+        by_name = {g.name: g.key for g in guests if g.name}
         for (key, rule, severity), count in sorted(
-                s.findings.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], kv[0][2])):
-            vm = labels.get(key, "") if key is not None else ""
+                findings.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], kv[0][2])):
+            key = by_name.get(key, key) if isinstance(key, str) else key
             if key is not None and key not in labels:
                 continue  # the VM was retired; its series go with it
+            vm = labels[key] if key is not None else ""
             fams["hekitrace_findings_total"].add_metric([vm, rule, severity], count)
         for kind in sorted(s.events_by_kind):
             fams["hekitrace_events_total"].add_metric([kind], s.events_by_kind[kind])

@@ -1,0 +1,534 @@
+"""The daemon: one event loop wiring capture, state, rules and sinks together.
+
+Data flow (DESIGN.md): ring buffers and KVM uevents -> bounded queue -> Pipeline (Host +
+Policy) -> findings to the alert sink; metrics, the control socket and the probes read the
+state. Everything runs in one thread, a ``selectors`` loop over the ring-buffer fds, the
+uevent socket, the control socket, a signal wake-up pipe and timers; only the HTTP server
+has its own thread (it reads state under ``LoopStats.lock``, which the loop holds while it
+applies a batch).
+
+The queue: the loop drains the rings whenever they are readable (the kernel keeps
+producing and the control ring must not overflow), but processes at most
+``_BATCH_EVENTS`` per iteration so the control socket, timers and the watchdog are served
+between batches. Events that would overflow ``capture.queue_events`` are dropped,
+counted (stage "queue", reason "overflow", per VM) and fed to the pipeline as ``Lost``
+events so the VM is marked degraded: nothing is lost silently.
+
+Seams for parts written elsewhere: ``capture_factory``, ``uevents_factory``,
+``discover`` and ``recovery`` (the journal: given the Pipeline and the discovered VMs it
+returns the keys it covers, which are then not marked "running before monitoring
+started").
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from typing import Any, Callable, Iterable, TextIO
+
+from hekitrace import __version__
+from hekitrace.control import ControlServer, RequestError
+from hekitrace.errors import ConfigError, HekitraceError
+from hekitrace.events import NAME_OF, Lost, VmCreated
+from hekitrace.httpserver import Health, HttpServer
+from hekitrace.metrics import HekitraceCollector, LoopStats, build_info
+from hekitrace.sdnotify import Notifier
+
+#: events applied per loop iteration before the loop looks at sockets and timers again;
+#: at ~2 us per event this keeps control-socket and watchdog latency under ~10 ms.
+_BATCH_EVENTS = 4096
+#: findings kept per VM for snapshots (older ones are counted, not kept)
+_RECENT_FINDINGS = 50
+PREEXISTING_REASON = "running before monitoring started"
+
+
+class Daemon:
+    """The long-running service. ``start()``, then ``run()`` until a signal, then ``close()``.
+
+    ``log`` receives one-line human messages (stderr by default; journald adds the time).
+    """
+
+    def __init__(self, config: Any, config_path: str | None, *,
+                 load_config: Callable[[str | None], Any],
+                 pipeline_factory: Callable[[Any, bool], Any],
+                 capture_factory: Callable[[Any], Any] | None = None,
+                 uevents_factory: Callable[[], Any] | None = None,
+                 discover: Callable[[], Iterable[VmCreated]] | None = None,
+                 recovery: Callable[[Any, list[VmCreated]], set] | None = None,
+                 alert_sink: Any = None,
+                 notifier: Notifier | None = None,
+                 log: TextIO = sys.stderr,
+                 foreground_status: bool = False,
+                 wall_ns: Callable[[], int] = time.time_ns,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.config_path = config_path
+        self._load_config = load_config
+        self._pipeline_factory = pipeline_factory
+        self._capture_factory = capture_factory
+        self._uevents_factory = uevents_factory
+        self._discover = discover
+        self._recovery = recovery
+        self.alert_sink = alert_sink
+        self.notifier = notifier or Notifier()
+        self._log = log
+        self._foreground_status = foreground_status
+        self._wall_ns = wall_ns
+        self._mono = monotonic
+        self.started_mono = monotonic()
+        self.stats = LoopStats(queue_capacity=int(config.capture.queue_events))
+        self.health = Health(clock=monotonic)
+        self.queue: collections.deque = collections.deque()
+        self.recent_findings: dict[Any, collections.deque] = {}
+        self.pipeline: Any = None
+        self.capture: Any = None
+        self.uevents: Any = None
+        self.control: ControlServer | None = None
+        self.http: HttpServer | None = None
+        self.registry: Any = None
+        self.selector = selectors.DefaultSelector()
+        self._stop_reason: str | None = None
+        self._reload_requested = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._timers: dict[str, float] = {}
+        self.hook_report: list[tuple[str, str, bool, bool, str]] = []
+        self.discovery_done = False
+
+    # -- output -----------------------------------------------------------------------
+    def say(self, message: str) -> None:
+        print(f"hekitrace: {message}", file=self._log, flush=True)
+
+    # -- start-up ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Open sinks, attach hooks, register running VMs, then report READY.
+
+        Order matters: the HTTP server first so /healthz answers during a slow compile;
+        capture before discovery so a VM created in between is seen by the hooks rather
+        than missed (it may then be seen twice, which Host handles as one VM).
+        """
+        cfg = self.config
+        self._install_signals()
+        self.stats.config_sha256 = cfg.sha256
+        self.stats.config_reload_ns = self._wall_ns()
+        self.notifier.status("starting: metrics and control socket")
+        from prometheus_client.registry import CollectorRegistry  # noqa: PLC0415
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(HekitraceCollector(self._state_ref, self.stats, build_info(),
+                                                  vm_label=cfg.metrics.vm_label))
+        self.http = HttpServer(cfg.metrics.listen, self.registry, self.health)
+        self.http.start()
+        self.say(f"metrics on http://{self.http.host}:{self.http.port}/metrics "
+                 "(/healthz, /readyz)")
+        self.control = ControlServer(str(cfg.control.socket), self._handle_request)
+        self.control.open(self.selector)
+        self.say(f"control socket {cfg.control.socket}")
+
+        self.notifier.status("compiling and attaching BPF programs")
+        self._start_capture()
+        self.pipeline = self._pipeline_factory(cfg, self._applied_hook_active())
+        self._add_observer()
+
+        self.notifier.status("discovering running VMs")
+        self._start_uevents()
+        self._run_discovery()
+        self._arm_timers()
+        self._update_ready()
+        summary = self.status_line()
+        self.say("started: " + summary)
+        if self.health.ready:
+            self.notifier.ready(summary)
+        else:
+            # READY=1 anyway: systemd must not kill a daemon that is up but lacks a hook;
+            # /readyz, hekitrace_ready and STATUS= say it is not ready, and why.
+            self.notifier.ready("NOT READY: " + "; ".join(self.health.not_ready_reasons))
+
+    def _start_capture(self) -> None:
+        hooks_cfg = getattr(self.config, "hooks", None)
+        if self._capture_factory is None:
+            self.say("WARNING: no capture engine available; no BPF hooks attached, "
+                     "the daemon sees only KVM uevents")
+            for hook, req in _hook_requirements(hooks_cfg):
+                self.hook_report.append((hook, "none", req, False, "no capture engine"))
+            self._publish_hooks()
+            return
+        self.capture = self._capture_factory(self.config)
+        status = self.capture.hook_status() if hasattr(self.capture, "hook_status") else {}
+        for hook, info in _normalise_hook_status(status, hooks_cfg):
+            self.hook_report.append(info)
+        self._publish_hooks()
+        for fd in self.capture.fds():
+            self.selector.register(fd, selectors.EVENT_READ, self._on_capture)
+        for hook, method, required, attached, reason in self.hook_report:
+            state = f"attached ({method})" if attached else f"NOT attached: {reason}"
+            self.say(f"hook {hook:<20} {'required' if required else 'optional'}  {state}")
+
+    def _publish_hooks(self) -> None:
+        self.stats.hooks = [(h, m, r, a) for h, m, r, a, _ in self.hook_report]
+
+    def _applied_hook_active(self) -> bool:
+        return any(h == "attr_applied" and a for h, _m, _r, a, _ in self.hook_report)
+
+    def _add_observer(self) -> None:
+        pass  # findings are taken from feed()'s return value; see _process
+
+    def _start_uevents(self) -> None:
+        if self._uevents_factory is None:
+            self.say("WARNING: no KVM uevent source; VM creation/destruction comes only "
+                     "from the ioctl hooks")
+            return
+        try:
+            self.uevents = self._uevents_factory()
+        except (OSError, HekitraceError) as error:
+            self.say(f"WARNING: cannot listen for KVM uevents: {error}")
+            return
+        self.selector.register(self.uevents.fileno(), selectors.EVENT_READ, self._on_uevents)
+
+    def _run_discovery(self) -> None:
+        found: list[VmCreated] = []
+        if self._discover is not None:
+            try:
+                found = list(self._discover())
+            except (OSError, HekitraceError) as error:
+                self.say(f"WARNING: start-up discovery failed: {error}; running VMs are "
+                         "unknown until they act")
+        covered: set = set()
+        if self._recovery is not None:
+            covered = set(self._recovery(self.pipeline, found))
+        with self.stats.lock:
+            for event in found:
+                self._apply(event)
+                guest = self.pipeline.host.by_tgid(event.tgid)
+                if guest is not None and guest.key not in covered \
+                        and PREEXISTING_REASON not in guest.degraded_reasons:
+                    self.pipeline.host.mark_degraded(guest.key, PREEXISTING_REASON)
+        self.discovery_done = True
+        names = ", ".join(f"{e.name or '?'}(pid {e.tgid})" for e in found) or "none"
+        self.say(f"VMs running at start-up: {len(found)}: {names}")
+
+    def _arm_timers(self) -> None:
+        now = self._mono()
+        self._timers = {"tick": now + 1.0, "expire": now + 10.0, "control": now + 1.0,
+                        "status": now + float(self.config.daemon.status_interval_seconds)}
+
+    def _install_signals(self) -> None:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self._stop_reason = signal.Signals(signum).name
+
+    def _on_wake(self, sock: socket.socket, mask: int) -> None:
+        try:
+            sock.recv(4096)
+        except BlockingIOError:
+            pass
+
+    # -- readiness --------------------------------------------------------------------
+    def _update_ready(self) -> None:
+        reasons = [f"required hook {h} not attached: {why}"
+                   for h, _m, req, att, why in self.hook_report if req and not att]
+        if not self.discovery_done:
+            reasons.append("start-up discovery not done")
+        self.health.not_ready_reasons = tuple(reasons)
+        self.health.ready = not reasons
+        self.stats.ready = not reasons
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self) -> str:
+        """Serve until SIGTERM/SIGINT; returns the signal name that stopped it."""
+        while self._stop_reason is None:
+            timeout = 0.0 if self.queue else max(0.0, min(self._timers.values()) - self._mono())
+            for key, mask in self.selector.select(min(timeout, 1.0)):
+                key.data(key.fileobj, mask)
+            if self.queue:
+                self._process(_BATCH_EVENTS)
+            self._run_timers()
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload()
+            self.health.beat()
+            if self.config.daemon.watchdog:
+                self.notifier.watchdog()
+        return self._stop_reason
+
+    def _on_capture(self, fileobj: Any, mask: int) -> None:
+        self._enqueue(self.capture.read())
+
+    def _on_uevents(self, fileobj: Any, mask: int) -> None:
+        self._enqueue(self.uevents.read_events())
+
+    def _enqueue(self, events: list) -> None:
+        room = self.stats.queue_capacity - len(self.queue)
+        if len(events) <= room:
+            self.queue.extend(events)
+        else:
+            self.queue.extend(events[:max(room, 0)])
+            self._count_overflow(events[max(room, 0):])
+        self.stats.queue_depth = len(self.queue)
+
+    def _count_overflow(self, dropped: list) -> None:
+        per_tgid: dict[int, int] = {}
+        for event in dropped:
+            per_tgid[event.tgid] = per_tgid.get(event.tgid, 0) + 1
+        now = self._wall_ns()
+        # Fed straight to the pipeline (not queued): they must not be dropped themselves.
+        with self.stats.lock:
+            for tgid, count in per_tgid.items():
+                self.stats.count_lost("queue", "overflow", count,
+                                      self._vm_of(tgid))
+                self._apply(Lost(now, tgid, 0, "queue", "overflow", count), count_lost=False)
+
+    def _vm_of(self, tgid: int) -> Any:
+        guest = self.pipeline.host.by_tgid(tgid) if tgid else None
+        return guest.key if guest is not None else None
+
+    def _process(self, budget: int) -> None:
+        queue = self.queue
+        with self.stats.lock:
+            for _ in range(min(budget, len(queue))):
+                self._apply(queue.popleft())
+            self.stats.queue_depth = len(queue)
+
+    def _apply(self, event: Any, count_lost: bool = True) -> None:
+        """Feed one event (caller holds the state lock); findings go to the sinks."""
+        stats = self.stats
+        name = NAME_OF[type(event)]
+        stats.events_by_kind[name] += 1
+        stats.last_event_ns = event.time_ns
+        if count_lost and type(event) is Lost:
+            stats.count_lost(event.stage, event.reason, event.count, self._vm_of(event.tgid))
+        findings = self.pipeline.feed(event)
+        if findings:
+            self._emit(findings)
+
+    def _emit(self, findings: list) -> None:
+        for finding in findings:
+            vm = getattr(finding, "vm", None)
+            key = getattr(vm, "key", vm)
+            self.recent_findings.setdefault(
+                key, collections.deque(maxlen=_RECENT_FINDINGS)).append(finding)
+            if not hasattr(self.pipeline.policy, "counts"):
+                self.stats.count_finding(key, finding.rule, finding.severity,
+                                         getattr(finding, "count", 1))
+            if self.alert_sink is not None:
+                self.alert_sink.emit(finding)
+
+    def _run_timers(self) -> None:
+        now = self._mono()
+        timers = self._timers
+        if now >= timers["tick"]:
+            timers["tick"] = now + 1.0
+            with self.stats.lock:
+                findings = self.pipeline.tick(self._wall_ns())
+                if findings:
+                    self._emit(findings)
+            if self.capture is not None and hasattr(self.capture, "poll_lost"):
+                self._enqueue(self.capture.poll_lost())
+        if now >= timers["control"]:
+            timers["control"] = now + 1.0
+            if self.control is not None:
+                self.control.expire(now)
+        if now >= timers["expire"]:
+            timers["expire"] = now + 10.0
+            with self.stats.lock:
+                for change in self.pipeline.host.expire(self._wall_ns()):
+                    self.stats.forget_vm(change.vm)
+                    self.recent_findings.pop(change.vm, None)
+        if now >= timers["status"]:
+            timers["status"] = now + float(self.config.daemon.status_interval_seconds)
+            line = self.status_line()
+            self.notifier.status(line)
+            if self._foreground_status:
+                self.say(line)
+
+    # -- status and control requests ---------------------------------------------------
+    def _state_ref(self) -> tuple[Any, Any, Any]:
+        pipeline = self.pipeline
+        if pipeline is None:
+            return None, self.config.abi_profile(), None
+        return pipeline.host, self.config.abi_profile(), getattr(pipeline, "policy", None)
+
+    def status_line(self) -> str:
+        """One line for logs and ``systemctl status``."""
+        host = self.pipeline.host if self.pipeline is not None else None
+        guests = list(host.guests.values()) if host is not None else []
+        live = [g for g in guests if g.destroyed_ns is None]
+        hooks = sum(1 for r in self.hook_report if r[3])
+        events = sum(self.stats.events_by_kind.values())
+        lost = sum(self.stats.lost.values())
+        state = "ready" if self.health.ready else "NOT READY"
+        return (f"{state}; {len(live)} VMs ({sum(1 for g in live if g.degraded)} degraded); "
+                f"hooks {hooks}/{len(self.hook_report)}; {events} events, {lost} lost; "
+                f"queue {len(self.queue)}/{self.stats.queue_capacity}")
+
+    def status(self) -> dict:
+        """The ``status`` reply of the control socket."""
+        s = self.stats
+        return {
+            "version": __version__, "pid": os.getpid(),
+            "uptime_seconds": round(self._mono() - self.started_mono, 3),
+            "ready": self.health.ready, "not_ready_reasons": list(self.health.not_ready_reasons),
+            "hooks": [{"hook": h, "method": m, "required": r, "attached": a, "reason": why}
+                      for h, m, r, a, why in self.hook_report],
+            "vms": sum(1 for g in self.pipeline.host.guests.values() if g.destroyed_ns is None),
+            "events_total": dict(s.events_by_kind),
+            "events_lost_total": [{"stage": st, "reason": rs, "count": n}
+                                  for (st, rs), n in sorted(s.lost.items())],
+            "queue_depth_events": len(self.queue), "queue_capacity_events": s.queue_capacity,
+            "last_event_time_ns": s.last_event_ns,
+            "config": {"path": self.config_path, "sha256": s.config_sha256,
+                       "reload_success": s.config_reload_success,
+                       "reload_time_ns": s.config_reload_ns},
+            "control": dict(self.control.stats) if self.control is not None else {},
+        }
+
+    def _handle_request(self, request: dict) -> Any:
+        op = request["op"]
+        if op == "status":
+            with self.stats.lock:
+                return self.status()
+        from hekitrace import views  # noqa: PLC0415 - lands separately; only needed here
+        abi = self.config.abi_profile()
+        with self.stats.lock:
+            if op == "vms":
+                rows = [views.vm_summary(g, abi, self._findings_count(g))
+                        for g in self.pipeline.host.guests.values()]
+                return {"vms": rows}
+            if op == "snapshot":
+                guest = self._find_vm(request.get("vm"))
+                maps = request.get("maps", ["requested", "applied"])
+                if not isinstance(maps, list) or not set(maps) <= {"requested", "applied"}:
+                    raise RequestError("bad_request",
+                                       f'"maps" must be a subset of ["requested", "applied"], '
+                                       f"got {maps!r}")
+                findings = list(self.recent_findings.get(guest.key, ()))
+                return views.vm_snapshot(guest, abi, findings, maps=tuple(maps))
+        raise RequestError("bad_request", f"unknown op {op!r}; expected status, vms or snapshot")
+
+    def _findings_count(self, guest: Any) -> int:
+        policy = getattr(self.pipeline, "policy", None)
+        counts = getattr(policy, "counts", None)
+        source = counts if counts is not None else self.stats.findings
+        return sum(n for (vm, _r, _s), n in source.items()
+                   if vm == guest.key or vm == guest.name)
+
+    def _find_vm(self, selector: Any) -> Any:
+        if not isinstance(selector, (str, int)) or selector == "":
+            raise RequestError("bad_request", '"vm" must be a VM name, UUID or pid')
+        text = str(selector)
+        guests = list(self.pipeline.host.guests.values())
+        matches = [g for g in guests if text in (g.name, g.uuid, str(g.pid))]
+        live = [g for g in matches if g.destroyed_ns is None]
+        if len(live) == 1 or (len(matches) == 1):
+            return live[0] if live else matches[0]
+        describe = [f"{g.name or '?'} (pid {g.pid}, uuid {g.uuid or '-'})" for g in
+                    (matches or guests)]
+        if not matches:
+            raise RequestError("unknown_vm", f"no VM named {text!r}", describe)
+        raise RequestError("ambiguous_vm", f"{len(matches)} VMs match {text!r}; "
+                           "name one by UUID or pid", describe)
+
+    # -- reload and shutdown -----------------------------------------------------------
+    def reload(self) -> bool:
+        """SIGHUP: load the config file again; a bad one is rejected, the old kept."""
+        self.notifier.reloading()
+        self.stats.config_reload_ns = self._wall_ns()
+        try:
+            new = self._load_config(self.config_path)
+        except (ConfigError, OSError) as error:
+            self.stats.config_reload_success = False
+            self.say(f"ERROR: config reload rejected, keeping the previous configuration: "
+                     f"{error}")
+            self.notifier.ready(f"config reload FAILED: {error}; {self.status_line()}")
+            return False
+        restart_needed = [section for section in ("abi", "hooks", "capture", "control",
+                                                  "metrics", "journal", "state")
+                          if getattr(new, section, None) != getattr(self.config, section, None)]
+        reconfigure = getattr(self.pipeline, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(new)
+        elif getattr(new, "policy", None) != getattr(self.config, "policy", None):
+            restart_needed.append("policy")
+        self.config = new
+        self.stats.config_sha256 = new.sha256
+        self.stats.config_reload_success = True
+        note = (f"; changes to {', '.join(restart_needed)} take effect after a restart"
+                if restart_needed else "")
+        self.say(f"config reloaded from {self.config_path or 'defaults'}{note}")
+        self.notifier.ready(self.status_line())
+        return True
+
+    def close(self) -> None:
+        """Stop: detach every BPF program, flush sinks, remove the socket. Idempotent."""
+        self.notifier.stopping()
+        self.notifier.status("stopping: detaching BPF programs")
+        if self.queue and self.pipeline is not None:
+            self._process(len(self.queue))  # what was read is applied, not dropped
+        steps: list[tuple[str, Callable[[], Any]]] = []
+        if self.capture is not None:
+            steps.append(("capture", self.capture.close))
+        if self.uevents is not None and hasattr(self.uevents, "close"):
+            steps.append(("uevents", self.uevents.close))
+        if self.control is not None:
+            steps.append(("control socket", self.control.close))
+        if self.alert_sink is not None and hasattr(self.alert_sink, "close"):
+            steps.append(("alerts", self.alert_sink.close))
+        if self.http is not None:
+            steps.append(("http", self.http.close))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 - keep closing the rest
+                self.say(f"WARNING: closing {what} failed: {error}")
+        self.capture = self.uevents = self.control = self.http = None
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+        self.notifier.close()
+        self.say("stopped: " + (f"{sum(self.stats.events_by_kind.values())} events, "
+                                f"{sum(self.stats.lost.values())} lost"))
+
+
+_HOOKS = ("hypercall", "attr_applied", "ioctl", "page_fault", "cr")
+
+
+def _hook_requirements(hooks_cfg: Any) -> list[tuple[str, bool]]:
+    out = []
+    for hook in _HOOKS:
+        setting = getattr(hooks_cfg, hook, "required" if hook in ("hypercall", "ioctl")
+                          else "optional") if hooks_cfg is not None else "optional"
+        out.append((hook, str(setting) == "required"))
+    return out
+
+
+def _normalise_hook_status(status: Any, hooks_cfg: Any) -> list[tuple[str, tuple]]:
+    """Capture.hook_status() -> [(hook, (hook, method, required, attached, reason))].
+
+    Accepts a mapping hook -> object/dict with ``method``/``attached``/``reason`` (or
+    ``error``) fields, so small shape differences in the capture engine do not break
+    the daemon.
+    """
+    required = dict(_hook_requirements(hooks_cfg))
+    items = status.items() if hasattr(status, "items") else \
+        [(getattr(s, "hook", str(i)), s) for i, s in enumerate(status)]
+    out = []
+    for hook, info in items:
+        get = (info.get if isinstance(info, dict)
+               else lambda k, d=None, o=info: getattr(o, k, d))
+        method = get("method") or "none"
+        attached = bool(get("attached", method != "none"))
+        reason = str(get("reason") or get("error") or "")
+        req = bool(get("required", required.get(hook, False)))
+        out.append((hook, (hook, method if attached else "none", req, attached, reason)))
+    return out
