@@ -1,0 +1,522 @@
+"""Feature probing: which hooks exist on the running kernel and how each would attach.
+
+Why probe instead of reading version numbers (STYLE habit 5): the facts that matter vary
+independently of the release. On the build host a 6.18 kernel has the kvm tracepoints but
+no kprobes (CONFIG_KPROBES unset), refuses fentry with EPERM even as root although bcc's
+``support_kfunc()`` says yes, and lacks ``kvm_arch_post_set_memory_attributes``
+(CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES unset). So for every hook of DESIGN.md ("Hooks") this
+module compiles tiny do-nothing programs (``bpf/probe_*.c``), loads and attaches them by
+each method in preference order, records what happened, and detaches.
+
+The result objects are plain frozen dataclasses, so ``hekitrace check`` prints them and the
+daemon's loader can reuse ``HookReport.method`` as its attach choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno as errno_mod
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from hekitrace.config import Config
+
+#: environment variable naming the directory of bpf/*.c when not run from a checkout
+BPF_DIR_ENV = "HEKITRACE_BPF_DIR"
+TRACEFS = "/sys/kernel/tracing"
+BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+#: the KVM misc device in sysfs: its uevents announce VM creation and destruction
+#: (virt/kvm/kvm_main.c kvm_uevent_notify_change)
+KVM_MISC_DEVICE = "/sys/devices/virtual/misc/kvm"
+#: kprobes need the kprobe PMU (perf_event_open) or tracefs kprobe_events; both are
+#: missing when CONFIG_KPROBES is unset
+KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
+ATTR_FUNCTION = "kvm_arch_post_set_memory_attributes"
+#: functions that stand in for an absent kernel function when probing fentry and kprobe
+#: support itself: kvm_vm_ioctl lives where KVM lives (vmlinux or kvm.ko, so module-BTF
+#: limits show too); vfs_read exists on every kernel
+STAND_IN_FUNCTIONS = ("kvm_vm_ioctl", "vfs_read")
+
+#: capability numbers (include/uapi/linux/capability.h)
+CAPABILITIES = {"CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38,
+                "CAP_BPF": 39}
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One attach method tried at one hook. ``target`` is what was attached to
+    (``stand_in`` when the hook's own function is absent and another one was used to
+    learn whether the method works at all)."""
+    method: str
+    target: str
+    attachable: bool
+    reason: str | None = None
+    stand_in: bool = False
+
+
+@dataclass(frozen=True)
+class HookReport:
+    """Whether hook ``hook`` (DESIGN.md name; ``key`` is its ``hooks:`` config key, None
+    for the unconfigurable uevents) exists here and by which method it attaches.
+
+    ``method`` is the first attachable method in preference order, None when none is;
+    ``reason`` says why the hook is unusable (None when attachable).
+    """
+    hook: str
+    key: str | None
+    required: bool
+    exists: bool
+    attachable: bool
+    method: str | None
+    reason: str | None
+    methods: tuple[MethodResult, ...] = ()
+
+
+@dataclass(frozen=True)
+class Privileges:
+    euid: int
+    cap_eff: int
+    capabilities: dict[str, bool]
+
+    @property
+    def can_bpf(self) -> bool:
+        caps = self.capabilities
+        return caps["CAP_SYS_ADMIN"] or (caps["CAP_BPF"] and caps["CAP_PERFMON"])
+
+
+@dataclass(frozen=True)
+class Tracefs:
+    path: str
+    mounted: bool
+    action: str          # "already mounted", "mounted by hekitrace", "not mounted: ..."
+
+
+@dataclass(frozen=True)
+class Bcc:
+    importable: bool
+    version: str | None
+    compiles: bool
+    compile_seconds: float | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Headers:
+    """Where bcc takes kernel headers from: ``matching`` (built for this release),
+    ``fallback`` (another release's tree; safe for hekitrace because every struct offset
+    comes from BTF), or ``missing``."""
+    source: str
+    path: str
+    release: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class EnvironmentReport:
+    kernel_release: str
+    privileges: Privileges
+    btf_vmlinux: bool
+    lockdown: str | None
+    tracefs: Tracefs
+    bcc: Bcc
+    headers: Headers
+    bpf_stats_enabled: bool | None
+    hooks: tuple[HookReport, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        """True when every required hook can attach (``hekitrace check`` exit 0)."""
+        return all(h.attachable for h in self.hooks if h.required)
+
+    def hook(self, key_or_name: str) -> HookReport:
+        for h in self.hooks:
+            if key_or_name in (h.key, h.hook):
+                return h
+        raise KeyError(key_or_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form documented in docs/check.md."""
+        data = asdict(self)
+        data["privileges"]["cap_eff"] = f"{self.privileges.cap_eff:#x}"
+        data["privileges"]["can_bpf"] = self.privileges.can_bpf
+        data["ok"] = self.ok
+        return data
+
+
+# ---------------------------------------------------------------------------------------
+# environment facts
+
+def bpf_dir() -> Path:
+    """Where ``bpf/probe_*.c`` are: ``$HEKITRACE_BPF_DIR`` or the checkout's ``bpf/``.
+
+    bcc compiles C from files at run time (STYLE habit 3); they are not package data.
+    """
+    override = os.environ.get(BPF_DIR_ENV)
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "bpf"
+
+
+def read_privileges(status_path: str = "/proc/self/status") -> Privileges:
+    """Effective uid and capabilities (CapEff of ``status_path``)."""
+    cap_eff = 0
+    with open(status_path) as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                cap_eff = int(line.split()[1], 16)
+    caps = {name: bool(cap_eff >> bit & 1) for name, bit in CAPABILITIES.items()}
+    return Privileges(os.geteuid(), cap_eff, caps)
+
+
+def tracefs_mounted(path: str = TRACEFS, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    with open(mountinfo) as fh:
+        for line in fh:
+            fields = line.split()
+            # mountinfo(5): field 5 is the mount point; the fs type follows " - "
+            if fields[4] == path and fields[fields.index("-") + 1] == "tracefs":
+                return True
+    return False
+
+
+def ensure_tracefs(path: str = TRACEFS, may_mount: bool = True) -> Tracefs:
+    """Report tracefs at ``path``; mount it there when it is not and ``may_mount``."""
+    if tracefs_mounted(path):
+        return Tracefs(path, True, "already mounted")
+    if not may_mount:
+        return Tracefs(path, False, "not mounted (mounting not allowed: --no-mount)")
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.mount(b"nodev", path.encode(), b"tracefs", 0, None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        return Tracefs(path, False, f"not mounted: mount failed: {_errno_text(err)}")
+    return Tracefs(path, True, "mounted by hekitrace")
+
+
+def read_lockdown(path: str = "/sys/kernel/security/lockdown") -> str | None:
+    """The active kernel lockdown mode ("none", "integrity", ...), None if unknown."""
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
+def read_bpf_stats(path: str = "/proc/sys/kernel/bpf_stats_enabled") -> bool | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip() == "1"
+    except OSError:
+        return None
+
+
+def find_headers(release: str, modules_root: str = "/lib/modules") -> Headers:
+    """Classify the header tree bcc will use for kernel ``release``."""
+    build = os.path.join(modules_root, release, "build")
+    env = os.environ.get("BCC_KERNEL_SOURCE")
+    if env:
+        build = env
+    if not os.path.isdir(build):
+        return Headers("missing", build, None,
+                       "no header tree: bcc cannot compile (run scripts/setup.sh)")
+    tree_release = None
+    try:
+        with open(os.path.join(build, "include/generated/utsrelease.h")) as fh:
+            for line in fh:
+                if line.startswith("#define UTS_RELEASE"):
+                    tree_release = line.split('"')[1]
+    except (OSError, IndexError):
+        pass
+    real = os.path.realpath(build)
+    if tree_release == release:
+        return Headers("matching", build, tree_release, f"headers of {release}: {real}")
+    return Headers("fallback", build, tree_release,
+                   f"headers of {tree_release or 'an unknown release'} at {real}; "
+                   "safe for hekitrace (struct offsets come from BTF)")
+
+
+def kallsyms_has(names: tuple[str, ...], path: str = "/proc/kallsyms") -> set[str]:
+    """Which of ``names`` are kernel text symbols (modules included)."""
+    wanted, found = set(names), set()
+    with open(path) as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] in wanted:
+                found.add(parts[2])
+    return found
+
+
+def _errno_text(err: int) -> str:
+    name = errno_mod.errorcode.get(err, f"errno {err}")
+    return f"{name} ({os.strerror(err)})"
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """Collect what libbcc/libbpf print on fd 2 (verifier logs, 'create_probe_event')
+    so the report stays readable; the lines are returned for the reasons."""
+    lines: list[str] = []
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(l.strip() for l in tmp.read().decode(errors="replace").splitlines()
+                         if l.strip())
+
+
+# ---------------------------------------------------------------------------------------
+# hooks
+
+@dataclass(frozen=True)
+class _HookSpec:
+    hook: str
+    key: str | None
+    kind: str                       # tracepoint | syscall | function | uevent
+    tracepoints: tuple[str, ...] = ()
+
+
+HOOK_SPECS = (
+    _HookSpec("kvm:kvm_hypercall", "hypercall", "tracepoint", ("kvm:kvm_hypercall",)),
+    _HookSpec(ATTR_FUNCTION, "attr_applied", "function"),
+    _HookSpec("syscalls:sys_enter_ioctl/sys_exit_ioctl", "ioctl", "syscall",
+              ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl")),
+    _HookSpec("kvm:kvm_page_fault", "page_fault", "tracepoint", ("kvm:kvm_page_fault",)),
+    _HookSpec("kvm:kvm_cr", "cr", "tracepoint", ("kvm:kvm_cr",)),
+    _HookSpec("KVM uevents", None, "uevent"),
+)
+
+
+class _Prober:
+    """Holds one compiled probe module and tries each method; detaches everything."""
+
+    def __init__(self, tracefs: Tracefs, bpf_module: Any, bcc_error: str | None) -> None:
+        self.tracefs = tracefs
+        self.bpf = bpf_module          # bcc.BPF of probe_hooks.c, or None
+        self.bcc_error = bcc_error
+
+    def tracepoint_exists(self, tp: str) -> bool | None:
+        if not self.tracefs.mounted:
+            return None
+        category, event = tp.split(":")
+        return os.path.isdir(os.path.join(self.tracefs.path, "events", category, event))
+
+    def _attempt(self, method: str, target: str, action: Callable[[], None],
+                 explain: Callable[[int, list[str]], str] | None = None,
+                 stand_in: bool = False) -> MethodResult:
+        if self.bpf is None:
+            return MethodResult(method, target, False, f"bcc unusable: {self.bcc_error}",
+                                stand_in)
+        ctypes.set_errno(0)
+        with _captured_stderr() as lines:
+            try:
+                action()
+                error = None
+            except Exception as exc:  # bcc raises bare Exception (see STYLE habit 8)
+                error = exc
+            err = ctypes.get_errno()
+        if error is None:
+            return MethodResult(method, target, True, None, stand_in)
+        if explain is not None:
+            reason = explain(err, lines)
+        elif err:
+            reason = f"attach failed: {_errno_text(err)}"
+        else:
+            reason = f"attach failed: {error}"
+        return MethodResult(method, target, False, reason, stand_in)
+
+    def raw_tracepoint(self, name: str) -> MethodResult:
+        def go() -> None:
+            self.bpf.attach_raw_tracepoint(tp=name, fn_name="hk_probe_raw_tracepoint")
+            self.bpf.detach_raw_tracepoint(tp=name)
+        return self._attempt("raw_tracepoint", name, go)
+
+    def tracepoint(self, tp: str) -> MethodResult:
+        def go() -> None:
+            self.bpf.attach_tracepoint(tp=tp, fn_name="hk_probe_tracepoint")
+            self.bpf.detach_tracepoint(tp=tp)
+        return self._attempt("tracepoint", tp, go)
+
+    def kprobe(self, function: str, stand_in: bool) -> MethodResult:
+        def go() -> None:
+            self.bpf.attach_kprobe(event=function, fn_name="hk_probe_kprobe")
+            self.bpf.detach_kprobe(event=function, fn_name="hk_probe_kprobe")
+
+        def explain(err: int, lines: list[str]) -> str:
+            if not os.path.exists(KPROBE_PMU) and not (
+                    self.tracefs.mounted
+                    and os.path.exists(os.path.join(self.tracefs.path, "kprobe_events"))):
+                return "kprobes unavailable (CONFIG_KPROBES unset?)"
+            return f"attach failed: {_errno_text(err) if err else 'not traceable'}"
+        return self._attempt("kprobe", function, go, explain, stand_in)
+
+    def fentry(self, function: str, stand_in: bool) -> MethodResult:
+        from bcc import BPF  # only here: importing bcc is slow and may be absent
+
+        holder: list[Any] = []
+
+        def go() -> None:
+            # bcc loads and attaches KFUNC_PROBE programs while building the module
+            module = BPF(src_file=str(bpf_dir() / "probe_fentry.c"),
+                         cflags=[f"-DHK_PROBE_FN={function}"])
+            holder.append(module)
+
+        def explain(err: int, lines: list[str]) -> str:
+            if any("not found in vmlinux BTF" in line for line in lines):
+                return f"{function} is not in vmlinux BTF (module functions need module BTF)"
+            if err:
+                return f"refused by the kernel: {_errno_text(err)}"
+            return "load failed: " + (lines[-1] if lines else "unknown error")
+        result = self._attempt("fentry", function, go, explain, stand_in)
+        for module in holder:
+            module.cleanup()
+        return result
+
+    def probe(self, spec: _HookSpec, required: bool) -> HookReport:
+        methods: list[MethodResult] = []
+        if spec.kind == "tracepoint":
+            tp = spec.tracepoints[0]
+            exists = self.tracepoint_exists(tp)
+            if exists is False:
+                return HookReport(spec.hook, spec.key, required, False, False, None,
+                                  f"no tracepoint {tp} on this kernel")
+            methods.append(self.raw_tracepoint(tp.split(":")[1]))
+            methods.append(self.tracepoint(tp))
+        elif spec.kind == "syscall":
+            missing = [tp for tp in spec.tracepoints if self.tracepoint_exists(tp) is False]
+            if missing:
+                return HookReport(spec.hook, spec.key, required, False, False, None,
+                                  f"no tracepoint {', '.join(missing)} on this kernel "
+                                  "(CONFIG_FTRACE_SYSCALLS unset?)")
+            exists = None
+            for tp in spec.tracepoints:
+                methods.append(self.tracepoint(tp))
+            # the raw syscall tracepoints see every syscall: a costlier fallback
+            for raw in ("sys_enter", "sys_exit"):
+                methods.append(self.raw_tracepoint(raw))
+        elif spec.kind == "function":
+            return self.probe_function(spec, required)
+        else:
+            return self.probe_uevents(spec, required)
+        return self._summarise(spec, required, exists, methods)
+
+    def _summarise(self, spec: _HookSpec, required: bool, exists: bool | None,
+                   methods: list[MethodResult]) -> HookReport:
+        # a method may need several targets (ioctl: enter and exit); it is usable only if
+        # all of its targets attached
+        order: list[str] = []
+        for m in methods:
+            if m.method not in order:
+                order.append(m.method)
+        chosen = next((name for name in order
+                       if all(m.attachable for m in methods if m.method == name)), None)
+        if exists is None:
+            exists = any(m.attachable for m in methods)
+        reason = None
+        if chosen is None:
+            reason = "cannot attach: " + "; ".join(
+                f"{m.method} {m.target}: {m.reason}" for m in methods if not m.attachable)
+        return HookReport(spec.hook, spec.key, required, exists, chosen is not None,
+                          chosen, reason, tuple(methods))
+
+    def probe_function(self, spec: _HookSpec, required: bool) -> HookReport:
+        found = kallsyms_has((spec.hook,) + STAND_IN_FUNCTIONS)
+        exists = spec.hook in found
+        if exists:
+            target, stand_in = spec.hook, False
+        else:
+            target = next((f for f in STAND_IN_FUNCTIONS if f in found), STAND_IN_FUNCTIONS[-1])
+            stand_in = True
+        methods = [self.fentry(target, stand_in), self.kprobe(target, stand_in)]
+        if exists:
+            return self._summarise(spec, required, True, methods)
+        return HookReport(spec.hook, spec.key, required, False, False, None,
+                          "absent from this kernel (not in /proc/kallsyms)",
+                          tuple(methods))
+
+    def probe_uevents(self, spec: _HookSpec, required: bool) -> HookReport:
+        exists = os.path.isdir(KVM_MISC_DEVICE)
+        try:
+            from pyroute2 import UeventSocket
+            sock = UeventSocket()
+            try:
+                sock.bind()
+            finally:
+                sock.close()
+            result = MethodResult("uevent_socket", "NETLINK_KOBJECT_UEVENT", True)
+        except Exception as exc:  # pyroute2 raises OSError and its own NetlinkError
+            result = MethodResult("uevent_socket", "NETLINK_KOBJECT_UEVENT", False,
+                                  f"cannot open the uevent socket: {exc}")
+        reason = None if result.attachable else result.reason
+        if not exists:
+            reason = f"no KVM device ({KVM_MISC_DEVICE}): is kvm loaded?"
+        return HookReport(spec.hook, spec.key, required, exists,
+                          exists and result.attachable,
+                          "uevent_socket" if exists and result.attachable else None,
+                          reason, (result,))
+
+
+def _compile_probe_module() -> tuple[Any, Bcc]:
+    """Compile bpf/probe_hooks.c once; (BPF module or None, what happened)."""
+    try:
+        import bcc
+        from bcc import BPF
+    except ImportError as exc:
+        return None, Bcc(False, None, False, None,
+                         f"cannot import bcc ({exc}): install python3-bpfcc "
+                         "(never the PyPI 'bcc')")
+    version = getattr(bcc, "__version__", None)
+    start = time.monotonic()
+    with _captured_stderr() as lines:
+        try:
+            module = BPF(src_file=str(bpf_dir() / "probe_hooks.c"))
+            error = None
+        except Exception as exc:  # bcc raises bare Exception on compile failure
+            module, error = None, exc
+    seconds = round(time.monotonic() - start, 3)
+    if module is None:
+        detail = next((l for l in lines if "error" in l.lower()), lines[-1] if lines else "")
+        return None, Bcc(True, version, False, seconds, f"{error}: {detail}".strip(": "))
+    try:
+        # load the three programs now so a verifier refusal is reported once, here
+        with _captured_stderr():
+            module.load_func("hk_probe_raw_tracepoint", BPF.RAW_TRACEPOINT)
+            module.load_func("hk_probe_tracepoint", BPF.TRACEPOINT)
+            module.load_func("hk_probe_kprobe", BPF.KPROBE)
+    except Exception as exc:  # bcc raises bare Exception on load failure
+        module.cleanup()
+        return None, Bcc(True, version, True, seconds, f"cannot load probes: {exc}")
+    return module, Bcc(True, version, True, seconds, None)
+
+
+def probe_environment(config: Config, may_mount: bool = True) -> EnvironmentReport:
+    """Probe everything ``hekitrace check`` reports; attaches and detaches real programs.
+
+    Needs root (CAP_BPF + CAP_PERFMON or CAP_SYS_ADMIN) for meaningful answers; without,
+    every method reports the kernel's refusal. Takes about a second (two compilations).
+    """
+    release = os.uname().release
+    privileges = read_privileges()
+    tracefs = ensure_tracefs(TRACEFS, may_mount=may_mount)
+    module, bcc_info = _compile_probe_module()
+    prober = _Prober(tracefs, module, bcc_info.error)
+    try:
+        hooks = tuple(prober.probe(spec, spec.key is not None
+                                   and config.hook_required(spec.key))
+                      for spec in HOOK_SPECS)
+    finally:
+        if module is not None:
+            module.cleanup()
+    return EnvironmentReport(
+        kernel_release=release, privileges=privileges,
+        btf_vmlinux=os.path.exists(BTF_VMLINUX), lockdown=read_lockdown(),
+        tracefs=tracefs, bcc=bcc_info, headers=find_headers(release),
+        bpf_stats_enabled=read_bpf_stats(), hooks=hooks)
