@@ -1,0 +1,106 @@
+"""Boot one L1 image under QEMU TCG with AMD SVM, run a payload in it, bring back results.
+
+Why TCG: this build host has no kvm_amd, and QEMU's software emulation of SVM lets a stock
+Debian kernel load kvm_amd with nested paging, so a tiny L2 guest makes the real KVM
+tracepoints fire (reference/nested-kvm-tcg.md: flags, timings, the missing kvm_cr).
+
+Two 9p shares: ``host0`` is a fresh per-run directory (read-write) holding ``run.sh``
+and receiving ``out.log`` and ``results.json``; ``src`` is the project working tree,
+read-only, so the hekitrace under test is exactly what the tree holds, with no copy and
+no image rebuild when the code changes. The L1 console goes to ``console.log`` in the run
+directory; every failure message includes its tail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from image import L1Image
+
+QEMU = "qemu-system-x86_64"
+
+
+class VmRunError(RuntimeError):
+    """The L1 run failed; the message ends with the L1 console log."""
+
+    def __init__(self, what: str, console: str):
+        super().__init__(f"{what}\n----- L1 console (tail) -----\n{console[-12000:]}")
+        self.console = console
+
+
+@dataclass
+class VmRun:
+    """What one boot brought back."""
+
+    image: L1Image
+    run_dir: Path
+    console: str
+    out_log: str
+    results: dict
+    boot_seconds: float
+
+
+def qemu_command(image: L1Image, run_dir: Path, src: Path, memory: str = "2G",
+                 cpus: int = 2) -> list[str]:
+    """The exact QEMU invocation (nested-kvm-tcg.md, "Design" 5), plus the src share."""
+    return [QEMU, "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm,+npt",
+            "-smp", str(cpus), "-m", memory, "-nographic", "-no-reboot", "-nodefaults",
+            "-serial", "stdio", "-kernel", str(image.vmlinuz), "-initrd", str(image.initrd),
+            "-append", "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=4",
+            "-drive", f"file={image.root},format=raw,if=virtio,cache=unsafe,snapshot=on",
+            "-virtfs", f"local,path={run_dir},mount_tag=host0,security_model=none,id=host0",
+            "-virtfs", f"local,path={src},mount_tag=src,security_model=none,id=src,"
+                       "readonly=on"]
+
+
+def boot(image: L1Image, run_dir: Path, src: Path, run_sh: str,
+         timeout_seconds: float = 300) -> VmRun:
+    """Boot ``image`` with ``run_sh`` as the payload; return the console and results.
+
+    Raises VmRunError (with the console) when QEMU fails, times out, or the payload left
+    no ``results.json``.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.sh").write_text(run_sh)
+    os.chmod(run_dir / "run.sh", 0o755)
+    cmd = qemu_command(image, run_dir, src)
+    (run_dir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
+    start = time.monotonic()
+    console_path = run_dir / "console.log"
+    with open(console_path, "wb") as console_file:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console_file,
+                                stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=timeout_seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = None
+    elapsed = time.monotonic() - start
+    console = console_path.read_text(errors="replace")
+    out_log = (run_dir / "out.log").read_text(errors="replace") \
+        if (run_dir / "out.log").exists() else ""
+    if rc is None:
+        raise VmRunError(f"L1 ({image.abi}) did not power off within {timeout_seconds:.0f} s",
+                         console)
+    if rc != 0:
+        raise VmRunError(f"QEMU exited with status {rc} for {image.abi}", console)
+    results_path = run_dir / "results.json"
+    if not results_path.exists():
+        raise VmRunError(f"the payload in L1 ({image.abi}) wrote no results.json "
+                         f"(run dir {run_dir})", console)
+    try:
+        results = json.loads(results_path.read_text())
+    except ValueError as e:
+        raise VmRunError(f"results.json from L1 ({image.abi}) is not JSON: {e}", console)
+    return VmRun(image, run_dir, console, out_log, results, elapsed)
+
+
+def have_qemu() -> bool:
+    return shutil.which(QEMU) is not None
