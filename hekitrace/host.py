@@ -1,0 +1,504 @@
+"""Per-guest state rebuilt from the event stream: ``Host`` maps VM identity to ``Guest``.
+
+``Host.apply(event)`` is the one entry point. It does no I/O, returns a
+:class:`~hekitrace.changes.Change` describing what moved, and never raises on event
+content: everything in an event may come from a hostile guest (page lists, CR masks) and
+malformed input becomes :class:`~hekitrace.changes.Rejection` and
+:class:`~hekitrace.changes.Anomaly` records that the rules read.
+
+A ``ProtectRequest`` is interpreted exactly as a Heki v2 host would
+(reference/heki-kvm.md 1.6-1.8, ``heki_protect_memory()`` / ``kvm_permissions_set()``):
+
+* entries are applied in reverse order of reading (the host reverses the chain);
+* per entry: misaligned ``gpa``/``end_gpa`` -> EINVAL; permissions 0 or outside
+  ``MEM_ATTR_PROT`` -> EINVAL; EXEC silently re-added when the profile has no MBEC;
+  ``end <= start`` -> EINVAL; a range that overlaps an IMMUTABLE page of the requested
+  map -> EPERM, rejected as a whole without touching the map;
+* processing stops at the first error and earlier entries stay applied;
+* the set uses ``mask = profile.kvm_heki_mask`` and ``value = guest_to_kvm(perms)``.
+
+Entries outside every known memslot are still applied to the requested map, because
+``kvm_vm_set_mem_attributes`` stores into the attribute xarray without consulting
+memslots (only the arch hooks are per memslot, heki-kvm.md 2.2-2.3); they are reported
+as an ``outside_memslots`` anomaly. A guest with no known memslot (found running) is not
+checked. A request with more entries than ``max_entries_per_request`` is cut to the first
+ones the host would apply and the guest is marked degraded, since the model then
+diverges from the host.
+"""
+
+from __future__ import annotations
+
+from hekitrace.abi import AbiProfile
+from hekitrace.attrmap import AttrMap
+from hekitrace.changes import Anomaly, Change, MapChange, PinChange, Rejection, VmKey
+from hekitrace.events import (NAME_OF, PAGE_SHIFT, AttrApplied, AttrIoctl, CrPinRequest,
+                              CrWrite, Event, Fault, Hypercall, Lost, Memslot,
+                              ProtectFlags, ProtectRequest, VmCreated, VmDestroyed)
+
+#: x86 CR bits Heki v2 accepts for pinning (heki-kvm.md 1.11): CR0.WP; CR4 SMEP, SMAP,
+#: UMIP, FSGSBASE, CET (and FRED, added in v3's base).
+PINNABLE_CR_BITS: dict[int, int] = {
+    0: 1 << 16,
+    4: (1 << 20) | (1 << 21) | (1 << 11) | (1 << 16) | (1 << 23) | (1 << 32),
+}
+#: ``KVM_LOCK_CR_UPDATE_VERSION``: with cr=mask=0 the call is a version query (1.5)
+LOCK_CR_UPDATE_VERSION = 1 << 0
+
+#: largest gfn an AttrMap holds (52-bit guest-physical address space)
+MAX_GFN = 1 << 52
+#: every attribute bit: ``kvm_arch_post_set_memory_attributes`` reports the full value
+ALL_BITS = (1 << 64) - 1
+#: bound on the degraded reasons kept per guest (a hostile stream must not grow it)
+MAX_DEGRADED_REASONS = 32
+
+REASON_PREEXISTING = "running before monitoring started"
+
+_PAGE_MASK = (1 << PAGE_SHIFT) - 1
+
+#: walker flag -> (anomaly kind, does the model diverge from the host?)
+_FLAG_ANOMALIES: tuple[tuple[int, str, bool], ...] = (
+    (ProtectFlags.TRUNCATED, "list_truncated", True),
+    (ProtectFlags.LOOP, "list_loop", True),
+    (ProtectFlags.OUTSIDE_MEMSLOT, "list_outside_memslot", True),
+    (ProtectFlags.NPAGES_OVERSIZE, "npages_oversize", True),
+    (ProtectFlags.READ_FAULT, "list_read_fault", True),
+    (ProtectFlags.MISALIGNED_LIST, "list_misaligned", True),
+    (ProtectFlags.LOST_PAGES, "list_pages_lost", True),
+)
+_KNOWN_FLAGS = sum(int(f) for f, _, _ in _FLAG_ANOMALIES)
+
+
+class MemslotInfo:
+    """One memslot: ``size_bytes`` at guest-physical ``gpa``, backed by VMM address ``hva``."""
+
+    __slots__ = ("gpa", "size_bytes", "hva", "flags")
+
+    def __init__(self, gpa: int, size_bytes: int, hva: int, flags: int) -> None:
+        self.gpa = gpa
+        self.size_bytes = size_bytes
+        self.hva = hva
+        self.flags = flags
+
+    def __repr__(self) -> str:
+        return (f"MemslotInfo(gpa={self.gpa:#x}, size_bytes={self.size_bytes:#x}, "
+                f"hva={self.hva:#x}, flags={self.flags:#x})")
+
+
+class Guest:
+    """Everything known about one VM: two attribute maps, memslots, CR pins, counters.
+
+    Both ``requested`` (what the guest asked, as the Heki host would have stored it) and
+    ``applied`` (what the kernel hook / ioctl reported) hold KVM attribute values; 0 is
+    "no attribute" (default RWX).
+    """
+
+    __slots__ = ("key", "name", "uuid", "vmm", "pid", "created_ns", "destroyed_ns",
+                 "requested", "applied", "memslots", "pinned_cr", "lockdown_ns",
+                 "counters", "degraded_reasons", "preexisting", "heki_applied_seen",
+                 "_slot_gfns")
+
+    def __init__(self, key: VmKey, *, name: str = "", uuid: str = "", vmm: str = "",
+                 preexisting: bool = False) -> None:
+        self.key = key
+        self.name = name
+        self.uuid = uuid
+        self.vmm = vmm
+        self.pid = key.tgid
+        self.created_ns = key.created_ns
+        self.destroyed_ns: int | None = None
+        self.requested = AttrMap()
+        self.applied = AttrMap()
+        self.memslots: dict[int, MemslotInfo] = {}
+        self.pinned_cr: dict[int, int] = {}
+        self.lockdown_ns: int | None = None
+        self.counters: dict[str, int] = {"rejected_entries": 0, "anomalies": 0,
+                                         "lost_events": 0}
+        self.degraded_reasons: list[str] = []
+        self.preexisting = preexisting
+        #: True once the applied map received any Heki bit (see policy: unsupported hosts)
+        self.heki_applied_seen = False
+        self._slot_gfns: list[tuple[int, int]] = []
+
+    @property
+    def degraded(self) -> bool:
+        """True when this guest's history may be incomplete (see ``degraded_reasons``)."""
+        return bool(self.degraded_reasons)
+
+    @property
+    def live(self) -> bool:
+        return self.destroyed_ns is None
+
+    def add_degraded(self, reason: str) -> bool:
+        """Record ``reason`` once; False when already known (or the list is full)."""
+        if reason in self.degraded_reasons or len(self.degraded_reasons) >= MAX_DEGRADED_REASONS:
+            return False
+        self.degraded_reasons.append(reason)
+        return True
+
+    def memslot_gfn_ranges(self) -> list[tuple[int, int]]:
+        """Merged, sorted [gfn_start, gfn_end) ranges covered by memslots."""
+        return self._slot_gfns
+
+    def _rebuild_slot_gfns(self) -> None:
+        spans = sorted((m.gpa >> PAGE_SHIFT, (m.gpa + m.size_bytes + _PAGE_MASK) >> PAGE_SHIFT)
+                       for m in self.memslots.values() if m.size_bytes > 0)
+        merged: list[tuple[int, int]] = []
+        for start, end in spans:
+            if merged and start <= merged[-1][1]:
+                if end > merged[-1][1]:
+                    merged[-1] = (merged[-1][0], end)
+            else:
+                merged.append((start, end))
+        self._slot_gfns = merged
+
+    def covered_by_memslots(self, gfn_start: int, gfn_end: int) -> bool:
+        """True when [gfn_start, gfn_end) lies entirely inside known memslots."""
+        pos = gfn_start
+        for start, end in self._slot_gfns:
+            if start > pos:
+                return False
+            if end > pos:
+                pos = end
+                if pos >= gfn_end:
+                    return True
+        return pos >= gfn_end
+
+    def __repr__(self) -> str:
+        return f"Guest({self.name!r}, key={tuple(self.key)}, live={self.live})"
+
+
+class Host:
+    """All guests of this host, keyed by :class:`VmKey`; applies events to them.
+
+    ``grace_period_ns``: how long a destroyed guest stays visible (for ``snapshot``)
+    before :meth:`expire` drops it. ``max_entries_per_request``: bound on the entries of
+    one ``ProtectRequest`` modelled (the rest are cut, counted and reported).
+    """
+
+    def __init__(self, abi: AbiProfile, grace_period_ns: int = 300_000_000_000, *,
+                 max_entries_per_request: int = 4096) -> None:
+        self.abi = abi
+        self.grace_period_ns = int(grace_period_ns)
+        self.max_entries_per_request = int(max_entries_per_request)
+        self.guests: dict[VmKey, Guest] = {}
+        self._live: dict[int, Guest] = {}
+        #: events that belonged to no guest (tgid 0 losses, destroy of an unknown VM)
+        self.counters: dict[str, int] = {"unattributed_events": 0, "internal_errors": 0}
+        self.last_internal_error: str | None = None
+        # derived constants, computed once (hot path)
+        self._heki_mask = abi.kvm_heki_mask
+        self._private_mask = abi.kvm_private_mask
+        self._valid_guest = abi.guest_valid_mask
+        self._guest_exec = 1 << abi.guest_exec
+        self._kvm_immutable = 1 << abi.kvm_immutable
+        self._dispatch = {
+            VmCreated: self._vm_created,
+            VmDestroyed: self._vm_destroyed,
+            Memslot: self._memslot,
+            Hypercall: self._count_only,
+            ProtectRequest: self._protect_request,
+            CrPinRequest: self._cr_pin_request,
+            AttrApplied: self._attr_applied,
+            AttrIoctl: self._attr_ioctl,
+            Fault: self._count_only,
+            CrWrite: self._count_only,
+            Lost: self._lost,
+        }
+
+    # -- public API ------------------------------------------------------------------
+    def apply(self, event: Event) -> Change:
+        """Apply one event; return what changed. Never raises on event content.
+
+        An unexpected internal error (a bug, not guest input) is counted in
+        ``counters["internal_errors"]``, marks the guest degraded, and is returned as an
+        ``internal_error`` anomaly rather than killing the daemon.
+        """
+        handler = self._dispatch.get(type(event))
+        if handler is None:
+            self.counters["unattributed_events"] += 1
+            return Change(event=event, vm=None, anomalies=(Anomaly(
+                "unknown_event", f"unknown event type {type(event).__name__}", {}),))
+        try:
+            return handler(event)
+        except Exception as error:  # noqa: BLE001 - the boundary: guest input must not kill us
+            self.counters["internal_errors"] += 1
+            self.last_internal_error = f"{type(error).__name__}: {error}"
+            guest = self._live.get(getattr(event, "tgid", 0))
+            degraded: tuple[str, ...] = ()
+            if guest is not None and guest.add_degraded("internal error applying an event"):
+                degraded = ("internal error applying an event",)
+            return Change(event=event, vm=guest.key if guest else None, degraded=degraded,
+                          anomalies=(Anomaly("internal_error", self.last_internal_error,
+                                             {"event": NAME_OF.get(type(event), "?")}),))
+
+    def by_tgid(self, tgid: int) -> Guest | None:
+        """The live VM of VMM process ``tgid``, or None."""
+        return self._live.get(tgid)
+
+    def live_guests(self) -> list[Guest]:
+        return list(self._live.values())
+
+    def expire(self, now_ns: int) -> list[Change]:
+        """Drop destroyed guests whose grace period has passed; one ``retired`` change each."""
+        gone = [g for g in self.guests.values()
+                if g.destroyed_ns is not None and now_ns - g.destroyed_ns >= self.grace_period_ns]
+        changes = []
+        for guest in gone:
+            del self.guests[guest.key]
+            changes.append(Change(event=None, vm=guest.key, lifecycle="retired"))
+        return changes
+
+    def mark_degraded(self, key: VmKey, reason: str) -> Change:
+        """Mark a guest degraded (journal gap, ...); the change lists the reason if new."""
+        guest = self.guests.get(key)
+        if guest is None or not guest.add_degraded(reason):
+            return Change(event=None, vm=key if guest else None)
+        return Change(event=None, vm=key, degraded=(reason,))
+
+    # -- helpers -----------------------------------------------------------------------
+    def _guest_for(self, event: Event) -> tuple[Guest, tuple[str, ...], str | None]:
+        """The live guest of ``event.tgid``, creating an implicit (degraded) one if needed."""
+        guest = self._live.get(event.tgid)
+        if guest is not None:
+            guest.counters[NAME_OF[type(event)]] = guest.counters.get(NAME_OF[type(event)], 0) + 1
+            return guest, (), None
+        guest = Guest(VmKey(event.tgid, event.time_ns), preexisting=True)
+        guest.add_degraded(REASON_PREEXISTING)
+        self.guests[guest.key] = guest
+        self._live[event.tgid] = guest
+        guest.counters[NAME_OF[type(event)]] = 1
+        return guest, (REASON_PREEXISTING,), "created"
+
+    def _count_only(self, event: Event) -> Change:
+        guest = self._live.get(event.tgid)
+        if guest is not None:
+            name = NAME_OF[type(event)]
+            counters = guest.counters
+            counters[name] = counters.get(name, 0) + 1
+            return Change(event, guest.key)
+        guest, degraded, lifecycle = self._guest_for(event)
+        return Change(event, guest.key, lifecycle=lifecycle, degraded=degraded)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def _vm_created(self, event: VmCreated) -> Change:
+        anomalies: tuple[Anomaly, ...] = ()
+        old = self._live.pop(event.tgid, None)
+        if old is not None:
+            # pid reuse, or a VMM that created a second VM: the old one is gone for us
+            old.destroyed_ns = event.time_ns
+            anomalies = (Anomaly("vm_replaced", "a new VM was created by the same process; "
+                                 "the previous one is treated as destroyed",
+                                 {"previous": {"tgid": old.key.tgid,
+                                               "created_ns": old.key.created_ns}}),)
+        key = VmKey(event.tgid, event.time_ns)
+        while key in self.guests:  # two creations in the same ns: keep both
+            key = VmKey(key.tgid, key.created_ns + 1)
+        guest = Guest(key, name=event.name, uuid=event.uuid, vmm=event.vmm,
+                      preexisting=bool(event.preexisting))
+        guest.counters["vm_created"] = 1
+        degraded: tuple[str, ...] = ()
+        if event.preexisting:
+            guest.add_degraded(REASON_PREEXISTING)
+            degraded = (REASON_PREEXISTING,)
+        self.guests[key] = guest
+        self._live[event.tgid] = guest
+        return Change(event, key, anomalies=anomalies, lifecycle="created", degraded=degraded)
+
+    def _vm_destroyed(self, event: VmDestroyed) -> Change:
+        guest = self._live.pop(event.tgid, None)
+        if guest is None:
+            self.counters["unattributed_events"] += 1
+            return Change(event, None)
+        guest.counters["vm_destroyed"] = 1
+        guest.destroyed_ns = event.time_ns
+        return Change(event, guest.key, lifecycle="destroyed")
+
+    def _memslot(self, event: Memslot) -> Change:
+        guest, degraded, lifecycle = self._guest_for(event)
+        if event.size_bytes <= 0:
+            guest.memslots.pop(event.slot, None)
+        else:
+            guest.memslots[event.slot] = MemslotInfo(event.gpa, event.size_bytes, event.hva,
+                                                     event.flags)
+        guest._rebuild_slot_gfns()
+        return Change(event, guest.key, lifecycle=lifecycle, degraded=degraded)
+
+    def _lost(self, event: Lost) -> Change:
+        if not event.tgid:
+            self.counters["unattributed_events"] += 1
+            return Change(event, None)
+        guest, degraded, lifecycle = self._guest_for(event)
+        count = event.count if isinstance(event.count, int) and event.count > 0 else 1
+        guest.counters["lost_events"] += count
+        reason = f"events lost: {event.stage}/{event.reason}"
+        if guest.add_degraded(reason):
+            degraded = degraded + (reason,)
+        return Change(event, guest.key, lifecycle=lifecycle, degraded=degraded)
+
+    # -- protection ----------------------------------------------------------------------
+    def _protect_request(self, event: ProtectRequest) -> Change:
+        guest, degraded, lifecycle = self._guest_for(event)
+        anomalies: list[Anomaly] = []
+        rejections: list[Rejection] = []
+        map_changes: list[MapChange] = []
+
+        flags = event.flags if isinstance(event.flags, int) else 0
+        if flags:
+            for flag, kind, diverges in _FLAG_ANOMALIES:
+                if flags & flag:
+                    anomalies.append(Anomaly(kind, f"page-list walk: {kind.replace('_', ' ')}",
+                                             {"list_gpa": event.list_gpa, "flags": flags,
+                                              "pages": event.pages}))
+                    if diverges:
+                        reason = f"incomplete protect request ({kind})"
+                        if guest.add_degraded(reason):
+                            degraded = degraded + (reason,)
+            if flags & ~_KNOWN_FLAGS:
+                anomalies.append(Anomaly("unknown_flags", "unknown page-list walker flags",
+                                         {"flags": hex(flags)}))
+
+        entries = event.entries
+        limit = self.max_entries_per_request
+        # the host applies entries in reverse order of reading (heki-kvm.md 1.7)
+        order = entries[::-1]
+        if len(order) > limit:
+            anomalies.append(Anomaly(
+                "too_many_entries",
+                f"request has {len(entries)} entries; modelled only the first {limit} "
+                "the host applies", {"entries": len(entries), "limit": limit,
+                                     "declared_entries": event.declared_entries}))
+            order = order[:limit]
+            reason = "incomplete protect request (too_many_entries)"
+            if guest.add_degraded(reason):
+                degraded = degraded + (reason,)
+
+        requested = guest.requested
+        heki_mask = self._heki_mask
+        valid = self._valid_guest
+        exec_bit = self._guest_exec
+        immutable = self._kvm_immutable
+        mbec = self.abi.mbec
+        check_slots = bool(guest._slot_gfns)
+        to_kvm = self.abi.guest_to_kvm
+        time_ns = event.time_ns
+        for index, entry in enumerate(order):
+            gpa, end_gpa, perms = entry
+            if (gpa & _PAGE_MASK) or (end_gpa & _PAGE_MASK):
+                rejections.append(Rejection(entry, "EINVAL", "gpa or end_gpa not page aligned"))
+                anomalies.append(Anomaly("entry_misaligned", "entry not page aligned",
+                                         {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
+                break
+            if perms == 0 or perms & ~valid:
+                kind = "zero_permissions" if perms == 0 else "unknown_bits"
+                rejections.append(Rejection(entry, "EINVAL",
+                                            "permissions zero" if perms == 0 else
+                                            f"unknown permission bits {perms & ~valid:#x}"))
+                anomalies.append(Anomaly(kind, "invalid permissions",
+                                         {"permissions": perms, "index": index}))
+                break
+            start = gpa >> PAGE_SHIFT
+            end = end_gpa >> PAGE_SHIFT
+            if end <= start:
+                rejections.append(Rejection(entry, "EINVAL", "end_gpa <= gpa"))
+                anomalies.append(Anomaly("end_before_start", "range ends before it starts",
+                                         {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
+                break
+            if start < 0 or end > MAX_GFN:
+                # cannot happen with u64 guest values; a corrupt trace could carry it
+                rejections.append(Rejection(entry, "EINVAL", "gfn outside 52-bit space"))
+                anomalies.append(Anomaly("gfn_overflow", "range outside the 52-bit space",
+                                         {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
+                break
+            if not mbec and not perms & exec_bit:
+                perms |= exec_bit  # "Clearing kernel exec depends on MBEC" (1.8 step 4)
+            if requested.any_bits(start, end, immutable):
+                rejections.append(Rejection(entry, "EPERM",
+                                            "range overlaps an immutable page"))
+                break
+            if check_slots and not guest.covered_by_memslots(start, end):
+                anomalies.append(Anomaly("outside_memslots",
+                                         "range not (fully) backed by a memslot",
+                                         {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
+            value = to_kvm(perms)
+            for seg_start, seg_end, old, new in requested.set(start, end, value, heki_mask):
+                map_changes.append(MapChange("requested", seg_start, seg_end, old, new))
+            if value & immutable and guest.lockdown_ns is None:
+                guest.lockdown_ns = time_ns
+
+        if rejections:
+            guest.counters["rejected_entries"] += len(rejections)
+        if anomalies:
+            guest.counters["anomalies"] += len(anomalies)
+        return Change(event, guest.key, tuple(map_changes), None, tuple(rejections),
+                      tuple(anomalies), lifecycle, degraded)
+
+    def _cr_pin_request(self, event: CrPinRequest) -> Change:
+        guest, degraded, lifecycle = self._guest_for(event)
+        cr, mask, flags = event.cr, event.mask, event.flags
+        if flags & LOCK_CR_UPDATE_VERSION and cr == 0 and mask == 0:
+            return Change(event, guest.key, lifecycle=lifecycle, degraded=degraded)
+        anomalies: list[Anomaly] = []
+        allowed = PINNABLE_CR_BITS.get(cr)
+        if allowed is None:
+            anomalies.append(Anomaly("cr_pin_invalid", f"cannot pin CR{cr} (host: -EINVAL)",
+                                     {"cr": cr, "mask": mask, "flags": flags}))
+            guest.counters["anomalies"] += 1
+            return Change(event, guest.key, anomalies=tuple(anomalies), lifecycle=lifecycle,
+                          degraded=degraded)
+        if mask & ~allowed:
+            anomalies.append(Anomaly("cr_pin_unknown_bits", "bits that cannot be pinned",
+                                     {"cr": cr, "bits": hex(mask & ~allowed)}))
+        if flags & ~LOCK_CR_UPDATE_VERSION:
+            anomalies.append(Anomaly("cr_pin_unknown_flags", "unknown LOCK_CR_UPDATE flags",
+                                     {"flags": hex(flags)}))
+        guest.counters["anomalies"] += len(anomalies)
+        old = guest.pinned_cr.get(cr, 0)
+        new = old | (mask & allowed)
+        pin = None
+        if new != old:
+            guest.pinned_cr[cr] = new
+            pin = PinChange(cr, old, new)
+            if guest.lockdown_ns is None:
+                guest.lockdown_ns = event.time_ns
+        return Change(event, guest.key, pin_change=pin, anomalies=tuple(anomalies),
+                      lifecycle=lifecycle, degraded=degraded)
+
+    def _attr_applied(self, event: AttrApplied) -> Change:
+        guest, degraded, lifecycle = self._guest_for(event)
+        start, end = event.gfn_start, event.gfn_end
+        if not (0 <= start < end <= MAX_GFN) or not 0 <= event.attributes <= ALL_BITS:
+            guest.counters["anomalies"] += 1
+            return Change(event, guest.key, anomalies=(Anomaly(
+                "applied_bad_range", "applied range empty or outside the 52-bit space",
+                {"gfn_start": start, "gfn_end": end}),), lifecycle=lifecycle, degraded=degraded)
+        attributes = event.attributes
+        if attributes & self._heki_mask:
+            guest.heki_applied_seen = True
+        changes = tuple(MapChange("applied", s, e, old, new)
+                        for s, e, old, new in guest.applied.set(start, end, attributes, ALL_BITS))
+        return Change(event, guest.key, changes, lifecycle=lifecycle, degraded=degraded)
+
+    def _attr_ioctl(self, event: AttrIoctl) -> Change:
+        guest, degraded, lifecycle = self._guest_for(event)
+        if event.result != 0:
+            return Change(event, guest.key, lifecycle=lifecycle, degraded=degraded)
+        start = event.address >> PAGE_SHIFT
+        end = (event.address + event.size_bytes) >> PAGE_SHIFT
+        anomalies: tuple[Anomaly, ...] = ()
+        if event.attributes & ~self._private_mask:
+            anomalies = (Anomaly("unknown_bits", "ioctl attributes beyond PRIVATE",
+                                 {"attributes": hex(event.attributes)}),)
+        if not (0 <= start < end <= MAX_GFN) or not 0 <= event.attributes <= ALL_BITS:
+            anomalies += (Anomaly("applied_bad_range", "ioctl range empty or too large",
+                                  {"address": event.address, "size_bytes": event.size_bytes}),)
+            guest.counters["anomalies"] += len(anomalies)
+            return Change(event, guest.key, anomalies=anomalies, lifecycle=lifecycle,
+                          degraded=degraded)
+        guest.counters["anomalies"] += len(anomalies)
+        # upstream KVM_SET_MEMORY_ATTRIBUTES stores the full value; PRIVATE is the only
+        # supported bit, so masking with it leaves Heki bits (if any) untouched
+        changes = tuple(MapChange("applied", s, e, old, new)
+                        for s, e, old, new in guest.applied.set(start, end, event.attributes,
+                                                                self._private_mask))
+        return Change(event, guest.key, changes, anomalies=anomalies, lifecycle=lifecycle,
+                      degraded=degraded)
