@@ -76,7 +76,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("hekitrace_vm_degraded", "gauge", ("vm",),
                "1 if this VM's maps may be incomplete; the reasons are in "
                "'hekitrace snapshot VM'."),
-    MetricSpec("hekitrace_vm_pinned_cr_bits", "gauge", ("vm", "cr"),
+    MetricSpec("hekitrace_vm_pinned_cr_mask", "gauge", ("vm", "cr"),
                "Bit mask of the control register bits the guest pinned (only grows)."),
     MetricSpec("hekitrace_findings_total", "counter", ("vm", "rule", "severity"),
                "Findings raised, by rule and severity (counts include findings collapsed "
@@ -277,7 +277,7 @@ class HekitraceCollector(Collector):
                     [vm], g.lockdown_ns / 1e9)
             fams["hekitrace_vm_degraded"].add_metric([vm], 1 if g.degraded else 0)
             for cr, mask in sorted(g.pinned_cr.items()):
-                fams["hekitrace_vm_pinned_cr_bits"].add_metric(
+                fams["hekitrace_vm_pinned_cr_mask"].add_metric(
                     [vm, _CR_LABEL.get(cr, f"cr{cr}")], mask)
 
         counts = getattr(policy, "counts", None)
