@@ -1,0 +1,179 @@
+/* kvm:kvm_page_fault (raw tracepoint, falling back to the tracepoint): only write or
+ * fetch faults on pages in the kernel-side filter reach userspace, and repeats on one page
+ * are counted here and reported at most once per HK_FAULT_INTERVAL_NS. Included by capture.c.
+ *
+ * Filter: an LPM trie keyed by (tgid, gfn), both big-endian so that a range of gfns
+ * splits into a few aligned prefixes (userspace: Capture.protect_filter_update). A trie
+ * gives O(prefix bits) lookups with no loop in BPF and no per-page entries; a hash of
+ * ranges would need a loop over ranges per fault. Value: the FaultAccess bits to report.
+ */
+
+/* tracefs format of kvm:kvm_page_fault (checked by the loader, heki-kvm.md 3.2) */
+struct hk_tp_page_fault {
+    u64 common;
+    u32 vcpu_id;
+    u32 pad;
+    u64 guest_rip;
+    u64 fault_address;
+    u64 error_code;
+};
+
+struct hk_filter_key {
+    u32 prefixlen;   /* 32 (tgid) + 64 - log2(block pages) */
+    u32 tgid_be;
+    u64 gfn_be;
+};
+BPF_LPM_TRIE(hk_fault_filter, struct hk_filter_key, u32, 65536);
+
+struct hk_storm_key {
+    u32 tgid;
+    u32 reserved;
+    u64 gfn;
+};
+
+struct hk_storm {
+    u64 count;          /* faults not reported yet */
+    u64 first_ns;       /* boot ns of the first of them */
+    u64 last_report_ns;
+};
+BPF_HASH(hk_storms, struct hk_storm_key, struct hk_storm, 65536);
+
+static __always_inline u32 hk_fault_access(u64 ec)
+{
+    u32 acc = 0;
+#if HK_VENDOR == 2
+    /* SVM #NPF EXITINFO1 (PFERR_*): bit 1 WRITE, bit 4 FETCH; otherwise a read */
+    if (ec & (1ULL << 1))
+        acc |= HK_ACC_WRITE;
+    if (ec & (1ULL << 4))
+        acc |= HK_ACC_FETCH;
+    if (!acc)
+        acc = HK_ACC_READ;
+#else
+    /* VMX EPT-violation exit qualification: bit 0 read, 1 write, 2 instruction fetch */
+    if (ec & (1ULL << 0))
+        acc |= HK_ACC_READ;
+    if (ec & (1ULL << 1))
+        acc |= HK_ACC_WRITE;
+    if (ec & (1ULL << 2))
+        acc |= HK_ACC_FETCH;
+#endif
+    return acc;
+}
+
+static __always_inline int hk_fault_emit(u32 tgid, u32 vcpu, u32 acc, u64 gpa, u64 ec,
+                                         u64 rip, u64 count, u64 first_ns)
+{
+    struct hk_fault_rec *r = hk_telemetry.ringbuf_reserve(sizeof(*r));
+    if (!r) {
+        hk_count_loss(tgid, HK_RING_TELEMETRY, HK_HOOK_FAULT, HK_DROP_RING_FULL);
+        return 0;
+    }
+    hk_fill_hdr(&r->hdr, HK_REC_FAULT);
+    r->vcpu = vcpu;
+    r->access = acc;
+    r->gpa = gpa;
+    r->error_code = ec;
+    r->rip = rip;
+    r->count = count;
+    r->first_ns = first_ns ? first_ns : r->hdr.time_ns;
+    hk_telemetry.ringbuf_submit(r, 0);
+    return 0;
+}
+
+static __always_inline int hk_fault(u32 vcpu, u64 rip, u64 gpa, u64 ec)
+{
+    u32 acc = hk_fault_access(ec);
+    if (!(acc & (HK_ACC_WRITE | HK_ACC_FETCH)))
+        return 0;
+    u32 tgid = hk_tgid();
+    struct hk_filter_key fk = {};
+    fk.prefixlen = 96;
+    fk.tgid_be = __builtin_bswap32(tgid);
+    fk.gfn_be = __builtin_bswap64(gpa >> 12);
+    u32 *want = hk_fault_filter.lookup(&fk);
+    if (!want || !(*want & acc))
+        return 0;
+
+    struct hk_storm_key sk = {};
+    sk.tgid = tgid;
+    sk.gfn = gpa >> 12;
+    u64 now = bpf_ktime_get_boot_ns();
+    struct hk_storm *st = hk_storms.lookup(&sk);
+    if (!st) {
+        struct hk_storm fresh = {};
+        fresh.first_ns = now;
+        fresh.last_report_ns = now;
+        /* if the storm table is full every fault is sent: costly but nothing is hidden */
+        hk_storms.update(&sk, &fresh);
+        return hk_fault_emit(tgid, vcpu, acc, gpa, ec, rip, 1, now);
+    }
+    if (__sync_fetch_and_add(&st->count, 1) == 0)
+        st->first_ns = now;
+    if (now - st->last_report_ns < HK_FAULT_INTERVAL_NS)
+        return 0;
+    u64 first = st->first_ns;
+    u64 count = __sync_lock_test_and_set(&st->count, 0);
+    st->last_report_ns = now;
+    if (!count)
+        return 0;
+    return hk_fault_emit(tgid, vcpu, acc, gpa, ec, rip, count, first);
+}
+
+/* raw tracepoint: args = (struct kvm_vcpu *vcpu, u64 fault_address, u64 error_code) */
+int hk_fault_raw(struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 vcpu_id = 0;
+    u64 rip = 0;
+    void *vcpu = (void *)ctx->args[0];
+#if HK_VCPU_ID_OFF >= 0
+    bpf_probe_read_kernel(&vcpu_id, sizeof(vcpu_id), vcpu + HK_VCPU_ID_OFF);
+#endif
+#if HK_VCPU_RIP_OFF >= 0
+    bpf_probe_read_kernel(&rip, sizeof(rip), vcpu + HK_VCPU_RIP_OFF);
+#endif
+    return hk_fault(vcpu_id, rip, ctx->args[1], ctx->args[2]);
+}
+
+int hk_fault_tp(struct hk_tp_page_fault *ctx)
+{
+    return hk_fault(ctx->vcpu_id, ctx->guest_rip, ctx->fault_address, ctx->error_code);
+}
+
+/* ---- kvm:kvm_cr: guest writes to CR0 and CR4 ------------------------------------------ */
+
+/* tracefs format of kvm:kvm_cr (heki-kvm.md 3.3) */
+struct hk_tp_cr {
+    u64 common;
+    u32 rw;
+    u32 cr;
+    u64 val;
+};
+
+static __always_inline int hk_cr(u32 rw, u32 cr, u64 val)
+{
+    if (rw != 1 || (cr != 0 && cr != 4))
+        return 0;
+    struct hk_cr_rec *r = hk_telemetry.ringbuf_reserve(sizeof(*r));
+    if (!r) {
+        hk_count_loss(hk_tgid(), HK_RING_TELEMETRY, HK_HOOK_CR, HK_DROP_RING_FULL);
+        return 0;
+    }
+    hk_fill_hdr(&r->hdr, HK_REC_CR);
+    r->cr = cr;
+    r->reserved = 0;
+    r->value = val;
+    hk_telemetry.ringbuf_submit(r, 0);
+    return 0;
+}
+
+/* raw tracepoint: args = (unsigned int rw, unsigned int cr, unsigned long val) */
+int hk_cr_raw(struct bpf_raw_tracepoint_args *ctx)
+{
+    return hk_cr((u32)ctx->args[0], (u32)ctx->args[1], ctx->args[2]);
+}
+
+int hk_cr_tp(struct hk_tp_cr *ctx)
+{
+    return hk_cr(ctx->rw, ctx->cr, ctx->val);
+}

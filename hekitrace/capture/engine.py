@@ -1,0 +1,312 @@
+"""The capture engine: compile once, attach each hook by its preference chain, read both
+rings, hand out event batches, keep the kernel-side fault filter in sync.
+
+Hooks and their chains (DESIGN.md "Hooks"): hypercall raw_tracepoint -> tracepoint;
+attr_applied fentry -> kprobe; ioctl tracepoint; page_fault raw_tracepoint -> tracepoint;
+cr raw_tracepoint -> tracepoint. What worked (or why not) is in :meth:`Capture.hook_status`;
+a required hook that attaches by no method raises AttachError naming hook and methods.
+
+Usage::
+
+    cap = Capture(config).start()
+    for fd in cap.fds(): selector.register(fd, ...)
+    events = cap.read()          # control ring first, then telemetry, then losses
+    cap.protect_filter_update(tgid, [(gfn_start, gfn_end), ...])
+    cap.close()
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from hekitrace.abi import DEFAULT_PROFILE, AbiProfile
+from hekitrace.capture import loader, records
+from hekitrace.capture.btf import Btf
+from hekitrace.capture.decode import LossTracker, ProtectAssembler
+from hekitrace.errors import AttachError
+from hekitrace.events import Event, FaultAccess
+
+HOOKS = ("hypercall", "attr_applied", "ioctl", "page_fault", "cr")
+ATTR_FUNCTION = "kvm_arch_post_set_memory_attributes"
+DEFAULT_REQUIRED = {"hypercall": True, "attr_applied": False, "ioctl": True,
+                    "page_fault": False, "cr": False}
+#: FaultAccess bits reported for a filtered page unless the caller says otherwise
+REPORT_WRITE_FETCH = int(FaultAccess.WRITE | FaultAccess.FETCH)
+
+
+@dataclass
+class HookStatus:
+    """How one hook attached: ``method`` ("raw_tracepoint", "kprobe"...) or "none"
+    with ``reason`` (every method tried and why it failed)."""
+
+    hook: str
+    required: bool
+    attached: bool = False
+    method: str = "none"
+    reason: str = ""
+
+
+def _boot_to_epoch_ns() -> int:
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+class Capture:
+    """Owns the BPF object; see the module docstring."""
+
+    def __init__(self, config=None, *, abi: AbiProfile | None = None,
+                 settings: loader.CaptureSettings | None = None,
+                 required: dict[str, bool] | None = None,
+                 dump_source: bool = False, extra_cflags: Iterable[str] = (),
+                 attach: bool = True, tracefs: str = loader.TRACEFS,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.abi = abi or (config.abi_profile() if config is not None else DEFAULT_PROFILE)
+        self.settings = settings or (loader.CaptureSettings.from_config(config)
+                                     if config is not None else loader.CaptureSettings())
+        req = dict(DEFAULT_REQUIRED)
+        if config is not None:
+            for hook in HOOKS:
+                value = getattr(config.hooks, hook, None)
+                if value is not None:
+                    req[hook] = value == "required"
+                    if value == "disabled":
+                        req[hook] = False
+        if required:
+            req.update(required)
+        self._disabled = {h for h in HOOKS if config is not None
+                          and getattr(config.hooks, h, None) == "disabled"}
+        self._required = req
+        self._dump = dump_source
+        self._extra = tuple(extra_cflags)
+        self._attach = attach
+        self._tracefs = tracefs
+        self._say = say or (lambda msg: print(f"hekitrace: {msg}", file=sys.stderr))
+        self._status = {h: HookStatus(h, req[h]) for h in HOOKS}
+        self.bpf = None
+        self.cflags: list[str] = []
+        self._readers: list = []
+        self._bcc_buffers: list[list[bytes]] | None = None
+        self._numbers = records.HypercallNumbers.from_profile(self.abi)
+        self._assembler = ProtectAssembler()
+        self._losses = LossTracker()
+        self.decode_stats = records.DecodeStats()
+        self._filter_keys: dict[int, list[bytes]] = {}
+
+    # -- start-up ---------------------------------------------------------------------
+    def start(self) -> "Capture":
+        """Compile, load and attach; raise AttachError for a required hook that failed."""
+        btf = Btf.load()
+        offsets = loader.kernel_offsets(btf)
+        vendor = loader.detect_vendor(self.settings.vendor, say=self._say)
+        extra = list(self._extra)
+        want_fentry = (self._attach and "attr_applied" not in self._disabled
+                       and btf.has_function(ATTR_FUNCTION))
+        self.cflags = loader.build_cflags(self.settings, self.abi, offsets, vendor,
+                                          tuple(extra + (["-DHK_WITH_FENTRY"] if want_fentry
+                                                         else [])))
+        fentry_error = "" if want_fentry else f"{ATTR_FUNCTION} not in the kernel's BTF"
+        try:
+            self.bpf = loader.compile_bpf(self.cflags, self._dump)
+        except AttachError as exc:
+            if not want_fentry:
+                raise
+            # bcc attaches KFUNC_PROBE while compiling: a refused fentry fails the compile
+            fentry_error = str(exc).splitlines()[0][:200]
+            self._say(f"attr_applied: fentry refused ({fentry_error}); recompiling for kprobe")
+            self.cflags = loader.build_cflags(self.settings, self.abi, offsets, vendor,
+                                              tuple(extra))
+            self.bpf = loader.compile_bpf(self.cflags, self._dump)
+            want_fentry = False
+        if self._attach:
+            self._attach_all(want_fentry, fentry_error)
+        self._open_rings()
+        return self
+
+    def _try(self, hook: str, chain: list[tuple[str, Callable[[], None]]]) -> None:
+        st = self._status[hook]
+        if hook in self._disabled:
+            st.reason = "disabled in config"
+            return
+        errors = []
+        for method, fn in chain:
+            try:
+                fn()
+            except Exception as exc:  # bcc raises plain Exception; keep going down the chain
+                errors.append(f"{method}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+                continue
+            st.attached, st.method, st.reason = True, method, "; ".join(errors)
+            return
+        st.reason = "; ".join(errors)
+        if st.required:
+            raise AttachError(f"required hook attaches by no method ({st.reason})", hook=hook,
+                              method="/".join(m for m, _ in chain))
+
+    def _attach_all(self, fentry_attached: bool, fentry_error: str) -> None:
+        b = self.bpf
+
+        def raw(tp: str, fn: str) -> Callable[[], None]:
+            return lambda: b.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
+
+        def tp(category: str, event: str, fn: str) -> Callable[[], None]:
+            def go() -> None:
+                loader.check_tracepoint(category, event, self._tracefs)
+                b.attach_tracepoint(tp=f"{category}:{event}".encode(), fn_name=fn.encode())
+            return go
+
+        def fentry() -> None:
+            if not fentry_attached:
+                raise AttachError(fentry_error)
+
+        def kprobe() -> None:
+            b.attach_kprobe(event=ATTR_FUNCTION.encode(), fn_name=b"hk_attr_kprobe")
+
+        self._try("hypercall", [("raw_tracepoint", raw("kvm_hypercall", "hk_hypercall_raw")),
+                                ("tracepoint", tp("kvm", "kvm_hypercall", "hk_hypercall_tp"))])
+        self._try("ioctl", [("tracepoint", lambda: (
+            tp("syscalls", "sys_enter_ioctl", "hk_ioctl_enter")(),
+            tp("syscalls", "sys_exit_ioctl", "hk_ioctl_exit")()))])
+        self._try("attr_applied", [("fentry", fentry), ("kprobe", kprobe)])
+        self._try("page_fault", [("raw_tracepoint", raw("kvm_page_fault", "hk_fault_raw")),
+                                 ("tracepoint", tp("kvm", "kvm_page_fault", "hk_fault_tp"))])
+        self._try("cr", [("raw_tracepoint", raw("kvm_cr", "hk_cr_raw")),
+                         ("tracepoint", tp("kvm", "kvm_cr", "hk_cr_tp"))])
+
+    def _open_rings(self) -> None:
+        try:
+            from hekitrace.capture.ringbuf import RingReader
+        except ImportError as exc:
+            self._say(f"ring reader unavailable ({exc}); using bcc's ring_buffer callbacks")
+            RingReader = None
+        if RingReader is not None:
+            self._readers = [RingReader(self.bpf[name].map_fd)
+                             for name in (b"hk_control", b"hk_telemetry")]
+            return
+        self._bcc_buffers = [[], []]
+        for i, name in enumerate((b"hk_control", b"hk_telemetry")):
+            sink = self._bcc_buffers[i]
+            import ctypes
+            self.bpf[name].open_ring_buffer(
+                lambda _ctx, data, size, sink=sink: sink.append(ctypes.string_at(data, size)))
+
+    # -- reading ----------------------------------------------------------------------
+    def fds(self) -> list[int]:
+        """File descriptors to poll (epoll on the ring maps)."""
+        if self._readers:
+            return [r.fileno() for r in self._readers]
+        return [self.bpf.ring_buffer.epoll_fd] if self.bpf is not None and \
+            getattr(self.bpf, "_ringbuf_manager", None) else []
+
+    def read(self, max_records: int | None = None) -> list[Event]:
+        """Drain both rings (control first) and the loss counters into one event batch."""
+        offset = _boot_to_epoch_ns()
+        parts: list = []
+        events: list[Event] = []
+        for buf, spans in self._drain(max_records):
+            events.extend(records.decode_batch(buf, spans, offset, self._numbers, parts,
+                                               self.decode_stats))
+        if parts:
+            events.extend(self._assembler.feed(parts))
+        else:
+            requests = self._assembler.feed(())
+            events.extend(requests)
+        events.extend(self._losses.update(self.bpf[b"hk_loss"], time.time_ns()))
+        return events
+
+    def _drain(self, max_records: int | None):
+        if self._readers:
+            return [r.drain(max_records) for r in self._readers]
+        self.bpf.ring_buffer_consume()
+        out = []
+        for sink in self._bcc_buffers or []:
+            buf = b"".join(sink)
+            spans, pos = [], 0
+            for rec in sink:
+                spans.append((pos, len(rec)))
+                pos += len(rec)
+            sink.clear()
+            out.append((buf, spans))
+        return out
+
+    def hook_status(self) -> dict[str, HookStatus]:
+        return dict(self._status)
+
+    def loss_totals(self) -> dict:
+        return self._losses.totals()
+
+    # -- kernel-side state --------------------------------------------------------------
+    def protect_filter_update(self, tgid: int, ranges: Iterable[tuple]) -> int:
+        """Replace the fault filter of VMM ``tgid`` by ``ranges`` of (gfn_start, gfn_end)
+        or (gfn_start, gfn_end, access_bits): faults of those FaultAccess bits (default
+        write and fetch) on pages in [gfn_start, gfn_end) reach userspace. Returns the
+        number of trie entries (aligned power-of-two blocks) now installed for ``tgid``."""
+        table = self.bpf[b"hk_fault_filter"]
+        new: dict[bytes, int] = {}
+        for r in ranges:
+            start, end = int(r[0]), int(r[1])
+            access = int(r[2]) if len(r) > 2 else REPORT_WRITE_FETCH
+            for block_start, bits in split_aligned(start, end):
+                key = lpm_key(tgid, block_start, bits)
+                new[key] = new.get(key, 0) | access
+        old = self._filter_keys.get(tgid, [])
+        key_t, leaf_t = table.Key, table.Leaf
+        for raw_key in old:
+            if raw_key not in new:
+                try:
+                    del table[key_t.from_buffer_copy(raw_key)]
+                except KeyError:
+                    pass
+        for raw_key, access in new.items():
+            table[key_t.from_buffer_copy(raw_key)] = leaf_t(access)
+        self._filter_keys[tgid] = list(new)
+        return len(new)
+
+    def forget_vm(self, tgid: int) -> None:
+        """Drop the kernel-side state of a destroyed VM (memslots, filter)."""
+        self.protect_filter_update(tgid, [])
+        try:
+            del self.bpf[b"hk_memslots"][self.bpf[b"hk_memslots"].Key(tgid)]
+        except KeyError:
+            pass
+
+    def program_fd(self, name: str, prog_type: int | None = None) -> int:
+        """Load (if needed) and return the fd of program ``name`` (tests, benchmarks)."""
+        from bcc import BPF
+        types = {"hk_hypercall_raw": BPF.RAW_TRACEPOINT, "hk_fault_raw": BPF.RAW_TRACEPOINT,
+                 "hk_cr_raw": BPF.RAW_TRACEPOINT, "hk_attr_raw": BPF.RAW_TRACEPOINT,
+                 "hk_attr_kprobe": BPF.KPROBE, "hk_flood": BPF.XDP,
+                 "hk_ioctl_enter": BPF.TRACEPOINT, "hk_ioctl_exit": BPF.TRACEPOINT,
+                 "hk_hypercall_tp": BPF.TRACEPOINT, "hk_fault_tp": BPF.TRACEPOINT,
+                 "hk_cr_tp": BPF.TRACEPOINT}
+        ptype = prog_type if prog_type is not None else types[name]
+        return self.bpf.load_func(name.encode(), ptype).fd
+
+    def close(self) -> None:
+        """Detach everything and free the BPF object (idempotent)."""
+        for r in self._readers:
+            r.close()
+        self._readers = []
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+def split_aligned(start: int, end: int) -> list[tuple[int, int]]:
+    """[start, end) as aligned blocks (block_start, log2 size): at most ~2x64 blocks."""
+    out = []
+    while start < end:
+        bits = (start & -start).bit_length() - 1 if start else 63
+        while bits > 0 and start + (1 << bits) > end:
+            bits -= 1
+        out.append((start, bits))
+        start += 1 << bits
+    return out
+
+
+def lpm_key(tgid: int, gfn_block: int, bits: int) -> bytes:
+    """struct hk_filter_key: prefixlen (host order), tgid and gfn big-endian (bpf/fault.c)."""
+    import struct
+    return struct.pack("<I", 32 + 64 - bits) + struct.pack(">IQ", tgid, gfn_block)

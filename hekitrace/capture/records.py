@@ -1,0 +1,252 @@
+"""Ring record layouts (the Python half of bpf/hekitrace.h) and the batch decoder.
+
+Each record starts with ``struct hk_hdr``, whose first byte is the record type, so the
+decoder dispatches on ``buf[off]`` and unpacks the whole record with one
+``Struct.unpack_from``. Layouts are declared as (name, format) field lists beside the C
+structs they mirror; ``tests/kernel/test_bpf_layout.py`` compares every field's offset
+and size with clang's view of the C header (through bcc's ctypes leaf types) and
+``tests/unit/test_records.py`` round-trips them.
+
+C (bpf/hekitrace.h)::
+
+    struct hk_hdr { u8 type; u8 version; u16 reserved; u32 tgid; u32 tid; u32 cpu;
+                    u64 time_ns; };                                        // 24 bytes
+    struct hk_ioctl_rec { struct hk_hdr hdr; u32 cmd; s32 fd; s64 ret; u64 arg[4]; };  // 72
+    struct hk_hypercall_rec { struct hk_hdr hdr; u64 nr, a0, a1, a2, a3; };           // 64
+    struct hk_protect_page_rec { struct hk_hdr hdr; u64 call_id; u64 page_gpa; u32 index;
+        u32 flags; u64 next_va; u64 next_pa; u64 npages;
+        struct hk_heki_pages { u64 pa, epa, permissions; } entries[169]; };          // 4128
+    struct hk_protect_end_rec { struct hk_hdr hdr; u64 call_id; u64 list_gpa; u32 pages;
+        u32 flags; u64 declared_entries; };                                           // 56
+    struct hk_attr_rec { struct hk_hdr hdr; u64 gfn_start, gfn_end, attributes; };     // 48
+    struct hk_fault_rec { struct hk_hdr hdr; u32 vcpu; u32 access; u64 gpa;
+        u64 error_code; u64 rip; u64 count; u64 first_ns; };                          // 72
+    struct hk_cr_rec { struct hk_hdr hdr; u32 cr; u32 reserved; u64 value; };         // 40
+    struct hk_loss_key { u32 tgid; u8 ring; u8 hook; u8 reason; u8 reserved; };       // 8
+
+Times in records are the kernel's boot-time clock; the decoder adds one offset per batch
+to make them Unix-epoch ns. Guest-controlled values are kept verbatim; a record that is
+short or of unknown type is counted in :class:`DecodeStats`, never raised.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from hekitrace import kvmuapi
+from hekitrace.events import (AttrApplied, AttrIoctl, CrPinRequest, CrWrite, Event, Fault,
+                              Hypercall, Memslot, ProtectEntry, VmCreated)
+
+REC_IOCTL = 1
+REC_HYPERCALL = 2
+REC_PROTECT_PAGE = 3
+REC_PROTECT_END = 4
+REC_ATTR = 5
+REC_FAULT = 6
+REC_CR = 7
+
+RING_CONTROL = 1
+RING_TELEMETRY = 2
+RING_NAMES = {0: "kernel", RING_CONTROL: "control", RING_TELEMETRY: "telemetry"}
+
+HOOK_NAMES = {1: "hypercall", 2: "protect_memory", 3: "ioctl", 4: "attr_applied",
+              5: "page_fault", 6: "cr", 7: "flood"}
+DROP_REASONS = {1: "ring_full", 2: "memslot_table_full", 3: "pending_table_full"}
+
+HEKI_MAX_ENTRIES = 169
+#: nr of the test-only flood generator's records (bpf/flood.c)
+FLOOD_NR = 0xF100D
+
+
+def _layout(fields: list[tuple[str, str]]) -> tuple[struct.Struct, dict[str, tuple[int, int]]]:
+    """Struct for ``fields`` plus name -> (offset, size); names starting with ``_`` are pads."""
+    fmt = "<" + "".join(f for _, f in fields)
+    offsets = {}
+    pos = 0
+    for name, f in fields:
+        size = struct.calcsize("<" + f)
+        offsets[name] = (pos, size)
+        pos += size
+    return struct.Struct(fmt), offsets
+
+
+HDR_FIELDS = [("type", "B"), ("version", "B"), ("reserved", "H"), ("tgid", "I"),
+              ("tid", "I"), ("cpu", "I"), ("time_ns", "Q")]
+
+#: record name -> field list (header fields prefixed ``hdr.``), mirroring bpf/hekitrace.h
+LAYOUTS: dict[str, list[tuple[str, str]]] = {
+    "hdr": HDR_FIELDS,
+    "ioctl": [("hdr." + n, f) for n, f in HDR_FIELDS] + [
+        ("cmd", "I"), ("fd", "i"), ("ret", "q"), ("arg", "4Q")],
+    "hypercall": [("hdr." + n, f) for n, f in HDR_FIELDS] + [
+        ("nr", "Q"), ("a0", "Q"), ("a1", "Q"), ("a2", "Q"), ("a3", "Q")],
+    "protect_page": [("hdr." + n, f) for n, f in HDR_FIELDS] + [
+        ("call_id", "Q"), ("page_gpa", "Q"), ("index", "I"), ("flags", "I"),
+        ("next_va", "Q"), ("next_pa", "Q"), ("npages", "Q"),
+        ("entries", f"{HEKI_MAX_ENTRIES * 3}Q")],
+    "protect_end": [("hdr." + n, f) for n, f in HDR_FIELDS] + [
+        ("call_id", "Q"), ("list_gpa", "Q"), ("pages", "I"), ("flags", "I"),
+        ("declared_entries", "Q")],
+    "attr": [("hdr." + n, f) for n, f in HDR_FIELDS] + [
+        ("gfn_start", "Q"), ("gfn_end", "Q"), ("attributes", "Q")],
+    "fault": [("hdr." + n, f) for n, f in HDR_FIELDS] + [
+        ("vcpu", "I"), ("access", "I"), ("gpa", "Q"), ("error_code", "Q"), ("rip", "Q"),
+        ("count", "Q"), ("first_ns", "Q")],
+    "cr": [("hdr." + n, f) for n, f in HDR_FIELDS] + [
+        ("cr", "I"), ("reserved", "I"), ("value", "Q")],
+    "loss_key": [("tgid", "I"), ("ring", "B"), ("hook", "B"), ("reason", "B"),
+                 ("reserved", "B")],
+}
+STRUCTS = {name: _layout(fields)[0] for name, fields in LAYOUTS.items()}
+OFFSETS = {name: _layout(fields)[1] for name, fields in LAYOUTS.items()}
+#: C struct name of each layout (bpf/hekitrace.h)
+C_NAMES = {"hdr": "hk_hdr", "ioctl": "hk_ioctl_rec", "hypercall": "hk_hypercall_rec",
+           "protect_page": "hk_protect_page_rec", "protect_end": "hk_protect_end_rec",
+           "attr": "hk_attr_rec", "fault": "hk_fault_rec", "cr": "hk_cr_rec",
+           "loss_key": "hk_loss_key"}
+
+_IOCTL = STRUCTS["ioctl"]
+_HYPERCALL = STRUCTS["hypercall"]
+_PAGE_HEAD = struct.Struct(STRUCTS["protect_page"].format[:-len(f"{HEKI_MAX_ENTRIES * 3}Q")])
+_END = STRUCTS["protect_end"]
+_ATTR = STRUCTS["attr"]
+_FAULT = STRUCTS["fault"]
+_CR = STRUCTS["cr"]
+_ENTRY = struct.Struct("<QQQ")
+PAGE_ENTRIES_OFFSET = OFFSETS["protect_page"]["entries"][0]
+RECORD_SIZES = {REC_IOCTL: _IOCTL.size, REC_HYPERCALL: _HYPERCALL.size,
+                REC_PROTECT_PAGE: STRUCTS["protect_page"].size, REC_PROTECT_END: _END.size,
+                REC_ATTR: _ATTR.size, REC_FAULT: _FAULT.size, REC_CR: _CR.size}
+
+
+class ProtectPage(NamedTuple):
+    """One list page of a PROTECT_MEMORY walk (not an event: decode.py assembles these).
+
+    ``entries`` holds min(npages, 169) entries verbatim; ``npages`` is the guest's value.
+    """
+
+    time_ns: int
+    tgid: int
+    tid: int
+    call_id: int
+    page_gpa: int
+    index: int
+    flags: int
+    next_pa: int
+    npages: int
+    entries: tuple[ProtectEntry, ...]
+
+
+class ProtectEnd(NamedTuple):
+    """End of one PROTECT_MEMORY walk: ``pages`` read, ``flags`` (ProtectFlags)."""
+
+    time_ns: int
+    tgid: int
+    tid: int
+    call_id: int
+    list_gpa: int
+    pages: int
+    flags: int
+    declared_entries: int
+
+
+class DecodeStats:
+    """Records the decoder could not turn into events (counted, never raised)."""
+
+    __slots__ = ("short", "unknown_type", "failed_ioctl")
+
+    def __init__(self) -> None:
+        self.short = 0
+        self.unknown_type = 0
+        self.failed_ioctl = 0
+
+
+class HypercallNumbers(NamedTuple):
+    """The ABI profile's hypercall numbers the decoder needs (-1 = none)."""
+
+    lock_cr_update: int = -1
+
+    @classmethod
+    def from_profile(cls, abi) -> "HypercallNumbers":
+        nr = abi.lock_cr_update
+        return cls(lock_cr_update=-1 if nr is None else nr)
+
+
+def _page(v: tuple, buf, off: int, epoch: int) -> ProtectPage:
+    n = v[13] if v[13] <= HEKI_MAX_ENTRIES else HEKI_MAX_ENTRIES
+    if v[10] & (1 << 4):          # READ_FAULT: nothing was read
+        n = 0
+    base = off + PAGE_ENTRIES_OFFSET
+    entries = tuple(ProtectEntry._make(e) for e in
+                    _ENTRY.iter_unpack(bytes(buf[base:base + n * 24]))) if n else ()
+    return ProtectPage(v[6] + epoch, v[3], v[4], v[7], v[8], v[9], v[10], v[12], v[13], entries)
+
+
+def decode_batch(buf, spans, epoch_offset_ns: int, numbers: HypercallNumbers,
+                 protect_parts: list | None = None,
+                 stats: DecodeStats | None = None) -> list[Event]:
+    """Decode the records ``buf[off:off+length]`` for each (off, length) in ``spans``.
+
+    ``epoch_offset_ns`` is added to every kernel boot-time stamp (computed once per
+    batch). Page-list records (:class:`ProtectPage`, :class:`ProtectEnd`) go to
+    ``protect_parts`` for decode.py to assemble (dropped when None). Short records and
+    unknown types are counted in ``stats``. One ``unpack_from`` per record.
+    """
+    out: list[Event] = []
+    append = out.append
+    lock_cr = numbers.lock_cr_update
+    create_vm = kvmuapi.KVM_CREATE_VM
+    set_attrs = kvmuapi.KVM_SET_MEMORY_ATTRIBUTES
+    ioctl_u, hc_u, fault_u, cr_u = (_IOCTL.unpack_from, _HYPERCALL.unpack_from,
+                                    _FAULT.unpack_from, _CR.unpack_from)
+    attr_u, end_u, page_u = _ATTR.unpack_from, _END.unpack_from, _PAGE_HEAD.unpack_from
+    sizes = RECORD_SIZES
+    for off, length in spans:
+        rtype = buf[off]
+        need = sizes.get(rtype)
+        if need is None or length < need:
+            if stats is not None:
+                if need is None:
+                    stats.unknown_type += 1
+                else:
+                    stats.short += 1
+            continue
+        if rtype == REC_FAULT:
+            v = fault_u(buf, off)
+            append(Fault(v[6] + epoch_offset_ns, v[3], v[4], v[7], v[9], v[10], v[11], v[8],
+                         v[12], v[13] + epoch_offset_ns))
+        elif rtype == REC_HYPERCALL:
+            v = hc_u(buf, off)
+            if v[7] == lock_cr:
+                append(CrPinRequest(v[6] + epoch_offset_ns, v[3], v[4], v[8], v[9], v[10]))
+            else:
+                append(Hypercall(v[6] + epoch_offset_ns, v[3], v[4], v[7], v[8], v[9], v[10],
+                                 v[11]))
+        elif rtype == REC_CR:
+            v = cr_u(buf, off)
+            append(CrWrite(v[6] + epoch_offset_ns, v[3], v[4], v[7], v[9]))
+        elif rtype == REC_ATTR:
+            v = attr_u(buf, off)
+            append(AttrApplied(v[6] + epoch_offset_ns, v[3], v[4], v[7], v[8], v[9]))
+        elif rtype == REC_IOCTL:
+            v = ioctl_u(buf, off)
+            t = v[6] + epoch_offset_ns
+            cmd, fd, ret = v[7], v[8], v[9]
+            if cmd == create_vm:
+                append(VmCreated(t, v[3], v[4], vm_fd=ret, stats_path=f"/kvm/{v[4]}-{ret}",
+                                 source="ioctl"))
+            elif cmd == set_attrs:
+                append(AttrIoctl(t, v[3], v[4], v[10], v[11], v[12], v[13], ret))
+            else:
+                w0 = v[10]
+                append(Memslot(t, v[3], v[4], w0 & 0xFFFFFFFF, w0 >> 32, v[11], v[12], v[13]))
+        elif rtype == REC_PROTECT_PAGE:
+            if protect_parts is not None:
+                protect_parts.append(_page(page_u(buf, off), buf, off, epoch_offset_ns))
+        else:  # REC_PROTECT_END
+            if protect_parts is not None:
+                v = end_u(buf, off)
+                protect_parts.append(ProtectEnd(v[6] + epoch_offset_ns, v[3], v[4], v[7], v[8],
+                                                v[9], v[10], v[11]))
+    return out
