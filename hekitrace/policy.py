@@ -62,8 +62,10 @@ MAX_ENTRIES_INSPECTED = 4096
 def format_time(time_ns: int) -> str:
     """RFC 3339 UTC with microseconds, ``2026-11-25T15:20:01.123456Z``."""
     try:
-        moment = datetime.fromtimestamp(time_ns / 1e9, tz=timezone.utc)
-    except (OverflowError, OSError, ValueError):
+        seconds, rest = divmod(int(time_ns), 1_000_000_000)
+        moment = datetime.fromtimestamp(seconds, tz=timezone.utc).replace(
+            microsecond=rest // 1000)
+    except (OverflowError, OSError, ValueError, TypeError):
         return ""
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
