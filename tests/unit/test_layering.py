@@ -1,0 +1,165 @@
+"""The import arrows of docs/internals.md ("Modules and the direction of imports").
+
+Every ``import`` in every hekitrace module (including imports inside functions) is read
+with ``ast`` and checked against the layer table below. Modules that do not exist yet are
+simply not checked. A module the table does not name counts as a leaf when everything it
+imports from hekitrace is a leaf (e.g. a new module of kernel constants); otherwise only
+the global rules apply to it: nothing imports the wiring (daemon, pipeline, commands, cli),
+and nothing below the wiring imports it either.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "hekitrace"
+
+#: the contract's leaves: import nothing from hekitrace (changes may import events)
+LEAVES = {"errors", "events", "abi", "attrmap", "changes", ""}   # "" = hekitrace/__init__
+LEAF_EXCEPTIONS = {"changes": {"events"}}
+SOURCES = {"trace", "sim"}
+SINKS = {"metrics", "alerts", "control", "journal"}
+WIRING = {"daemon", "pipeline", "cli", "__main__"}
+
+#: group -> groups it may import
+ALLOWED = {
+    "leaf": {"leaf"},
+    "config": {"leaf"},
+    "capture": {"leaf", "config", "capture"},
+    "source": {"leaf", "source"},
+    "host": {"leaf"},
+    "policy": {"leaf", "config", "host"},
+    "views": {"leaf", "host", "policy"},
+    "sink": {"leaf", "config", "host", "policy", "views", "source", "sink"},
+    "wiring": {"leaf", "config", "capture", "source", "host", "policy", "views", "sink",
+               "wiring", "other"},
+}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(name: str, known: set[str]) -> str:
+    """The longest known module that ``name`` (dotted, without 'hekitrace.') names."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name
+
+
+def _imports(module: str, path: Path, known: set[str]) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".") if package else []
+                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                prefix = ".".join(["hekitrace", *base])
+                mod = f"{prefix}.{node.module}" if node.module else prefix
+            else:
+                mod = node.module or ""
+            # "from hekitrace.capture import probe" imports the module capture.probe;
+            # "from hekitrace.abi import X" imports abi (the longest known prefix)
+            names = [f"{mod}.{a.name}" for a in node.names]
+        for name in names:
+            if name == "hekitrace" or name.startswith("hekitrace."):
+                inner = name[len("hekitrace."):] if name != "hekitrace" else ""
+                found.add(_resolve(inner, known))
+    found.discard(module)
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {m: _imports(m, p, known) for m, p in modules.items()}
+
+
+def _group(module: str, graph: dict[str, set[str]], leaves: set[str]) -> str:
+    top = module.split(".")[0]
+    if module in leaves:
+        return "leaf"
+    if module == "config":
+        return "config"
+    if top == "capture":
+        return "capture"
+    if module in SOURCES:
+        return "source"
+    if module in ("host", "policy", "views"):
+        return module
+    if module in SINKS:
+        return "sink"
+    if module in WIRING or top == "commands":
+        return "wiring"
+    return "other"
+
+
+def _leaves(graph: dict[str, set[str]]) -> set[str]:
+    """The contract's leaves plus unnamed modules that only import leaves."""
+    leaves = {m for m in graph if m in LEAVES}
+    named = LEAVES | SOURCES | SINKS | WIRING | {"config", "host", "policy", "views"}
+    changed = True
+    while changed:
+        changed = False
+        for module, deps in graph.items():
+            top = module.split(".")[0]
+            if module in leaves or module in named or top in ("capture", "commands"):
+                continue
+            if deps <= leaves:
+                leaves.add(module)
+                changed = True
+    return leaves
+
+
+GRAPH = _import_graph()
+
+
+def test_the_package_is_found():
+    assert {"errors", "events", "abi", "cli"} <= set(GRAPH)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if m in LEAVES))
+def test_contract_leaves_import_nothing_from_hekitrace(module):
+    allowed = LEAF_EXCEPTIONS.get(module, set()) | {""}
+    assert GRAPH[module] <= allowed, f"{module} imports {sorted(GRAPH[module] - allowed)}"
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_imports_follow_the_arrows(module):
+    leaves = _leaves(GRAPH)
+    group = _group(module, GRAPH, leaves)
+    bad = []
+    for dep in sorted(GRAPH[module]):
+        dep_group = _group(dep, GRAPH, leaves)
+        if dep == "cli" or (dep_group == "wiring" and group != "wiring"):
+            bad.append(f"{dep} (wiring: nothing below it imports it)")
+        elif group == "other":
+            continue      # not named by the contract: only the global rules apply
+        elif dep_group not in ALLOWED[group]:
+            bad.append(f"{dep} ({dep_group})")
+    assert not bad, f"{module} ({group}) must not import: {', '.join(bad)}"
+
+
+def test_the_checker_sees_relative_and_lazy_imports(tmp_path):
+    """The parser itself: relative, from-package and function-level imports count."""
+    src = tmp_path / "x.py"
+    src.write_text("from . import host\nfrom .capture import probe\n"
+                   "def f():\n    import hekitrace.policy\n")
+    known = {"host", "policy", "capture", "capture.probe", "x", ""}
+    assert _imports("x", src, known) == {"host", "policy", "capture.probe"}
