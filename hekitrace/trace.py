@@ -411,7 +411,7 @@ def parse_time(value: Any) -> int:
             text = text[:-1] + "+00:00"
         main, sep, rest = text.partition(".")
         if sep:
-            digits = "".join(ch for ch in rest if ch.isdigit())
+            digits = rest[:len(rest) - len(rest.lstrip("0123456789"))]
             tz = rest[len(digits):]
             frac = int((digits + "000000000")[:9])
             text = main + tz
