@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, TextIO
 from hekitrace import __version__
 from hekitrace.control import ControlServer, RequestError
 from hekitrace.errors import ConfigError, HekitraceError
-from hekitrace.events import NAME_OF, Lost, VmCreated
+from hekitrace.events import NAME_OF, FaultAccess, Lost, VmCreated
 from hekitrace.httpserver import Health, HttpServer
 from hekitrace.metrics import HekitraceCollector, LoopStats, build_info
 from hekitrace.sdnotify import Notifier
@@ -56,7 +56,7 @@ class Daemon:
     def __init__(self, config: Any, config_path: str | None, *,
                  load_config: Callable[[str | None], Any],
                  pipeline_factory: Callable[[Any, bool], Any],
-                 capture_factory: Callable[[Any], Any] | None = None,
+                 capture_factory: Callable[[Any, Callable[[str], None]], Any] | None = None,
                  uevents_factory: Callable[[], Any] | None = None,
                  discover: Callable[[], Iterable[VmCreated]] | None = None,
                  recovery: Callable[[Any, list[VmCreated]], set] | None = None,
@@ -98,6 +98,8 @@ class Daemon:
         self._timers: dict[str, float] = {}
         self.hook_report: list[tuple[str, str, bool, bool, str]] = []
         self.discovery_done = False
+        self._dirty_vms: set = set()
+        self.filter_errors = 0
 
     # -- output -----------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -156,7 +158,17 @@ class Daemon:
                 self.hook_report.append((hook, "none", req, False, "no capture engine"))
             self._publish_hooks()
             return
-        self.capture = self._capture_factory(self.config)
+        try:
+            self.capture = self._capture_factory(self.config, self.say)
+        except HekitraceError as error:
+            # e.g. the BPF programs do not compile on this kernel: keep serving metrics,
+            # the control socket and uevents, and say loudly that nothing is attached.
+            self.say(f"ERROR: BPF capture failed to start: {error}")
+            for hook, req in _hook_requirements(hooks_cfg):
+                self.hook_report.append((hook, "none", req, False,
+                                         f"capture failed: {str(error)[:200]}"))
+            self._publish_hooks()
+            return
         status = self.capture.hook_status() if hasattr(self.capture, "hook_status") else {}
         for hook, info in _normalise_hook_status(status, hooks_cfg):
             self.hook_report.append(info)
@@ -174,7 +186,51 @@ class Daemon:
         return any(h == "attr_applied" and a for h, _m, _r, a, _ in self.hook_report)
 
     def _add_observer(self) -> None:
-        pass  # findings are taken from feed()'s return value; see _process
+        """Track VMs whose maps changed, to refresh the kernel's fault filter per batch.
+
+        Findings are taken from ``feed()``/``tick()`` return values (see :meth:`_emit`),
+        not from observers, so each goes to the alert sink exactly once.
+        """
+        add = getattr(self.pipeline, "add_observer", None)
+        if add is None or self.capture is None \
+                or not hasattr(self.capture, "protect_filter_update"):
+            return
+
+        def observe(change: Any, findings: Any) -> None:
+            if change.map_changes and change.vm is not None:
+                self._dirty_vms.add(change.vm)
+
+        add(observe)
+
+    def _sync_fault_filter(self) -> None:
+        """Tell the kernel which pages of each changed VM are write/fetch protected.
+
+        Only faults on those pages reach userspace (DESIGN.md "Hooks"); the map used is
+        the applied one when the applied hook runs, else the requested one.
+        """
+        dirty, self._dirty_vms = self._dirty_vms, set()
+        abi = self.config.abi_profile()
+        heki, w_bit, x_bit = abi.kvm_heki_mask, 1 << abi.kvm_write, 1 << abi.kvm_exec
+        use_applied = self._applied_hook_active()
+        for key in dirty:
+            guest = self.pipeline.host.guests.get(key)
+            if guest is None or guest.destroyed_ns is not None:
+                continue
+            ranges = []
+            for start, end, value in (guest.applied if use_applied else guest.requested):
+                if value & heki:
+                    access = (0 if value & w_bit else int(FaultAccess.WRITE)) | \
+                             (0 if value & x_bit else int(FaultAccess.FETCH))
+                    if access:
+                        ranges.append((start, end, access))
+            try:
+                self.capture.protect_filter_update(key.tgid, ranges)
+            except (OSError, KeyError, HekitraceError) as error:
+                self.filter_errors += 1
+                if self.filter_errors == 1:
+                    self.say(f"WARNING: cannot update the kernel fault filter for pid "
+                             f"{key.tgid}: {error}; faults on its protected pages may be "
+                             "missed (counted in status filter_errors)")
 
     def _start_uevents(self) -> None:
         if self._uevents_factory is None:
@@ -300,6 +356,8 @@ class Daemon:
             for _ in range(min(budget, len(queue))):
                 self._apply(queue.popleft())
             self.stats.queue_depth = len(queue)
+            if self._dirty_vms:
+                self._sync_fault_filter()
 
     def _apply(self, event: Any, count_lost: bool = True) -> None:
         """Feed one event (caller holds the state lock); findings go to the sinks."""
@@ -315,15 +373,14 @@ class Daemon:
 
     def _emit(self, findings: list) -> None:
         for finding in findings:
-            vm = getattr(finding, "vm", None)
-            key = getattr(vm, "key", vm)
+            key = finding.vm_key
             self.recent_findings.setdefault(
                 key, collections.deque(maxlen=_RECENT_FINDINGS)).append(finding)
             if not hasattr(self.pipeline.policy, "counts"):
                 self.stats.count_finding(key, finding.rule, finding.severity,
                                          getattr(finding, "count", 1))
             if self.alert_sink is not None:
-                self.alert_sink.emit(finding)
+                self.alert_sink.write(finding)
 
     def _run_timers(self) -> None:
         now = self._mono()
@@ -346,6 +403,9 @@ class Daemon:
                 for change in self.pipeline.host.expire(self._wall_ns()):
                     self.stats.forget_vm(change.vm)
                     self.recent_findings.pop(change.vm, None)
+                    if self.capture is not None and change.vm is not None \
+                            and self.pipeline.host.by_tgid(change.vm.tgid) is None:
+                        self.capture.forget_vm(change.vm.tgid)
         if now >= timers["status"]:
             timers["status"] = now + float(self.config.daemon.status_interval_seconds)
             line = self.status_line()
@@ -392,6 +452,7 @@ class Daemon:
                        "reload_success": s.config_reload_success,
                        "reload_time_ns": s.config_reload_ns},
             "control": dict(self.control.stats) if self.control is not None else {},
+            "filter_errors": self.filter_errors,
         }
 
     def _handle_request(self, request: dict) -> Any:
@@ -529,6 +590,6 @@ def _normalise_hook_status(status: Any, hooks_cfg: Any) -> list[tuple[str, tuple
         method = get("method") or "none"
         attached = bool(get("attached", method != "none"))
         reason = str(get("reason") or get("error") or "")
-        req = bool(get("required", required.get(hook, False)))
+        req = required.get(hook, bool(get("required", False)))
         out.append((hook, (hook, method if attached else "none", req, attached, reason)))
     return out

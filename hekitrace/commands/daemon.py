@@ -51,6 +51,9 @@ def _optional(module: str, attr: str) -> Callable | None:
         return None
 
 
+_HOOKS = ("hypercall", "attr_applied", "ioctl", "page_fault", "cr")
+
+
 def build_daemon(args: argparse.Namespace) -> Any:
     from hekitrace.config import resolve_config  # noqa: PLC0415
     from hekitrace.daemon import Daemon  # noqa: PLC0415
@@ -58,14 +61,21 @@ def build_daemon(args: argparse.Namespace) -> Any:
 
     config = resolve_config(args.config)
     capture_cls = _optional("hekitrace.capture.engine", "Capture")
+
+    def capture_factory(cfg: Any, say: Callable[[str], None]) -> Any:
+        # Every hook optional for the engine: a missing required hook makes the daemon
+        # "not ready" (with the reason, /readyz and hekitrace_ready) instead of exiting.
+        assert capture_cls is not None
+        return capture_cls(cfg, required={h: False for h in _HOOKS}, say=say).start()
+
     uevents_cls = _optional("hekitrace.capture.uevents", "UeventSource")
     discover_fn = _optional("hekitrace.capture.discovery", "discover_vms")
     alerts_cls = _optional("hekitrace.alerts", "AlertSink")
-    alert_sink = alerts_cls(config.alerts) if alerts_cls is not None else None
+    alert_sink = alerts_cls.from_config(config.alerts) if alerts_cls is not None else None
     return Daemon(
         config, config.path, load_config=resolve_config,
         pipeline_factory=lambda cfg, applied: Pipeline(cfg, applied_hook_active=applied),
-        capture_factory=capture_cls,
+        capture_factory=capture_factory if capture_cls is not None else None,
         uevents_factory=uevents_cls,
         discover=discover_fn,
         alert_sink=alert_sink,

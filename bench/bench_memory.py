@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Daemon-state memory: 100 VMs with 10k ranges in each map (target: < 200 MB RSS).
+
+Builds the state the way the daemon does (events through ``Host.apply``), in a fresh
+process, and reports the process RSS (VmRSS and VmHWM from /proc/self/status) before
+and after, plus the time one ``/metrics`` scrape takes over that state (the collector
+holds the state lock that long, so it bounds how long a scrape can delay a batch).
+
+Usage: .venv/bin/python bench/bench_memory.py [--vms 100] [--ranges 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vms", type=int, default=100)
+    parser.add_argument("--ranges", type=int, default=10_000,
+                        help="distinct ranges per map per VM (default: 10000)")
+    args = parser.parse_args()
+
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from hekitrace.abi import DEFAULT_PROFILE
+    from hekitrace.events import AttrApplied, Memslot, ProtectEntry, ProtectRequest, VmCreated
+    from hekitrace.host import Host
+    from hekitrace.metrics import HekitraceCollector, LoopStats, build_info
+
+    abi = DEFAULT_PROFILE
+    base_kib = rss_kib()
+    host = Host(abi)
+    t0 = time.time_ns()
+    kvm_bits = [abi.guest_to_kvm(p) for p in (0b0101, 0b0011, 0b0001)]  # r-x, rw-, r--
+    guest_perms = (0b0101, 0b0011, 0b0001)
+    started = time.perf_counter()
+    for vm in range(args.vms):
+        tgid = 1000 + vm
+        host.apply(VmCreated(t0, tgid, tgid, name=f"vm{vm}", uuid=f"uuid-{vm}", vmm="qemu"))
+        host.apply(Memslot(t0, tgid, tgid, 0, 0, 0, 64 << 30, 0x7f0000000000))
+        # requested: ranges of 1 page separated by 1-page gaps, alternating permissions,
+        # in requests of at most 4096 entries (state.max_entries_per_request)
+        entries = [ProtectEntry((2 * i) << 12, (2 * i + 1) << 12, guest_perms[i % 3])
+                   for i in range(args.ranges)]
+        for start in range(0, len(entries), 4000):
+            host.apply(ProtectRequest(t0, tgid, tgid, 0x1000,
+                                      tuple(entries[start:start + 4000]),
+                                      declared_entries=len(entries[start:start + 4000])))
+        for i in range(args.ranges):
+            host.apply(AttrApplied(t0, tgid, tgid, 2 * i, 2 * i + 1, kvm_bits[i % 3]))
+    build_seconds = time.perf_counter() - started
+    state_kib = rss_kib()
+    sizes = [(len(g.requested), len(g.applied)) for g in host.guests.values()]
+
+    stats = LoopStats(65536)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HekitraceCollector(lambda: (host, abi, None), stats, build_info("n/a")))
+    scrape = []
+    for _ in range(5):
+        s = time.perf_counter()
+        body = generate_latest(registry)
+        scrape.append(time.perf_counter() - s)
+    print(f"VMs: {args.vms}; stored ranges per VM requested/applied: "
+          f"{sizes[0][0]}/{sizes[0][1]}")
+    print(f"RSS before state: {base_kib / 1024:.1f} MiB (python + hekitrace + prometheus_client)")
+    print(f"RSS with state:   {state_kib / 1024:.1f} MiB (peak {rss_kib('VmHWM') / 1024:.1f} MiB)"
+          f"; state alone {(state_kib - base_kib) / 1024:.1f} MiB; target < 200 MB")
+    print(f"built in {build_seconds:.1f} s; /metrics scrape over it: median "
+          f"{sorted(scrape)[2] * 1000:.1f} ms ({len(body)} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
