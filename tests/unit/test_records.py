@@ -1,0 +1,136 @@
+"""records.decode_batch and decode.ProtectAssembler on hand-built records: every record
+type, the boot->epoch offset, short and unknown records counted (never raised), ioctl
+numbers derived from their struct sizes, and page-list assembly including lost pieces."""
+
+from __future__ import annotations
+
+import struct
+
+from hekitrace import kvmuapi
+from hekitrace.abi import DEFAULT_PROFILE
+from hekitrace.capture import records as r
+from hekitrace.capture.decode import ProtectAssembler
+from hekitrace.capture.engine import lpm_key, split_aligned
+from hekitrace.events import (AttrApplied, AttrIoctl, CrPinRequest, CrWrite, Fault, Hypercall,
+                              Memslot, ProtectFlags, ProtectRequest, VmCreated)
+
+NUM = r.HypercallNumbers.from_profile(DEFAULT_PROFILE)
+OFF = 1_000_000_000_000
+
+
+def hdr(rtype: int, tgid=10, tid=11, t=5) -> tuple:
+    return (rtype, 1, 0, tgid, tid, 0, t)
+
+
+def pack(name: str, *fields) -> bytes:
+    return r.STRUCTS[name].pack(*fields)
+
+
+def batch(*recs: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+    buf, spans = b"", []
+    for rec in recs:
+        spans.append((len(buf) + 8, len(rec)))     # 8: a ring header in between
+        buf += b"\xff" * 8 + rec
+    return buf, spans
+
+
+def decode(*recs, parts=None, stats=None):
+    buf, spans = batch(*recs)
+    return r.decode_batch(buf, spans, OFF, NUM, parts, stats)
+
+
+def test_record_sizes_match_the_header_comments():
+    assert {k: s.size for k, s in r.STRUCTS.items()} == {
+        "hdr": 24, "ioctl": 72, "hypercall": 64, "protect_page": 4128, "protect_end": 56,
+        "attr": 48, "fault": 72, "cr": 40, "loss_key": 8}
+
+
+def test_ioctl_numbers_are_derived_from_struct_sizes():
+    assert kvmuapi.KVM_CREATE_VM == 0xAE01
+    assert kvmuapi.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
+    assert kvmuapi.KVM_SET_USER_MEMORY_REGION2 == 0x40A0AE49
+    assert kvmuapi.KVM_SET_MEMORY_ATTRIBUTES == 0x4020AED2   # heki-kvm.md 2.5
+
+
+def test_each_record_type_decodes_to_its_event():
+    evs = decode(
+        pack("ioctl", *hdr(1), kvmuapi.KVM_CREATE_VM, 3, 7, 0, 0, 0, 0),
+        pack("ioctl", *hdr(1), kvmuapi.KVM_SET_USER_MEMORY_REGION, 7, 0,
+             2 | (1 << 32), 0x100000, 0x200000, 0x7F0000000000),
+        pack("ioctl", *hdr(1), kvmuapi.KVM_SET_MEMORY_ATTRIBUTES, 7, -25, 0x1000, 0x2000, 8, 0),
+        pack("hypercall", *hdr(2), 13, 4, 0x300000, 0, 0),
+        pack("hypercall", *hdr(2), 99, 1, 2, 3, 4),
+        pack("attr", *hdr(5), 0x10, 0x20, 0x50),
+        pack("fault", *hdr(6), 3, 2, 0x5000, 0x1AA, 0xFFFF0000, 42, 2),
+        pack("cr", *hdr(7), 4, 0, 0x3406E0),
+    )
+    assert evs == [
+        VmCreated(OFF + 5, 10, 11, vm_fd=7, stats_path="/kvm/11-7", source="ioctl"),
+        Memslot(OFF + 5, 10, 11, 2, 1, 0x100000, 0x200000, 0x7F0000000000),
+        AttrIoctl(OFF + 5, 10, 11, 0x1000, 0x2000, 8, 0, -25),
+        CrPinRequest(OFF + 5, 10, 11, 4, 0x300000, 0),
+        Hypercall(OFF + 5, 10, 11, 99, 1, 2, 3, 4),
+        AttrApplied(OFF + 5, 10, 11, 0x10, 0x20, 0x50),
+        Fault(OFF + 5, 10, 11, 3, 0x5000, 0x1AA, 0xFFFF0000, 2, 42, OFF + 2),
+        CrWrite(OFF + 5, 10, 11, 4, 0x3406E0),
+    ]
+
+
+def test_short_and_unknown_records_are_counted_not_raised():
+    stats = r.DecodeStats()
+    good = pack("cr", *hdr(7), 0, 0, 1)
+    buf, spans = batch(good[:30], bytes([200]) + b"\0" * 60, good)
+    evs = r.decode_batch(buf, spans, OFF, NUM, None, stats)
+    assert len(evs) == 1 and stats.short == 1 and stats.unknown_type == 1
+
+
+def _page(call_id, index, entries, npages=None, flags=0, next_pa=0, gpa=0x1000):
+    flat = [x for e in entries for x in e]
+    flat += [0] * (r.HEKI_MAX_ENTRIES * 3 - len(flat))
+    return pack("protect_page", *hdr(3), call_id, gpa, index, flags, 0, next_pa,
+                len(entries) if npages is None else npages, *flat)
+
+
+def test_page_records_assemble_into_one_request():
+    e1 = [(0x1000 * i, 0x1000 * i + 0x1000, 5) for i in range(169)]
+    e2 = [(0xA000000, 0xA001000, 1)]
+    parts = []
+    decode(_page(7, 0, e1, next_pa=0x2000), _page(7, 1, e2, gpa=0x2000),
+           pack("protect_end", *hdr(4), 7, 0x1000, 2, 0, 170), parts=parts)
+    (req,) = ProtectAssembler().feed(parts)
+    assert isinstance(req, ProtectRequest)
+    assert [tuple(e) for e in req.entries] == e1 + e2
+    assert (req.list_gpa, req.pages, req.flags, req.declared_entries) == (0x1000, 2, 0, 170)
+
+
+def test_oversized_npages_is_cut_at_169_and_lost_pages_flagged():
+    parts = []
+    decode(_page(8, 0, [(0, 4096, 1)] * 169, npages=10**6, flags=8),
+           pack("protect_end", *hdr(4), 8, 0x1000, 2, 8, 10**6 + 3), parts=parts)
+    (req,) = ProtectAssembler().feed(parts)
+    assert len(req.entries) == 169
+    assert req.flags == ProtectFlags.NPAGES_OVERSIZE | ProtectFlags.LOST_PAGES
+
+
+def test_pages_without_end_record_are_flushed_flagged():
+    asm = ProtectAssembler(stale_batches=2)
+    parts = []
+    decode(_page(9, 0, [(0, 4096, 1)]), parts=parts)
+    assert asm.feed(parts) == []
+    assert asm.feed([]) == []
+    (req,) = asm.feed([])
+    assert req.flags == ProtectFlags.LOST_PAGES and len(req.entries) == 1
+
+
+def test_filter_ranges_split_into_aligned_blocks():
+    for start, end in ((0x12345, 0x12348), (0, 1), (7, 1000), (1 << 40, (1 << 40) + 12345)):
+        blocks = split_aligned(start, end)
+        covered = []
+        for s, bits in blocks:
+            assert s % (1 << bits) == 0
+            covered.append((s, s + (1 << bits)))
+        assert covered[0][0] == start and covered[-1][1] == end
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+        assert len(blocks) <= 2 * 64
+    key = lpm_key(0x01020304, 0x12340, 4)
+    assert key == struct.pack("<I", 92) + bytes([1, 2, 3, 4]) + (0x12340).to_bytes(8, "big")
