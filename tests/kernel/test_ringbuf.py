@@ -1,0 +1,167 @@
+"""RingReader against bcc's own consumer, on the same records from a real BPF program.
+
+The generator (bench/gen_ringbuf.c, XDP, run by BPF_PROG_TEST_RUN) writes every record
+identically to two rings; RingReader reads ``ring``, bcc's ``ring_buffer_consume()`` reads
+``mirror``. A one-page ring, three record sizes and many rounds make records wrap at many
+offsets; every 7th record is reserved then discarded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from hekitrace.capture.ringbuf import (BPF_RINGBUF_BUSY_BIT, BPF_RINGBUF_DISCARD_BIT,
+                                       RingReader, map_info)
+from hekitrace.errors import AttachError
+
+pytestmark = pytest.mark.kernel
+
+bcc = pytest.importorskip("bcc", reason="python3-bpfcc is not installed")
+if os.geteuid() != 0:
+    pytest.skip("kernel tests need root (BPF)", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+from bench_consumer import xdp_test_run  # noqa: E402  (bench/ is not a package)
+
+GEN = str(REPO / "bench" / "gen_ringbuf.c").encode()
+PAGE = mmap.PAGESIZE
+
+
+@pytest.fixture()
+def gen():
+    """A fresh generator: one-page rings, three sizes, every 7th record discarded."""
+    bpf = bcc.BPF(src_file=GEN, cflags=["-DGEN_RING_PAGES=1", "-DGEN_MIRROR",
+                                        "-DGEN_VARLEN", "-DGEN_DISCARD_EVERY=7"])
+    fd = bpf.load_func(b"gen", bcc.BPF.XDP).fd
+    yield bpf, fd
+    bpf.cleanup()
+
+
+def _records(buf: bytes, spans: list[tuple[int, int]]) -> list[bytes]:
+    return [buf[off:off + length] for off, length in spans]
+
+
+def test_ringreader_same_records_as_bcc_through_wraps_and_discards(gen):
+    bpf, fd = gen
+    from_bcc: list[bytes] = []
+    bpf[b"mirror"].open_ring_buffer(
+        lambda ctx, data, size: from_bcc.append(ctypes.string_at(data, size)))
+    reader = RingReader(bpf[b"ring"].map_fd)
+    assert reader.data_size_bytes == PAGE
+    mine: list[bytes] = []
+    wrapped = 0
+    for rounds in range(40):
+        xdp_test_run(fd, 37)
+        start = reader.consumer_pos & (reader.data_size_bytes - 1)
+        buf, spans = reader.drain()
+        wrapped += sum(1 for off, ln in spans if start + off + ln > reader.data_size_bytes
+                       and start + off < reader.data_size_bytes)
+        mine += _records(buf, spans)
+        bpf.ring_buffer_consume()
+        assert reader.pending_bytes() == 0
+    assert bpf[b"gen_lost"][0].value == 0
+    assert mine == from_bcc
+    generated = 40 * 37
+    assert len(mine) == generated - generated // 7
+    assert reader.discarded_total == generated // 7
+    assert wrapped > 0, "no record straddled the end of the data area: wrap not tested"
+    seqs = [struct.unpack_from("<Q", rec)[0] for rec in mine]
+    assert seqs == [s for s in range(generated) if s % 7 != 6]
+    sizes = {len(rec) for rec in mine}
+    assert sizes == {16, 40, 72}
+    reader.close()
+
+
+def test_drain_max_records_leaves_the_rest_in_order(gen):
+    bpf, fd = gen
+    xdp_test_run(fd, 20)
+    with RingReader(bpf[b"ring"].map_fd) as reader:
+        buf, spans = reader.drain(max_records=5)
+        assert len(spans) == 5
+        first = _records(buf, spans)
+        buf, spans = reader.drain()
+        rest = _records(buf, spans)
+        seqs = [struct.unpack_from("<Q", rec)[0] for rec in first + rest]
+        assert seqs == [s for s in range(20) if s % 7 != 6]
+        assert reader.drain() == (b"", [])
+
+
+def test_drain_empty_ring(gen):
+    bpf, _ = gen
+    with RingReader(bpf[b"ring"].map_fd) as reader:
+        assert reader.drain() == (b"", [])
+        assert reader.records_total == 0
+
+
+def test_ringreader_refuses_a_map_that_is_not_a_ring_buffer(gen):
+    bpf, _ = gen
+    array_fd = bpf[b"gen_seq"].map_fd
+    assert map_info(array_fd).map_type == 2  # BPF_MAP_TYPE_ARRAY
+    with pytest.raises(AttachError, match="expected BPF_MAP_TYPE_RINGBUF"):
+        RingReader(array_fd)
+
+
+def test_map_info_of_a_closed_fd_is_a_clear_error():
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        with pytest.raises(AttachError, match="BPF_OBJ_GET_INFO_BY_FD"):
+            map_info(fd)
+    finally:
+        os.close(fd)
+
+
+def _fake_reader(records: list[tuple[int, bytes]], size: int = 256) -> RingReader:
+    """A RingReader over a synthetic ring image (BUSY records cannot be produced on
+    purpose by a verified BPF program: reserve and commit are paired)."""
+    image = bytearray(2 * size)
+    pos = 0
+    for hdr_flags, payload in records:
+        struct.pack_into("<Ii", image, pos, len(payload) | hdr_flags, 0)
+        image[pos + 8:pos + 8 + len(payload)] = payload
+        pos += (len(payload) + 15) & ~7
+    image[size:] = image[:size]
+    reader = RingReader.__new__(RingReader)
+    reader.name, reader.data_size_bytes, reader._fd, reader._mask = "fake", size, -1, size - 1
+    reader._cons = memoryview(bytearray(8)).cast("Q")
+    reader._prod = memoryview(bytearray(8)).cast("Q")
+    reader._prod[0] = pos
+    reader._data = memoryview(image)
+    reader._words = reader._data.cast("I")
+    reader.records_total = reader.discarded_total = reader.bytes_total = 0
+    reader.busy_stops_total = 0
+    return reader
+
+
+def test_drain_stops_at_the_first_busy_record_even_if_later_ones_are_committed():
+    reader = _fake_reader([(0, b"A" * 8), (0, b"B" * 8), (BPF_RINGBUF_BUSY_BIT, b"C" * 8),
+                           (0, b"D" * 8)])
+    buf, spans = reader.drain()
+    assert _records(buf, spans) == [b"A" * 8, b"B" * 8]
+    assert reader.consumer_pos == 32
+    assert reader.busy_stops_total == 1
+    assert reader.drain() == (b"", [])  # still busy: nothing more, position unchanged
+    assert reader.consumer_pos == 32
+
+
+def test_drain_skips_discarded_records_inside_a_run():
+    reader = _fake_reader([(0, b"A" * 8)] * 5 + [(BPF_RINGBUF_DISCARD_BIT, b"X" * 8)]
+                          + [(0, b"B" * 8)] * 3)
+    buf, spans = reader.drain()
+    assert _records(buf, spans) == [b"A" * 8] * 5 + [b"B" * 8] * 3
+    assert reader.discarded_total == 1
+    assert reader.consumer_pos == 9 * 16
+
+
+def test_drain_rejects_a_producer_further_ahead_than_the_ring():
+    reader = _fake_reader([(0, b"A" * 8)])
+    reader._prod[0] = 10_000
+    with pytest.raises(AttachError, match="more than its 256 bytes"):
+        reader.drain()
