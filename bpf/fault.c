@@ -35,6 +35,13 @@ struct hk_storm {
     u64 count;          /* faults not reported yet */
     u64 first_ns;       /* boot ns of the first of them */
     u64 last_report_ns;
+    /* the latest fault counted, for userspace's flush of a storm that stopped
+     * (engine.py: counts still pending after an interval are reported from there) */
+    u64 gpa;
+    u64 error_code;
+    u64 rip;
+    u32 vcpu;
+    u32 access;
 };
 BPF_HASH(hk_storms, struct hk_storm_key, struct hk_storm, 65536);
 
@@ -108,6 +115,11 @@ static __always_inline int hk_fault(u32 vcpu, u64 rip, u64 gpa, u64 ec)
         hk_storms.update(&sk, &fresh);
         return hk_fault_emit(tgid, vcpu, acc, gpa, ec, rip, 1, now);
     }
+    st->gpa = gpa;
+    st->error_code = ec;
+    st->rip = rip;
+    st->vcpu = vcpu;
+    st->access = acc;
     if (__sync_fetch_and_add(&st->count, 1) == 0)
         st->first_ns = now;
     if (now - st->last_report_ns < HK_FAULT_INTERVAL_NS)

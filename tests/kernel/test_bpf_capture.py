@@ -235,6 +235,14 @@ def test_fault_filter_and_storm_counting(cap):
     fault(cap, gfn << 12, 0x1AA)
     (f,) = mine(cap, Fault)
     assert f.count == 100 and f.first_ns <= f.time_ns
+    for _ in range(7):                           # a storm that stops: flushed from userspace
+        fault(cap, (gfn + 1) << 12, 0x1AA)
+    (f,) = mine(cap, Fault)
+    assert f.count == 1 and f.gpa == (gfn + 1) << 12
+    time.sleep(0.35)
+    flushed = [e for e in cap.flush_storms() if e.tgid == pid]
+    assert [(e.gpa, e.count, e.access) for e in flushed] == [((gfn + 1) << 12, 6, 2)]
+    assert cap.flush_storms() == []
     cap.protect_filter_update(pid, [])
     time.sleep(0.35)
     fault(cap, gfn << 12, 0x1AA)
