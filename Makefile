@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` (set up, then run the main job on the bundled
+# default config) and `make test` (set up, then run every test). Both run scripts/setup.sh
+# first, so they work on a fresh machine with nothing installed by hand; it is idempotent
+# and quick on a machine already set up. Run as root (setup installs packages; the kernel
+# tests load BPF programs).
+
+PYTHON := .venv/bin/python
+HEKITRACE := .venv/bin/hekitrace
+CONFIG := configs/hekitrace.yaml
+
+.PHONY: setup test demo check
+
+setup:
+	bash scripts/setup.sh
+
+# pytest exits 5 when it collected no tests: that is a broken suite, not a pass
+test: setup
+	@$(PYTHON) -m pytest -q tests; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$status
+
+demo: setup
+	$(HEKITRACE) check --config $(CONFIG)
+
+check: setup
+	$(HEKITRACE) check --config $(CONFIG)
