@@ -1,0 +1,579 @@
+"""The vm tier's payload: runs inside L1 (python3 of the L1 root), checks, writes JSON.
+
+Why one process runs every check of a boot: a boot costs about 20 s of TCG time, so all
+checks share it. Each check is recorded separately as ``{name, ok, detail, data}`` in
+``results.json``; the host-side pytest turns each into its own assertion. A check whose
+hekitrace part has not landed in the tree fails with ``not implemented yet: <what>``: a
+missing part is never a silent skip.
+
+Order matters: hekitrace must be watching before the L2 VMM creates its memslots,
+because the page-list walker translates GPAs through the memslots it saw being set.
+
+Usage (from run.sh): ``python3 payload.py --flavour 6.1 --src /mnt/src --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid as uuid_mod
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import l2vmm  # noqa: E402
+
+VM_NAME = "l2-heki"
+
+#: every check this payload reports, in order; the host-side test expects each one
+CHECK_NAMES = (
+    "l1.kvm_amd_loaded", "kernel.facts",
+    "raw.hypercalls_seen", "raw.nested_page_faults_seen", "l2.heki_hypercalls_return_enosys",
+    "raw.probe",
+    "check.runs", "check.hook_hypercall", "check.hook_page_fault", "check.hook_ioctl",
+    "check.hook_attr_applied",
+    "config.validate",
+    "record.vm_discovered_with_name", "record.memslots_seen",
+    "record.cr_pin_hypercalls_decoded", "record.protect_hypercalls_decoded",
+    "record.page_lists_equal_written", "record.hostile_lists_flagged",
+    "record.nested_page_faults_seen", "record.findings_expected",
+    "daemon.snapshot_names_vm", "daemon.snapshot_requested_map",
+)
+KVM_ENOSYS = 1000
+#: SVM #NPF error code bits (PFERR_WRITE_MASK, PFERR_FETCH_MASK; arch/x86/include/asm/kvm_host.h)
+PFERR_WRITE, PFERR_FETCH = 1 << 1, 1 << 4
+ATTR_FUNCTION = "kvm_arch_post_set_memory_attributes"
+
+
+class NotImplementedYet(Exception):
+    """A hekitrace part the check needs is not in the tree yet."""
+
+
+class Checks:
+    """Collects check results; every check is isolated from the others' exceptions."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.results: list[dict] = []
+        self.facts: dict = {}
+
+    def add(self, name: str, ok: bool, detail: str = "", data=None) -> None:
+        self.results.append({"name": name, "ok": bool(ok), "detail": detail, "data": data})
+        print(f"CHECK {name}: {'ok' if ok else 'FAIL'} {detail[:300]}", flush=True)
+        self.save()
+
+    def run(self, name: str, fn) -> None:
+        try:
+            ok, detail, data = fn()
+        except NotImplementedYet as e:
+            ok, detail, data = False, f"not implemented yet: {e}", None
+        except Exception as e:  # a check failing must not take the other checks with it
+            ok, detail, data = False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}", None
+        self.add(name, ok, detail, data)
+
+    def save(self) -> None:
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps({"checks": self.results, "facts": self.facts}, indent=1))
+        os.rename(tmp, self.out / "results.json")
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+def hekitrace(args: list[str], timeout: float = 180, check_missing: bool = True
+              ) -> subprocess.CompletedProcess:
+    """Run the ``hekitrace`` CLI as a user would; a missing part raises NotImplementedYet."""
+    proc = subprocess.run(["hekitrace", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=timeout)
+    if check_missing:
+        _missing_part(proc.stderr, f"hekitrace {' '.join(args)}")
+    return proc
+
+
+def _missing_part(stderr: str, what: str) -> None:
+    m = re.search(r"No module named '(hekitrace[.\w]*)'", stderr or "")
+    if m:
+        raise NotImplementedYet(f"{what} (module {m.group(1)} is not in the tree)")
+
+
+def run_vmm(out: Path, tag: str, *extra: str, hold: bool = False) -> tuple[dict, object]:
+    """Start the L2 VMM; wait for its manifest. Returns (manifest, process or None)."""
+    manifest = out / f"manifest-{tag}.json"
+    if manifest.exists():
+        manifest.unlink()
+    cmd = [sys.executable, str(HERE / "l2vmm.py"), "-name", f"guest={VM_NAME}",
+           "-uuid", str(uuid_mod.uuid4()), "--manifest", str(manifest), *extra]
+    if hold:
+        cmd.append("--hold")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not manifest.exists():
+        if proc.poll() is not None and not manifest.exists():
+            raise RuntimeError(f"L2 VMM exited with {proc.returncode} before its manifest")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("L2 VMM did not finish within 120 s")
+        time.sleep(0.05)
+    data = json.loads(manifest.read_text())
+    if not hold:
+        proc.wait(timeout=30)
+        return data, None
+    return data, proc
+
+
+def release_vmm(proc) -> None:
+    if proc is not None:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def expected_requests(manifest: dict) -> dict[str, dict]:
+    return {r["name"]: r for r in manifest["requests"]}
+
+
+def written_entries(req: dict) -> list[tuple[int, int, int]]:
+    """Entries as written, head page first, each page's entries in order (what a reader
+    that follows next_pa from the head must return)."""
+    out = []
+    for page in req["pages"]:
+        out.extend(tuple(e) for e in page["entries"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# raw bcc probe: proves the path (tracepoints fire with the guest's values) independently
+# of hekitrace
+
+RAW_PROBE_C = r"""
+struct hc_t { u64 nr, a0, a1, a2, a3; u32 pid; };
+struct pf_t { u64 addr, err; u32 pid; };
+BPF_PERF_OUTPUT(hcs);
+BPF_PERF_OUTPUT(pfs);
+TRACEPOINT_PROBE(kvm, kvm_hypercall) {
+    struct hc_t e = {};
+    e.nr = args->nr; e.a0 = args->a0; e.a1 = args->a1; e.a2 = args->a2; e.a3 = args->a3;
+    e.pid = bpf_get_current_pid_tgid() >> 32;
+    hcs.perf_submit(args, &e, sizeof(e));
+    return 0;
+}
+TRACEPOINT_PROBE(kvm, kvm_page_fault) {
+    struct pf_t e = {};
+    e.addr = args->fault_address; e.err = args->error_code;
+    e.pid = bpf_get_current_pid_tgid() >> 32;
+    pfs.perf_submit(args, &e, sizeof(e));
+    return 0;
+}
+"""
+
+
+def raw_probe(checks: Checks, out: Path) -> dict:
+    import bcc  # noqa: PLC0415  (python3-bpfcc in L1)
+    t0 = time.monotonic()
+    b = bcc.BPF(text=RAW_PROBE_C, cflags=["-Wno-ignored-attributes", "-Wno-unused-command-line-argument"])
+    compile_s = time.monotonic() - t0
+    hcs, pfs = [], []
+
+    class Hc(ctypes.Structure):
+        _fields_ = [("nr", ctypes.c_uint64), ("a0", ctypes.c_uint64), ("a1", ctypes.c_uint64),
+                    ("a2", ctypes.c_uint64), ("a3", ctypes.c_uint64), ("pid", ctypes.c_uint32)]
+
+    class Pf(ctypes.Structure):
+        _fields_ = [("addr", ctypes.c_uint64), ("err", ctypes.c_uint64),
+                    ("pid", ctypes.c_uint32)]
+
+    # copy the values inside the callback: the perf ring is unmapped by cleanup()
+    def on_hc(cpu, data, size):
+        e = ctypes.cast(data, ctypes.POINTER(Hc)).contents
+        hcs.append((e.nr, e.a0, e.a1, e.a2, e.a3, e.pid))
+
+    def on_pf(cpu, data, size):
+        e = ctypes.cast(data, ctypes.POINTER(Pf)).contents
+        pfs.append((e.addr, e.err, e.pid))
+
+    b["hcs"].open_perf_buffer(on_hc, page_cnt=64)
+    b["pfs"].open_perf_buffer(on_pf, page_cnt=64)
+    manifest, _ = run_vmm(out, "raw")
+    for _ in range(5):
+        b.perf_buffer_poll(timeout=200)
+    b.cleanup()
+    pid = manifest["pid"]
+    seen = [e[:5] for e in hcs if e[5] == pid]
+    want = [(h["nr"], h["a0"], h["a1"], h["a2"], h["a3"]) for h in manifest["hypercalls"]]
+    checks.add("raw.hypercalls_seen", seen == want,
+               f"kvm:kvm_hypercall from the L2 VMM (pid {pid}): {len(seen)} events, "
+               f"{len(want)} issued; compile {compile_s:.1f} s"
+               + ("" if seen == want else f"; seen {seen} want {want}"),
+               {"seen": [list(x) for x in seen], "want": [list(x) for x in want]})
+    faults = [(e[0], e[1]) for e in pfs if e[2] == pid]
+    ok_w = any(a == l2vmm.TEXT[0] and err & PFERR_WRITE for a, err in faults)
+    ok_f = any(a == l2vmm.RODATA[0] and err & PFERR_FETCH for a, err in faults)
+    checks.add("raw.nested_page_faults_seen", ok_w and ok_f,
+               f"kvm:kvm_page_fault: write at {l2vmm.TEXT[0]:#x} {'seen' if ok_w else 'MISSING'}, "
+               f"fetch at {l2vmm.RODATA[0]:#x} {'seen' if ok_f else 'MISSING'}; "
+               f"{len(faults)} faults in all",
+               {"faults": [[hex(a), hex(e)] for a, e in faults]})
+    rets = {h["what"]: h["ret32"] for h in manifest["hypercalls"]}
+    enosys = (-KVM_ENOSYS) & 0xffffffff
+    checks.add("l2.heki_hypercalls_return_enosys", all(v == enosys for v in rets.values()),
+               "unpatched host: every Heki hypercall answers -KVM_ENOSYS (what "
+               "protection_unsupported is for)", {k: hex(v) for k, v in rets.items()})
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------
+# kernel facts
+
+def kernel_facts(checks: Checks) -> None:
+    with open("/proc/kallsyms") as f:
+        has_attr = any(line.split()[2] == ATTR_FUNCTION for line in f if len(line.split()) > 2)
+    kvm = os.open("/dev/kvm", os.O_RDWR)
+    try:
+        vm_types = fcntl.ioctl(kvm, l2vmm.KVM_CHECK_EXTENSION, l2vmm.KVM_CAP_VM_TYPES)
+        mem_attr = fcntl.ioctl(kvm, l2vmm.KVM_CHECK_EXTENSION, l2vmm.KVM_CAP_MEMORY_ATTRIBUTES)
+    finally:
+        os.close(kvm)
+    sw_protected = None
+    try:
+        k = l2vmm.Kvm(vm_type=1)
+        sw_protected = "created"
+        os.close(k.vm)
+        os.close(k.kvm)
+    except OSError as e:
+        sw_protected = f"KVM_CREATE_VM(1) failed: {os.strerror(e.errno)}"
+    checks.facts.update({"kernel": os.uname().release, "attr_symbol": has_attr,
+                         "kvm_cap_vm_types": vm_types, "kvm_cap_memory_attributes": mem_attr,
+                         "sw_protected_vm": sw_protected})
+    checks.add("kernel.facts", True,
+               f"{ATTR_FUNCTION} {'present' if has_attr else 'absent'}; KVM_CAP_VM_TYPES="
+               f"{vm_types:#x}; KVM_CAP_MEMORY_ATTRIBUTES={mem_attr:#x}; SW_PROTECTED_VM: "
+               f"{sw_protected}", dict(checks.facts))
+
+
+# ---------------------------------------------------------------------------------------
+# hekitrace check
+
+def check_hooks(checks: Checks) -> None:
+    def go():
+        proc = hekitrace(["check", "-o", "json"])
+        try:
+            data = json.loads(proc.stdout)
+        except ValueError:
+            return False, f"exit {proc.returncode}, not JSON: {proc.stdout[-500:]} " \
+                          f"{proc.stderr[-1500:]}", None
+        hooks = {h["key"] or h["hook"]: h for h in data["hooks"]}
+        checks.facts["check"] = {k: {"attachable": h["attachable"], "method": h["method"],
+                                     "reason": h["reason"]} for k, h in hooks.items()}
+        return proc.returncode == 0 and data.get("ok"), \
+            f"exit {proc.returncode}; " + "; ".join(
+                f"{k}: {h['method'] or 'unavailable (' + str(h['reason']) + ')'}"
+                for k, h in hooks.items()), checks.facts["check"]
+    checks.run("check.runs", go)
+    hooks = checks.facts.get("check")
+    if hooks is None:
+        for name in ("hypercall", "page_fault", "ioctl", "attr_applied"):
+            checks.add(f"check.hook_{name}", False, "no hekitrace check report")
+        return
+    for name in ("hypercall", "page_fault", "ioctl"):
+        h = hooks.get(name, {})
+        checks.add(f"check.hook_{name}",
+                   bool(h.get("attachable")) and h.get("method") in (
+                       "raw_tracepoint", "tracepoint"),
+                   f"{name}: {h}", h)
+    h = hooks.get("attr_applied", {})
+    if checks.facts.get("attr_symbol"):
+        ok = bool(h.get("attachable")) and h.get("method") in ("fentry", "kprobe")
+        detail = f"{ATTR_FUNCTION} exists here: must attach by fentry or kprobe; got {h}"
+    else:
+        ok = not h.get("attachable") and "absent" in str(h.get("reason"))
+        detail = f"{ATTR_FUNCTION} absent here: must be reported unavailable; got {h}"
+    checks.add("check.hook_attr_applied", ok, detail, h)
+
+
+# ---------------------------------------------------------------------------------------
+# hekitrace record + replay
+
+def _wait_for(pred, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not pred():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {seconds:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def record_and_replay(checks: Checks, out: Path, config: Path) -> tuple[list, dict, list]:
+    """``hekitrace record`` while the L2 VMM runs, then ``hekitrace replay -o json``."""
+    trace = out / "l2.trace"
+    log = open(out / "record.log", "w")
+    proc = subprocess.Popen(["hekitrace", "record", "--config", str(config), "-o", str(trace)],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        # ready when it says so on its log or the trace file exists (header written)
+        _wait_for(lambda: proc.poll() is not None or trace.exists()
+                  or "record" in (out / "record.log").read_text().lower() and
+                  "ready" in (out / "record.log").read_text().lower(), 120, "record to start")
+        if proc.poll() is not None:
+            text = (out / "record.log").read_text()
+            _missing_part(text, "hekitrace record")
+            raise RuntimeError(f"hekitrace record exited {proc.returncode}: {text[-1500:]}")
+        time.sleep(1.0)
+        manifest, _ = run_vmm(out, "record")
+        time.sleep(2.0)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+    rp = hekitrace(["replay", str(trace), "-o", "json", "--config", str(config)])
+    if rp.returncode not in (0, 1):
+        raise RuntimeError(f"hekitrace replay exited {rp.returncode}: {rp.stderr[-1500:]}")
+    data = json.loads(rp.stdout)
+    return data, manifest, (out / "record.log").read_text()
+
+
+def _events_of(replay: dict) -> list[dict]:
+    for key in ("events", "trace"):
+        if isinstance(replay.get(key), list):
+            return replay[key]
+    raise NotImplementedYet("replay -o json has no 'events' list (docs/replay.md)")
+
+
+def _vm_name_found(replay: dict, manifest: dict) -> tuple[bool, str]:
+    evs = [e for e in _events_of(replay) if e.get("kind", e.get("type")) == "vm_created"]
+    mine = [e for e in evs if e.get("tgid") == manifest["pid"]]
+    names = [e.get("name") for e in mine]
+    return VM_NAME in names and any(e.get("uuid") == manifest["uuid"] for e in mine), \
+        f"vm_created for pid {manifest['pid']}: names {names}"
+
+
+def replay_checks(checks: Checks, replay: dict, manifest: dict, prefix: str) -> None:
+    pid = manifest["pid"]
+
+    def evs(kind: str) -> list[dict]:
+        return [e for e in _events_of(replay)
+                if e.get("kind", e.get("type")) == kind and e.get("tgid") == pid]
+
+    checks.run(f"{prefix}.vm_discovered_with_name",
+               lambda: (*_vm_name_found(replay, manifest), None))
+
+    def memslots():
+        got = sorted((e["slot"], e["gpa"], e["size_bytes"], e["hva"]) for e in evs("memslot"))
+        want = sorted((s["slot"], s["gpa"], s["size"], s["hva"]) for s in manifest["memslots"])
+        return got == want, f"memslots seen {got}, set {want}", None
+    checks.run(f"{prefix}.memslots_seen", memslots)
+
+    def cr_pins():
+        got = [(e["cr"], e["mask"], e["flags"]) for e in evs("cr_pin_request")]
+        want = [(h["a0"], h["a1"], h["a2"]) for h in manifest["hypercalls"] if h["nr"] == 13]
+        return got == want, f"cr_pin_request (cr, mask, flags) {got}, issued {want}", None
+    checks.run(f"{prefix}.cr_pin_hypercalls_decoded", cr_pins)
+
+    reqs = evs("protect_request")
+    by_gpa: dict[int, list] = {}
+    for e in reqs:
+        by_gpa.setdefault(e["list_gpa"], []).append(e)
+
+    def protect_decoded():
+        got = [e["list_gpa"] for e in reqs]
+        want = [h["a0"] for h in manifest["hypercalls"] if h["nr"] == 14]
+        return got == want, f"protect_request list GPAs {[hex(g) for g in got]}, " \
+                            f"issued {[hex(g) for g in want]}", None
+    checks.run(f"{prefix}.protect_hypercalls_decoded", protect_decoded)
+
+    def entries_of(e: dict) -> list[tuple]:
+        return [tuple(x) if isinstance(x, (list, tuple)) else
+                (x["gpa"], x["end_gpa"], x["permissions"]) for x in e["entries"]]
+
+    want = expected_requests(manifest)
+
+    def page_lists_equal():
+        bad = []
+        for name in ("valid", "malformed_entries", "wx"):
+            req = want[name]
+            got = by_gpa.get(req["head_gpa"], [])
+            if not got:
+                bad.append(f"{name}: no protect_request")
+                continue
+            g = entries_of(got[0])
+            w = written_entries(req)
+            if g != w:
+                first = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+                bad.append(f"{name}: {len(g)} entries read, {len(w)} written; first "
+                           f"difference at {first}: read {g[first] if first < len(g) else None}"
+                           f" written {w[first] if first < len(w) else None}")
+            elif got[0].get("pages") != len(req["pages"]) or got[0].get("flags"):
+                bad.append(f"{name}: pages {got[0].get('pages')} flags {got[0].get('flags')}")
+        return not bad, "page lists read from the VMM's memory equal what the guest wrote " \
+                        "(valid: 2 pages, 171 entries)" if not bad else "; ".join(bad), None
+    checks.run(f"{prefix}.page_lists_equal_written", page_lists_equal)
+
+    # ProtectFlags (hekitrace/events.py): TRUNCATED 1, LOOP 2, OUTSIDE_MEMSLOT 4,
+    # NPAGES_OVERSIZE 8
+    def hostile():
+        expect = {"deep_chain": 1, "self_loop": 2, "outside_memslots": 4,
+                  "oversize_npages": 8}
+        bad, seen = [], {}
+        for name, bit in expect.items():
+            got = by_gpa.get(want[name]["head_gpa"], [])
+            flags = got[0].get("flags", 0) if got else None
+            seen[name] = flags
+            if flags is None or not flags & bit:
+                bad.append(f"{name}: flags {flags}, expected bit {bit}")
+        return not bad, f"flags {seen}" + ("" if not bad else "; " + "; ".join(bad)), seen
+    checks.run(f"{prefix}.hostile_lists_flagged", hostile)
+
+    def faults():
+        fs = evs("fault")
+        return bool(fs), f"{len(fs)} fault events for the VM " \
+                         f"(touches: {manifest['touches']})", fs[:5]
+    checks.run(f"{prefix}.nested_page_faults_seen", faults)
+
+    def findings():
+        fl = replay.get("findings")
+        if fl is None:
+            raise NotImplementedYet("replay -o json has no 'findings'")
+        rules = sorted({f["rule"] for f in fl})
+        need = {"wx_request", "malformed_request", "protection_unsupported"}
+        return need <= set(rules), f"rules {rules}; expected at least {sorted(need)}", rules
+    checks.run(f"{prefix}.findings_expected", findings)
+
+
+# ---------------------------------------------------------------------------------------
+# hekitrace daemon + snapshot over the control socket
+
+def daemon_checks(checks: Checks, out: Path, config: Path, sock: Path) -> None:
+    log = open(out / "daemon.log", "w")
+    proc = subprocess.Popen(["hekitrace", "daemon", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    vmm = None
+    try:
+        def ready() -> bool:
+            if proc.poll() is not None or not sock.exists():
+                return proc.poll() is not None
+            r = hekitrace(["vms", "-o", "json"], timeout=30, check_missing=False)
+            return r.returncode == 0
+        _wait_for(ready, 150, "the daemon's control socket")
+        if proc.poll() is not None:
+            text = (out / "daemon.log").read_text()
+            _missing_part(text, "hekitrace daemon")
+            raise RuntimeError(f"daemon exited {proc.returncode}: {text[-2000:]}")
+        time.sleep(1.0)
+        manifest, vmm = run_vmm(out, "daemon", hold=True)
+        time.sleep(3.0)
+        snap = hekitrace(["snapshot", VM_NAME, "-o", "json"])
+        if snap.returncode != 0:
+            raise RuntimeError(f"snapshot exited {snap.returncode}: {snap.stderr[-1500:]}")
+        data = json.loads(snap.stdout)
+        (out / "snapshot.json").write_text(snap.stdout)
+        checks.add("daemon.snapshot_names_vm", data.get("vm", data).get("name") == VM_NAME
+                   if isinstance(data.get("vm", data), dict) else False,
+                   f"snapshot {VM_NAME}: vm {data.get('vm')}")
+        checks.run("daemon.snapshot_requested_map", lambda: _requested_map(data, manifest))
+    finally:
+        release_vmm(vmm)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+def _requested_map(snapshot: dict, manifest: dict) -> tuple[bool, str, object]:
+    maps = snapshot.get("maps", {})
+    req = maps.get("requested") if isinstance(maps, dict) else None
+    if req is None:
+        raise NotImplementedYet("snapshot JSON has no maps.requested (docs/snapshot.md)")
+    ranges = req.get("ranges", req) if isinstance(req, dict) else req
+    got = {}
+    for r in ranges:
+        start = r.get("gfn_start", r.get("start"))
+        got[start] = r
+    # the text range [TEXT) requested r-x immutable: gfn 0x60 must be in the map
+    text_gfn = l2vmm.TEXT[0] >> 12
+    hit = [r for r in ranges if r.get("gfn_start", r.get("start", -1)) <= text_gfn
+           < r.get("gfn_end", r.get("end", -1))]
+    return bool(hit), f"requested map has {len(ranges)} ranges; text gfn {text_gfn:#x}: " \
+                      f"{hit[:1]}", ranges[:10]
+
+
+# ---------------------------------------------------------------------------------------
+
+CONFIG_TEMPLATE = """\
+control: {{socket: {sock}}}
+metrics: {{listen: "127.0.0.1:9864"}}
+journal: {{enabled: false, directory: {state}}}
+hooks: {{attr_applied: optional, page_fault: optional, cr: optional}}
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--flavour", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    out = Path(args.out)
+    checks = Checks(out)
+    checks.facts["flavour"] = args.flavour
+    t0 = time.monotonic()
+    mod = subprocess.run(["modprobe", "kvm_amd"], capture_output=True, text=True)
+    checks.add("l1.kvm_amd_loaded", mod.returncode == 0 and os.path.exists("/dev/kvm"),
+               f"modprobe kvm_amd: exit {mod.returncode} {mod.stderr.strip()}")
+    if not os.path.exists("/dev/kvm"):
+        return 1
+    kernel_facts(checks)
+    checks.run("raw.probe", lambda: (bool(raw_probe(checks, out)), "raw bcc probe ran", None))
+    check_hooks(checks)
+
+    work = Path(tempfile.mkdtemp(prefix="hekitrace-"))
+    sock = work / "control.sock"
+    config = work / "hekitrace.yaml"
+    config.write_text(CONFIG_TEMPLATE.format(sock=sock, state=work / "state"))
+    validate = hekitrace(["config", "validate", str(config)], check_missing=False)
+    checks.add("config.validate", validate.returncode == 0,
+               f"exit {validate.returncode}: {validate.stdout.strip()} {validate.stderr.strip()}"
+               [:1500])
+
+    record_names = ["vm_discovered_with_name", "memslots_seen", "cr_pin_hypercalls_decoded",
+                    "protect_hypercalls_decoded", "page_lists_equal_written",
+                    "hostile_lists_flagged", "nested_page_faults_seen", "findings_expected"]
+    try:
+        replay, manifest, _ = record_and_replay(checks, out, config)
+        replay_checks(checks, replay, manifest, "record")
+    except NotImplementedYet as e:
+        for n in record_names:
+            checks.add(f"record.{n}", False, f"not implemented yet: {e}")
+    except Exception as e:
+        for n in record_names:
+            checks.add(f"record.{n}", False, f"record/replay failed: {type(e).__name__}: {e}")
+
+    try:
+        daemon_checks(checks, out, config, sock)
+    except NotImplementedYet as e:
+        for n in ("snapshot_names_vm", "snapshot_requested_map"):
+            checks.add(f"daemon.{n}", False, f"not implemented yet: {e}")
+    except Exception as e:
+        for n in ("snapshot_names_vm", "snapshot_requested_map"):
+            checks.add(f"daemon.{n}", False, f"daemon/snapshot failed: {type(e).__name__}: "
+                                             f"{e}"[:3000])
+    checks.facts["payload_seconds"] = round(time.monotonic() - t0, 1)
+    checks.save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
