@@ -236,7 +236,9 @@ class SimVm:
                for _, gpa, size in self.slots[1:]]
         while len(out) < count:
             lo, hi = self.rng.choice(ram)
-            run = min(self.rng.randint(1, 4), count - len(out))
+            # mostly single pages, sometimes a few physically adjacent ones
+            run = min(1 if self.rng.random() < 0.6 else self.rng.randint(2, 4),
+                      count - len(out))
             start = self.rng.randrange(lo, hi - run)
             if any(g in self._used for g in range(start, start + run)):
                 continue
@@ -455,8 +457,8 @@ def _clean_boot(vm_rng, name, start):
 
 def _module_load_unload(rng, name, start):
     vm = _booted(rng, name, start)
-    # a big module (kvm.ko-sized text: 300 scattered pages) needs a chained list
-    big = vm.load_module(300, 40, 20)
+    # a big module (a GPU driver: 1.8 MiB of text in scattered pages) needs a chained list
+    big = vm.load_module(450, 30, 16)
     vm.unload_module(vm.modules.pop(0))
     vm.unload_module(big)
     return [vm]
