@@ -191,6 +191,8 @@ class Host:
         self._valid_guest = abi.guest_valid_mask
         self._guest_exec = 1 << abi.guest_exec
         self._kvm_immutable = 1 << abi.kvm_immutable
+        #: guest permission bits -> KVM attribute value (at most 16 valid inputs)
+        self._to_kvm: dict[int, int] = {}
         self._dispatch = {
             VmCreated: self._vm_created,
             VmDestroyed: self._vm_destroyed,
@@ -379,7 +381,7 @@ class Host:
         immutable = self._kvm_immutable
         mbec = self.abi.mbec
         check_slots = bool(guest._slot_gfns)
-        to_kvm = self.abi.guest_to_kvm
+        to_kvm = self._to_kvm
         time_ns = event.time_ns
         for index, entry in enumerate(order):
             gpa, end_gpa, perms = entry
@@ -419,7 +421,9 @@ class Host:
                 anomalies.append(Anomaly("outside_memslots",
                                          "range not (fully) backed by a memslot",
                                          {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
-            value = to_kvm(perms)
+            value = to_kvm.get(perms)
+            if value is None:
+                value = to_kvm[perms] = self.abi.guest_to_kvm(perms)
             for seg_start, seg_end, old, new in requested.set(start, end, value, heki_mask):
                 map_changes.append(MapChange("requested", seg_start, seg_end, old, new))
             if value & immutable and guest.lockdown_ns is None:

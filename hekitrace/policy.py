@@ -142,7 +142,8 @@ class _VmState:
         self.rate_start = -1
         self.rate_count = 0
         self.limited: dict[str, int] = {}
-        self.pending: set[tuple[str, int, int]] = set()
+        #: (side, gfn_start, gfn_end) -> time of the latest change scheduling that check
+        self.pending: dict[tuple[str, int, int], int] = {}
         self.recent_writable: deque[tuple[int, int, int]] = deque(maxlen=MAX_RECENT_WRITABLE)
         self.unsupported_reported = False
 
@@ -269,7 +270,13 @@ class Policy:
             st = self._vms.get(key)
             if st is None:
                 continue
-            st.pending.discard((side, start, end))
+            last = st.pending.get((side, start, end))
+            if last is None:
+                continue
+            if last + self._window_ns > now_ns:  # changed again since: wait a full window
+                pending.append((last + self._window_ns, key, side, start, end))
+                continue
+            del st.pending[(side, start, end)]
             self._check_pair(st, side, start, end, now_ns, out)
         expiry = self._dedup_expiry
         while expiry and expiry[0][0] <= now_ns:
@@ -302,14 +309,23 @@ class Policy:
         while self._pending:
             _, key, side, start, end = self._pending.popleft()
             st = self._vms.get(key)
-            if st is not None:
-                st.pending.discard((side, start, end))
+            if st is not None and st.pending.pop((side, start, end), None) is not None:
                 self._check_pair(st, side, start, end, now_ns, out)
         for st in self._vms.values():
             self._flush_vm(st, out, now_ns)
         self._dedup_expiry.clear()
         self._limited_vms.clear()
         self.next_deadline_ns = float("inf")
+        return out
+
+    def prune(self, host: Host, now_ns: int) -> list[Finding]:
+        """Drop the state of VMs the host no longer has (retired), flushing summaries.
+
+        For callers that expire guests on the host directly; O(number of VMs).
+        """
+        out: list[Finding] = []
+        for key in [k for k in self._vms if k not in host.guests]:
+            self._flush_vm(self._vms.pop(key), out, now_ns)
         return out
 
     # -- storm control -----------------------------------------------------------------
@@ -412,12 +428,14 @@ class Policy:
     # -- pairing -----------------------------------------------------------------------
     def _expect(self, st: _VmState, guest: Guest, side: str, start: int, end: int,
                 time_ns: int) -> None:
-        if (side, start, end) in st.pending:
+        key = (side, start, end)
+        if key in st.pending:
+            st.pending[key] = time_ns
             return
         if len(st.pending) >= MAX_PENDING_PER_VM:
             self.stats["pairing_overflow"] += 1
             return
-        st.pending.add((side, start, end))
+        st.pending[key] = time_ns
         deadline = time_ns + self._window_ns
         self._pending.append((deadline, st.key, side, start, end))
         if deadline < self.next_deadline_ns:
@@ -430,6 +448,9 @@ class Policy:
         if mismatch is None:
             return
         s, e, want, got = mismatch
+        for _side, ps, pe in st.pending:
+            if ps < e and s < pe:
+                return  # a newer change of this range is still within its window
         abi = self.abi
         evidence = {"gfn_start": s, "gfn_end": e, "requested": abi.attr_flags(want),
                     "applied": abi.attr_flags(got), "checked_gfn_start": start,
