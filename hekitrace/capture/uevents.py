@@ -1,0 +1,188 @@
+"""KVM VM create/destroy uevents as :class:`VmCreated` / :class:`VmDestroyed` events.
+
+KVM announces every VM's creation and its last reference going away with a uevent on
+the kvm misc device (``kvm_uevent_notify_change()`` in ``virt/kvm/kvm_main.c``, since
+v4.13 commit 286de8f6ac91 "KVM: Add uevent notifications", reference heki-kvm.md 3.5)::
+
+    change@/devices/virtual/misc/kvm  ACTION=change DEVPATH=/devices/virtual/misc/kvm
+    SUBSYSTEM=misc CREATED=<ever> COUNT=<alive> EVENT=create|destroy PID=<tid>
+    STATS_PATH=/kvm/<tid>-<fd>  (STATS_PATH only while the VM's debugfs dir exists)
+
+It is the one lifecycle source that needs no BPF hook, and the only one for *destroy*.
+
+``PID`` is the **thread** that called ``KVM_CREATE_VM`` (``kvm->userspace_pid``), reused
+at destroy. Events carry the process (tgid): at create it is read from
+``/proc/<tid>/status`` (``Tgid:``); the thread is alive then, since the uevent is sent
+before the ioctl returns. At destroy the tgid learnt at create is reused; for a VM created
+before we listened, ``/proc/<tid>/status`` is tried, and when that thread is gone too the
+tid is used as the tgid (true whenever the VMM created its VM from its main thread, as
+QEMU, Firecracker and Cloud Hypervisor do) and the event says so in ``tid`` == ``tgid``.
+
+The socket comes from pyroute2's ``UeventSocket`` bound to the kernel multicast group;
+this module reads it non-blocking itself (a dup of its fd, so the sender's netlink pid is
+visible) and parses the ``KEY=VALUE`` lines itself, so that nothing a uevent contains can
+raise: a KVM uevent that cannot be understood is counted in ``malformed_total`` and
+becomes a ``Lost`` event (stage ``uevent``); a receive-queue overflow (``ENOBUFS``: the
+kernel dropped uevents) becomes a ``Lost`` event with reason ``socket_overflow`` and count
+1 (the kernel does not say how many; at least one). Uevents of other devices are counted
+in ``ignored_total``; datagrams not sent by the kernel (netlink pid != 0) in
+``foreign_total``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+from hekitrace.capture.vmmnames import VmIdentity, identify
+from hekitrace.events import Event, Lost, VmCreated, VmDestroyed
+
+KVM_DEVPATH = "/devices/virtual/misc/kvm"
+# pyroute2.netlink.uevent.MONITOR_GROUP_KERNEL: uevents as the kernel sends them (group 2
+# is udev's re-broadcast, which arrives later and only where udevd runs).
+_KERNEL_GROUP = 1
+_RCVBUF_BYTES = 1 << 20
+_MAX_DATAGRAM = 1 << 16
+_MAX_STATS_PATH = 256  # "/kvm/<pid>-<fd>" is ~25 bytes; anything longer is not KVM's
+
+
+def parse_uevent(data: bytes) -> dict[str, str] | None:
+    """``{"@": "action@devpath", KEY: VALUE...}`` of one kernel uevent datagram, or None
+    when it is not one (empty, no ``@`` header, not UTF-8). Never raises."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    lines = text.split("\0")
+    if not lines or "@" not in lines[0]:
+        return None
+    fields = {"@": lines[0]}
+    for line in lines[1:]:
+        key, sep, value = line.partition("=")
+        if sep and key:
+            fields[key] = value
+    return fields
+
+
+def tgid_of(tid: int, proc_root: str | os.PathLike = "/proc") -> int | None:
+    """The process (``Tgid:``) thread ``tid`` belongs to, or None if it is gone."""
+    try:
+        with open(Path(proc_root) / str(tid) / "status", "rb") as file:
+            for line in file:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _fd_of(stats_path: str) -> int:
+    """The VM fd in ``/kvm/<tid>-<fd>`` (debugfs naming, heki-kvm.md 3.6), else -1."""
+    _, _, tail = stats_path.rpartition("-")
+    return int(tail) if tail.isdigit() else -1
+
+
+class UeventSource:
+    """Non-blocking source of KVM lifecycle events for the daemon's event loop.
+
+    ``fileno()`` is registered for reading; ``read_events()`` returns what arrived (empty
+    when nothing did). ``proc_root`` (tgid and name lookups), ``clock`` (event time, Unix
+    ns) and ``namer`` (pid -> :class:`VmIdentity`) are parameters so tests and replays can
+    pass their own.
+    """
+
+    def __init__(self, *, proc_root: str | os.PathLike = "/proc",
+                 clock: Callable[[], int] = time.time_ns,
+                 namer: Callable[[int], VmIdentity] | None = None) -> None:
+        from pyroute2 import UeventSocket  # noqa: PLC0415 - no work at import time
+
+        self._proc_root = proc_root
+        self._clock = clock
+        self._namer = namer or (lambda pid: identify(pid, proc_root))
+        self._nl = UeventSocket()
+        try:
+            self._nl.bind(groups=_KERNEL_GROUP)
+            self._sock = socket.socket(fileno=os.dup(self._nl.fileno()))
+        except BaseException:
+            self._nl.close()
+            raise
+        self._sock.setblocking(False)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, _RCVBUF_BYTES)
+        except OSError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF_BYTES)
+        self._tgid_by_stats: dict[str, int] = {}
+        self.received_total = 0
+        self.malformed_total = 0
+        self.ignored_total = 0
+        self.foreign_total = 0
+        self.overflows_total = 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read_events(self, max_datagrams: int = 1024) -> list[Event]:
+        """Every KVM event waiting on the socket (at most ``max_datagrams`` read)."""
+        events: list[Event] = []
+        for _ in range(max_datagrams):
+            try:
+                data, (nl_pid, _groups) = self._sock.recvfrom(_MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            except OSError as error:
+                if error.errno != errno.ENOBUFS:
+                    raise
+                self.overflows_total += 1
+                events.append(Lost(self._clock(), 0, 0, "uevent", "socket_overflow", 1))
+                continue
+            self.received_total += 1
+            if nl_pid != 0:
+                self.foreign_total += 1
+                continue
+            event = self.decode(data)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def decode(self, data: bytes) -> Event | None:
+        """The event of one uevent datagram: VmCreated/VmDestroyed, a ``Lost`` for a
+        malformed KVM uevent, None for another device's. Never raises on ``data``."""
+        fields = parse_uevent(data)
+        if fields is None:
+            return self._malformed()
+        if fields.get("DEVPATH", fields["@"].partition("@")[2]) != KVM_DEVPATH:
+            self.ignored_total += 1
+            return None
+        kind = fields.get("EVENT", "")
+        pid_text = fields.get("PID", "")
+        stats_path = fields.get("STATS_PATH", "")
+        if kind not in ("create", "destroy") or not pid_text.isdigit() \
+                or len(stats_path) > _MAX_STATS_PATH:
+            return self._malformed()
+        tid = int(pid_text)
+        now = self._clock()
+        if kind == "create":
+            tgid = tgid_of(tid, self._proc_root) or tid
+            if stats_path:
+                self._tgid_by_stats[stats_path] = tgid
+            who = self._namer(tgid)
+            return VmCreated(now, tgid, tid, _fd_of(stats_path), stats_path, who.name,
+                             who.uuid, who.vmm, "uevent", False)
+        tgid = self._tgid_by_stats.pop(stats_path, None) if stats_path else None
+        if tgid is None:
+            tgid = tgid_of(tid, self._proc_root) or tid
+        return VmDestroyed(now, tgid, tid, stats_path)
+
+    def _malformed(self) -> Lost:
+        self.malformed_total += 1
+        return Lost(self._clock(), 0, 0, "uevent", "malformed", 1, hook="uevent")
+
+    def close(self) -> None:
+        """Close the socket (idempotent)."""
+        if self._sock.fileno() >= 0:
+            self._sock.close()
+            self._nl.close()
