@@ -98,26 +98,21 @@ def _until(events: Iterator[Event], spec: str | None, first: list[int | None]
         yield event
 
 
-def configure_for(headers: list[TraceHeader], config: Any, explicit: bool) -> tuple[Any, list[str]]:
-    """Adopt the recording host's MBEC setting unless a config file was given.
+def configure_for(headers: list[TraceHeader], config: Any) -> tuple[Any, list[str]]:
+    """Adopt the recording host's MBEC setting, announced in one line.
 
     Without MBEC a Heki host re-adds EXEC to every request (heki-kvm.md 1.8 step 4), so
-    replaying an MBEC host's trace with ``mbec: false`` would invent mismatches. The
-    header says which; the change is announced in one line.
+    replaying an MBEC host's trace with ``mbec: false`` (or the reverse) would invent
+    mismatches. ``abi.mbec`` in the config describes the live host; the header records
+    how the traced host behaved, which is the fact a replay needs, so it wins.
     """
     notices = []
     recorded = next((h.extra["mbec"] for h in headers
                      if isinstance(h.extra.get("mbec"), bool)), None)
     if recorded is not None and recorded != config.abi.mbec:
-        if explicit:
-            notices.append(f"note: the trace was recorded with mbec={str(recorded).lower()}, "
-                           f"the config says mbec={str(config.abi.mbec).lower()}; using the "
-                           "config")
-        else:
-            config = dataclasses.replace(config, abi=dataclasses.replace(config.abi,
-                                                                         mbec=recorded))
-            notices.append(f"note: using abi.mbec={str(recorded).lower()} as recorded in the "
-                           "trace header (give --config to override)")
+        config = dataclasses.replace(config, abi=dataclasses.replace(config.abi, mbec=recorded))
+        notices.append(f"note: using abi.mbec={str(recorded).lower()} as recorded in the "
+                       "trace header (the config says otherwise)")
     names = {h.abi_profile for h in headers if h.abi_profile}
     if names and config.abi.profile not in names:
         notices.append(f"note: the trace was recorded with ABI profile "
@@ -125,8 +120,8 @@ def configure_for(headers: list[TraceHeader], config: Any, explicit: bool) -> tu
     return config, notices
 
 
-def replay(paths: Iterable[str], config: Any = None, *, until: str | None = None,
-           explicit_config: bool = False) -> ReplayResult:
+def replay(paths: Iterable[str], config: Any = None, *, until: str | None = None
+           ) -> ReplayResult:
     """Replay ``paths`` in order through one :class:`Pipeline`.
 
     A file that is not a trace raises :class:`~hekitrace.errors.TraceFormatError` before
@@ -151,8 +146,7 @@ def replay(paths: Iterable[str], config: Any = None, *, until: str | None = None
             raise UsageError(f"--until {until!r}: expected RFC 3339 "
                              "(2026-11-25T15:00:03Z) or +SECONDS") from None
     headers = [r.header for r in readers]
-    config, notices = configure_for(headers, config or config_mod.default_config(),
-                                    explicit_config)
+    config, notices = configure_for(headers, config or config_mod.default_config())
     last = [0]
     pipeline = Pipeline(config, clock=lambda: last[0])
     findings: list[Finding] = []
@@ -313,8 +307,7 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         raise UsageError(f"--metrics-port {args.metrics_port}: expected 0-65535")
     config = config_mod.resolve_config(args.config)
-    result = replay(args.files, config, until=args.until,
-                    explicit_config=args.config is not None)
+    result = replay(args.files, config, until=args.until)
     for notice in result.notices:
         print(f"hekitrace replay: {notice}", file=sys.stderr)
     for problem in result.problems:
