@@ -243,6 +243,8 @@ class Policy:
             if st is not None:
                 self._flush_vm(st, out, change.event.time_ns if change.event else -1)
                 del self._vms[vm]
+            if change.lifecycle == "retired":
+                self._forget_counts(vm)
             return out
         if st is None:
             st = self._new_state(guest)
@@ -326,7 +328,15 @@ class Policy:
         out: list[Finding] = []
         for key in [k for k in self._vms if k not in host.guests]:
             self._flush_vm(self._vms.pop(key), out, now_ns)
+        gone = {k[0] for k in self.counts if k[0] is not None and k[0] not in host.guests}
+        for key in gone:
+            self._forget_counts(key)
         return out
+
+    def _forget_counts(self, vm: VmKey) -> None:
+        """A retired VM's series disappear from ``hekitrace_findings_total``."""
+        for ckey in [k for k in self.counts if k[0] == vm]:
+            del self.counts[ckey]
 
     # -- storm control -----------------------------------------------------------------
     def _new_state(self, guest: Guest) -> _VmState:
