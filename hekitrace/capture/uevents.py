@@ -12,8 +12,10 @@ It is the one lifecycle source that needs no BPF hook, and the only one for *des
 
 ``PID`` is the **thread** that called ``KVM_CREATE_VM`` (``kvm->userspace_pid``), reused
 at destroy. Events carry the process (tgid): at create it is read from
-``/proc/<tid>/status`` (``Tgid:``); the thread is alive then, since the uevent is sent
-before the ioctl returns. At destroy the tgid learnt at create is reused; for a VM created
+``/proc/<tid>/status`` (``Tgid:``). The thread is alive when the uevent is sent (before
+the ioctl returns) but may have exited by the time we read it (a VMM that creates its VM
+from a short-lived thread): then the one process holding a VM at the fd number of the
+stats path is the VMM, if exactly one does. At destroy the tgid learnt at create is reused; for a VM created
 before we listened, ``/proc/<tid>/status`` is tried, and when that thread is gone too the
 tid is used as the tgid (true whenever the VMM created its VM from its main thread, as
 QEMU, Firecracker and Cloud Hypervisor do) and the event says so in ``tid`` == ``tgid``.
@@ -46,6 +48,7 @@ KVM_DEVPATH = "/devices/virtual/misc/kvm"
 # is udev's re-broadcast, which arrives later and only where udevd runs).
 _KERNEL_GROUP = 1
 _RCVBUF_BYTES = 1 << 20
+_SO_RCVBUFFORCE = 33  # include/uapi/asm-generic/socket.h; Python's socket module lacks it
 _MAX_DATAGRAM = 1 << 16
 _MAX_STATS_PATH = 256  # "/kvm/<pid>-<fd>" is ~25 bytes; anything longer is not KVM's
 
@@ -80,6 +83,24 @@ def tgid_of(tid: int, proc_root: str | os.PathLike = "/proc") -> int | None:
     return None
 
 
+def unique_vm_fd_holder(vm_fd: int, proc_root: str | os.PathLike = "/proc") -> int | None:
+    """The one process whose fd ``vm_fd`` is a VM (``anon_inode:kvm-vm``), or None when
+    none or several are (then the fd number does not identify the VMM)."""
+    holders = []
+    root = Path(proc_root)
+    try:
+        pids = [entry for entry in os.listdir(root) if entry.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            if os.readlink(root / pid / "fd" / str(vm_fd)) == "anon_inode:kvm-vm":
+                holders.append(int(pid))
+        except OSError:
+            continue
+    return holders[0] if len(holders) == 1 else None
+
+
 def _fd_of(stats_path: str) -> int:
     """The VM fd in ``/kvm/<tid>-<fd>`` (debugfs naming, heki-kvm.md 3.6), else -1."""
     _, _, tail = stats_path.rpartition("-")
@@ -112,7 +133,7 @@ class UeventSource:
             raise
         self._sock.setblocking(False)
         try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, _RCVBUF_BYTES)
+            self._sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RCVBUF_BYTES)
         except OSError:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF_BYTES)
         self._tgid_by_stats: dict[str, int] = {}
@@ -166,7 +187,11 @@ class UeventSource:
         tid = int(pid_text)
         now = self._clock()
         if kind == "create":
-            tgid = tgid_of(tid, self._proc_root) or tid
+            tgid = tgid_of(tid, self._proc_root)
+            if tgid is None and _fd_of(stats_path) >= 0:
+                tgid = unique_vm_fd_holder(_fd_of(stats_path), self._proc_root)
+            if tgid is None:
+                tgid = tid
             if stats_path:
                 self._tgid_by_stats[stats_path] = tgid
             who = self._namer(tgid)
