@@ -40,8 +40,9 @@ struct hk_slots {
     struct hk_slot e[HK_MAX_MEMSLOTS];
 };
 
-/* tgid -> memslots learnt from successful KVM_SET_USER_MEMORY_REGION(2) */
-BPF_HASH(hk_memslots, u32, struct hk_slots, 1024);
+/* tgid -> memslots learnt from successful KVM_SET_USER_MEMORY_REGION(2). LRU: a VMM that
+ * exits without the daemon calling Capture.forget_vm() ages out rather than filling it */
+BPF_TABLE("lru_hash", u32, struct hk_slots, hk_memslots, 1024);
 /* a zeroed value to create hk_memslots entries from (too big for the BPF stack) */
 BPF_ARRAY(hk_zero_slots, struct hk_slots, 1);
 

@@ -35,7 +35,7 @@ struct hk_storm {
     u64 count;          /* faults not reported yet */
     u64 first_ns;       /* boot ns of the first of them */
     u64 last_report_ns;
-    /* the latest fault counted, for userspace's flush of a storm that stopped
+    /* the last reported fault, for userspace's flush of a storm that stopped
      * (engine.py: counts still pending after an interval are reported from there) */
     u64 gpa;
     u64 error_code;
@@ -68,27 +68,60 @@ static __always_inline u32 hk_fault_access(u64 ec)
     return acc;
 }
 
-static __always_inline int hk_fault_emit(u32 tgid, u32 vcpu, u32 acc, u64 gpa, u64 ec,
-                                         u64 rip, u64 count, u64 first_ns)
+/* vcpu id and rip: from the tracepoint's fields, or (raw tracepoint) read from struct
+ * kvm_vcpu at BTF offsets, lazily, only for a fault that is reported */
+struct hk_vcpu_src {
+    void *vcpu;      /* raw tracepoint: struct kvm_vcpu *, else NULL */
+    u32 vcpu_id;
+    u64 rip;
+};
+
+static __always_inline void hk_vcpu_read(struct hk_vcpu_src *v)
 {
+    if (!v->vcpu)
+        return;
+#if HK_VCPU_ID_OFF >= 0
+    bpf_probe_read_kernel(&v->vcpu_id, sizeof(v->vcpu_id), v->vcpu + HK_VCPU_ID_OFF);
+#endif
+#if HK_VCPU_RIP_OFF >= 0
+    bpf_probe_read_kernel(&v->rip, sizeof(v->rip), v->vcpu + HK_VCPU_RIP_OFF);
+#endif
+}
+
+static __always_inline int hk_fault_emit(u32 tgid, struct hk_vcpu_src *v, u32 acc, u64 gpa,
+                                         u64 ec, u64 count, u64 first_ns,
+                                         struct hk_storm *st)
+{
+    hk_vcpu_read(v);
+    if (st) {
+        /* remembered for userspace's flush of a storm that stops (engine.py) */
+        st->gpa = gpa;
+        st->error_code = ec;
+        st->rip = v->rip;
+        st->vcpu = v->vcpu_id;
+        st->access = acc;
+    }
     struct hk_fault_rec *r = hk_telemetry.ringbuf_reserve(sizeof(*r));
     if (!r) {
         hk_count_loss(tgid, HK_RING_TELEMETRY, HK_HOOK_FAULT, HK_DROP_RING_FULL);
         return 0;
     }
     hk_fill_hdr(&r->hdr, HK_REC_FAULT);
-    r->vcpu = vcpu;
+    r->vcpu = v->vcpu_id;
     r->access = acc;
     r->gpa = gpa;
     r->error_code = ec;
-    r->rip = rip;
+    r->rip = v->rip;
     r->count = count;
     r->first_ns = first_ns ? first_ns : r->hdr.time_ns;
     hk_telemetry.ringbuf_submit(r, 0);
     return 0;
 }
 
-static __always_inline int hk_fault(u32 vcpu, u64 rip, u64 gpa, u64 ec)
+/* Fast path first: the access decode and the filter cost a few ns and drop almost every
+ * fault; the storm table is touched only for protected pages, and a record (with the
+ * vcpu reads) is made only once per page per interval. */
+static __always_inline int hk_fault(struct hk_vcpu_src *v, u64 gpa, u64 ec)
 {
     u32 acc = hk_fault_access(ec);
     if (!(acc & (HK_ACC_WRITE | HK_ACC_FETCH)))
@@ -113,13 +146,9 @@ static __always_inline int hk_fault(u32 vcpu, u64 rip, u64 gpa, u64 ec)
         fresh.last_report_ns = now;
         /* if the storm table is full every fault is sent: costly but nothing is hidden */
         hk_storms.update(&sk, &fresh);
-        return hk_fault_emit(tgid, vcpu, acc, gpa, ec, rip, 1, now);
+        st = hk_storms.lookup(&sk);
+        return hk_fault_emit(tgid, v, acc, gpa, ec, 1, now, st);
     }
-    st->gpa = gpa;
-    st->error_code = ec;
-    st->rip = rip;
-    st->vcpu = vcpu;
-    st->access = acc;
     if (__sync_fetch_and_add(&st->count, 1) == 0)
         st->first_ns = now;
     if (now - st->last_report_ns < HK_FAULT_INTERVAL_NS)
@@ -129,27 +158,23 @@ static __always_inline int hk_fault(u32 vcpu, u64 rip, u64 gpa, u64 ec)
     st->last_report_ns = now;
     if (!count)
         return 0;
-    return hk_fault_emit(tgid, vcpu, acc, gpa, ec, rip, count, first);
+    return hk_fault_emit(tgid, v, acc, gpa, ec, count, first, st);
 }
 
 /* raw tracepoint: args = (struct kvm_vcpu *vcpu, u64 fault_address, u64 error_code) */
 int hk_fault_raw(struct bpf_raw_tracepoint_args *ctx)
 {
-    u32 vcpu_id = 0;
-    u64 rip = 0;
-    void *vcpu = (void *)ctx->args[0];
-#if HK_VCPU_ID_OFF >= 0
-    bpf_probe_read_kernel(&vcpu_id, sizeof(vcpu_id), vcpu + HK_VCPU_ID_OFF);
-#endif
-#if HK_VCPU_RIP_OFF >= 0
-    bpf_probe_read_kernel(&rip, sizeof(rip), vcpu + HK_VCPU_RIP_OFF);
-#endif
-    return hk_fault(vcpu_id, rip, ctx->args[1], ctx->args[2]);
+    struct hk_vcpu_src v = {};
+    v.vcpu = (void *)ctx->args[0];
+    return hk_fault(&v, ctx->args[1], ctx->args[2]);
 }
 
 int hk_fault_tp(struct hk_tp_page_fault *ctx)
 {
-    return hk_fault(ctx->vcpu_id, ctx->guest_rip, ctx->fault_address, ctx->error_code);
+    struct hk_vcpu_src v = {};
+    v.vcpu_id = ctx->vcpu_id;
+    v.rip = ctx->guest_rip;
+    return hk_fault(&v, ctx->fault_address, ctx->error_code);
 }
 
 /* ---- kvm:kvm_cr: guest writes to CR0 and CR4 ------------------------------------------ */

@@ -26,8 +26,9 @@ struct hk_pending_ioctl {
     u64 arg[4];
 };
 
-/* tid -> ioctl in flight */
-BPF_HASH(hk_pending, u32, struct hk_pending_ioctl, 4096);
+/* tid -> ioctl in flight; LRU so that entries of threads killed inside the ioctl
+ * (they never reach sys_exit) age out instead of filling the table */
+BPF_TABLE("lru_hash", u32, struct hk_pending_ioctl, hk_pending, 4096);
 
 int hk_ioctl_enter(struct hk_tp_sys_enter_ioctl *ctx)
 {

@@ -73,3 +73,41 @@ def run_raw_tracepoint(prog_fd: int, args: list[int] | tuple[int, ...]) -> TestR
 def run_xdp(prog_fd: int, repeat: int, packet: bytes = b"\0" * 64) -> TestRunResult:
     """Run an XDP program ``repeat`` times on ``packet`` (at least an Ethernet header)."""
     return _run(prog_fd, data=packet, repeat=repeat)
+
+
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
+#: struct bpf_prog_info (include/uapi/linux/bpf.h): run_time_ns and run_cnt follow
+#: prog_tags at byte 192 (stable UAPI: fields are only ever appended)
+_PROG_INFO_BYTES = 232
+_RUN_TIME_OFFSET = 192
+
+
+class ProgStats(NamedTuple):
+    run_time_ns: int
+    run_cnt: int
+
+
+def prog_stats(prog_fd: int) -> ProgStats:
+    """Cumulative kernel run time and run count of a program (needs stats enabled)."""
+    info = ctypes.create_string_buffer(_PROG_INFO_BYTES)
+    attr = ctypes.create_string_buffer(16)
+    struct.pack_into("<IIQ", attr, 0, prog_fd, _PROG_INFO_BYTES, ctypes.addressof(info))
+    if _libc().syscall(SYS_BPF_X86_64, BPF_OBJ_GET_INFO_BY_FD, attr, 16) != 0:
+        err = ctypes.get_errno()
+        raise TestRunError(f"BPF_OBJ_GET_INFO_BY_FD on prog fd {prog_fd} failed: "
+                           f"{os.strerror(err)}", errno=err)
+    return ProgStats(*struct.unpack_from("<QQ", info, _RUN_TIME_OFFSET))
+
+
+def enable_stats() -> int:
+    """BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): run-time stats are on while the returned fd
+    is open (the same as sysctl kernel.bpf_stats_enabled=1, without changing the host's
+    setting for good). Close the fd to turn them off."""
+    attr = ctypes.create_string_buffer(struct.pack("<I", BPF_STATS_RUN_TIME), 8)
+    fd = _libc().syscall(SYS_BPF_X86_64, BPF_ENABLE_STATS, attr, 8)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise TestRunError(f"BPF_ENABLE_STATS failed: {os.strerror(err)}", errno=err)
+    return fd
