@@ -41,18 +41,27 @@ def test_kernel_facts_attr_hook_and_vm_types(l1_run):
     flavour = facts["flavour"]
     if flavour == "6.1":
         assert facts["attr_symbol"] is False, facts
-        # 6.1 predates KVM_CAP_VM_TYPES (6.8): the capability is unknown, so 0
+        # 6.1 predates KVM_CAP_VM_TYPES and memory attributes (both 6.8): unknown caps
+        # answer 0, and KVM_SET_MEMORY_ATTRIBUTES is an unknown ioctl (ENOTTY)
         assert facts["kvm_cap_vm_types"] == 0, facts
+        assert facts["default_vm_set_private"] == -25, facts
     else:
         assert facts["attr_symbol"] is True, \
             f"6.12 must have kvm_arch_post_set_memory_attributes: {facts}"
-        # Debian 6.12 is built without CONFIG_KVM_SW_PROTECTED_VM: KVM_CAP_VM_TYPES
-        # reports DEFAULT_VM (bit 0) and the SEV types (bits 2-4) only, so no VM whose
-        # attributes can change exists here without SEV-SNP hardware; the applied map is
-        # tested through the simulator (docs/vm-tier.md).
-        assert not facts["kvm_cap_vm_types"] & (1 << 1), \
-            f"SW_PROTECTED_VM is available after all: drive KVM_SET_MEMORY_ATTRIBUTES ({facts})"
+        # Discovered fact: Debian 6.12 is built without CONFIG_KVM_SW_PROTECTED_VM and
+        # this (emulated) CPU has no SEV, so KVM_CAP_VM_TYPES reports only DEFAULT_VM.
+        # /dev/kvm advertises PRIVATE (KVM_CAP_MEMORY_ATTRIBUTES = 8, the no-VM answer),
+        # but a default VM supports no attribute and KVM_SET_MEMORY_ATTRIBUTES fails with
+        # EINVAL: no VM whose attributes change can exist here, the attribute hook can
+        # attach but never fire, and the applied map is tested through the simulator.
+        assert facts["kvm_cap_vm_types"] == 1 << 0, \
+            "6.12 Debian: KVM_CAP_VM_TYPES should report only DEFAULT_VM; it reports " \
+            f"{facts['kvm_cap_vm_types']:#x}: if SW_PROTECTED_VM (bit 1) is there, drive " \
+            "KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) and check the applied map"
         assert facts["sw_protected_vm"].startswith("KVM_CREATE_VM(1) failed"), facts
+        assert facts["kvm_cap_memory_attributes"] == 1 << 3, facts
+        assert facts["default_vm_memory_attributes"] == 0, facts
+        assert facts["default_vm_set_private"] == -22, facts
 
 
 def test_cached_image_is_reused(l1_run):
