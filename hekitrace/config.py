@@ -468,7 +468,11 @@ class _Walker:
             expected += " or null"
         if not isinstance(node, yaml.ScalarNode):
             raise self.fail(node, key, f"expected {expected}, got {_describe(node)}")
-        value = yaml.SafeLoader("").construct_object(node)
+        try:
+            value = yaml.SafeLoader("").construct_object(node)
+        except yaml.YAMLError:
+            raise self.fail(node, key, f"expected {expected}, got a value with the YAML "
+                                       f"tag {node.tag!r}") from None
         if value is None and nullable:
             return None
         ok = (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))

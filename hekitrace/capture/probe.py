@@ -304,8 +304,9 @@ class _Prober:
         self.bcc_error = bcc_error
 
     def tracepoint_exists(self, tp: str) -> bool | None:
-        if not self.tracefs.mounted:
-            return None
+        events = os.path.join(self.tracefs.path, "events")
+        if not self.tracefs.mounted or not os.access(events, os.R_OK | os.X_OK):
+            return None           # unknown (tracefs is root-only): the attach will tell
         category, event = tp.split(":")
         return os.path.isdir(os.path.join(self.tracefs.path, "events", category, event))
 
@@ -422,8 +423,12 @@ class _Prober:
             exists = any(m.attachable for m in methods)
         reason = None
         if chosen is None:
-            reason = "cannot attach: " + "; ".join(
-                f"{m.method} {m.target}: {m.reason}" for m in methods if not m.attachable)
+            failures = [m for m in methods if not m.attachable]
+            if len({m.reason for m in failures}) == 1:
+                reason = f"cannot attach: {failures[0].reason}"
+            else:
+                reason = "cannot attach: " + "; ".join(
+                    f"{m.method} {m.target}: {m.reason}" for m in failures)
         return HookReport(spec.hook, spec.key, required, exists, chosen is not None,
                           chosen, reason, tuple(methods))
 

@@ -167,3 +167,21 @@ def test_ensure_tracefs_mounts_when_not_mounted(tmp_path):
         assert probe.ensure_tracefs(str(target)).action == "already mounted"
     finally:
         subprocess.run(["umount", str(target)], check=False)
+
+
+def test_unprivileged_check_fails_with_the_reason_on_the_hook_line():
+    """As nobody without capabilities the kernel refuses every load: exit 1, and each
+    required hook's line says why (not "no such tracepoint": tracefs is only unreadable)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to nobody")
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+         str(SCRIPT), "check"], capture_output=True, text=True, timeout=120,
+        stdin=subprocess.DEVNULL, cwd="/")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "cannot load BPF" in result.stdout
+    for name in ("kvm:kvm_hypercall", "syscalls:sys_enter_ioctl/sys_exit_ioctl"):
+        line = next(l for l in lines if l.startswith(name))
+        assert "required  FAIL: cannot attach: bcc" in line
+    assert lines[-1].startswith("result: required hook(s) cannot attach: kvm:kvm_hypercall")

@@ -161,6 +161,9 @@ def test_negative_size():
     ("abi: [1, 2]\n", 1, "abi", "expected a mapping, got a list"),
     ("journal:\n  max_bytes: 4096\n", 2, "journal.max_bytes", "at least segment_bytes"),
     ("abi:\n  mbec: false\n  mbec: true\n", 3, "abi.mbec", "duplicate key"),
+    ("capture:\n  vendor: !custom intel\n", 2, "capture.vendor", "YAML tag '!custom'"),
+    ("capture:\n  vendor: 2026-01-01\n", 2, "capture.vendor", "expected a string"),
+    ("1: x\n", 1, None, "keys must be names"),
     ("capture:\n  fault_report_interval_seconds: .nan\n", 2,
      "capture.fault_report_interval_seconds", "finite"),
 ])
@@ -168,7 +171,7 @@ def test_impossible_values(text, line, key, fragment):
     error = _error(text)
     assert (error.line, error.key) == (line, key), str(error)
     assert fragment in str(error)
-    assert str(error).startswith(f"t.yaml:{line}: {key}: ")
+    assert str(error).startswith(f"t.yaml:{line}: {key}: " if key else f"t.yaml:{line}: ")
 
 
 def test_yaml_syntax_error_names_the_line():
