@@ -10,7 +10,13 @@ every record identically to two ring buffers, ``ring`` and ``mirror``. Then
     a decode of every record into a NamedTuple, in batches.
 
 Each consumer is timed alone (the generator runs first, outside the timings), so the
-figures are consumer cost only. Records: 40-byte payloads (48 bytes in the ring), as in
+figures are consumer cost only.
+
+A second part does the same on real hekitrace records: the capture's own flood generator
+(bpf/flood.c, ``-DHK_WITH_FLOOD``: 64-byte hypercall records in the telemetry ring) and
+the real decoder, ``records.decode_batch`` -> ``Hypercall`` events. One ring there, so the
+two consumers take turns on it: flood N, bcc callback drains; flood N, RingReader +
+decode_batch drains (order alternating per round). Records: 40-byte payloads (48 bytes in the ring), as in
 build-host.md's baseline figure. Usage (root)::
 
     .venv/bin/python bench/bench_consumer.py [--records 300000] [--rounds 3]
@@ -179,6 +185,90 @@ def consume_reader(reader: RingReader,
     return elapsed, count, checksum
 
 
+class _CHypercallRec(ctypes.Structure):
+    # struct hk_hypercall_rec, bpf/hekitrace.h (struct hk_hdr then nr, a0..a3)
+    _fields_ = [("type", ctypes.c_uint8), ("version", ctypes.c_uint8),
+                ("reserved", ctypes.c_uint16), ("tgid", ctypes.c_uint32),
+                ("tid", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+                ("time_ns", ctypes.c_uint64), ("nr", ctypes.c_uint64), ("a0", ctypes.c_uint64),
+                ("a1", ctypes.c_uint64), ("a2", ctypes.c_uint64), ("a3", ctypes.c_uint64)]
+
+
+def bench_real_records(records_per_round: int, rounds: int, batch: int) -> tuple[float, float]:
+    """Part 2: hk_flood records, bcc callback vs RingReader + records.decode_batch.
+    Returns the best (callback, reader) rates in records/s."""
+    from hekitrace.abi import DEFAULT_PROFILE  # noqa: PLC0415
+    from hekitrace.capture import records  # noqa: PLC0415
+    from hekitrace.capture.engine import Capture  # noqa: PLC0415
+    from hekitrace.capture.loader import CaptureSettings  # noqa: PLC0415
+
+    ring_bytes = 1 << (records_per_round * 72 - 1).bit_length()
+    cap = Capture(settings=CaptureSettings(telemetry_ring_bytes=ring_bytes), attach=False,
+                  extra_cflags=["-DHK_WITH_FLOOD"], say=lambda _line: None).start()
+    try:
+        flood_fd = cap.program_fd("hk_flood")
+        table = cap.bpf[b"hk_telemetry"]
+        table._event_class = _CHypercallRec  # as in consume_callback: type named by hand
+        state = [0, 0]
+
+        def callback(ctx, data, size):  # noqa: ARG001
+            event = table.event(data)
+            state[0] += 1
+            state[1] += event.a0
+            return 0
+
+        table.open_ring_buffer(callback)
+        reader = RingReader(table.map_fd)
+        numbers = records.HypercallNumbers.from_profile(DEFAULT_PROFILE)
+        sent = 0
+
+        def flood() -> int:
+            nonlocal sent
+            first = sent
+            generate(flood_fd, records_per_round)
+            sent += records_per_round
+            return sum(range(first, sent))
+
+        def by_callback() -> float:
+            expect = flood()
+            state[0] = state[1] = 0
+            t0 = time.perf_counter()
+            cap.bpf.ring_buffer_consume()
+            elapsed = time.perf_counter() - t0
+            assert (state[0], state[1]) == (records_per_round, expect), state
+            return records_per_round / elapsed
+
+        def by_reader() -> float:
+            expect = flood()
+            got = total = 0
+            t0 = time.perf_counter()
+            while True:
+                buf, spans = reader.drain(batch)
+                if not spans:
+                    break
+                events = records.decode_batch(buf, spans, 0, numbers)
+                got += len(events)
+                total += sum(ev.a0 for ev in events)
+            elapsed = time.perf_counter() - t0
+            assert (got, total) == (records_per_round, expect), (got, total)
+            return records_per_round / elapsed
+
+        best_a = best_b = 0.0
+        for rnd in range(rounds):
+            if rnd % 2:
+                rate_b, rate_a = by_reader(), by_callback()
+            else:
+                rate_a, rate_b = by_callback(), by_reader()
+            best_a, best_b = max(best_a, rate_a), max(best_b, rate_b)
+            print(f"real round {rnd + 1}: callback {rate_a / 1e6:.2f} M records/s, "
+                  f"reader+decode_batch {rate_b / 1e6:.2f} M records/s, "
+                  f"ratio {rate_b / rate_a:.1f}x")
+        reader.close()
+        return best_a, best_b
+    finally:
+        cap.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=300_000,
@@ -186,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default: 3)")
     parser.add_argument("--batch", type=int, default=4096,
                         help="max records per drain() (default: 4096)")
+    parser.add_argument("--skip-real", action="store_true",
+                        help="skip part 2 (real hekitrace records; default: run it)")
     args = parser.parse_args(argv)
 
     ring_bytes = 1 << (args.records * RECORD_RING_BYTES - 1).bit_length()
@@ -226,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best: callback idiom {best_a / 1e6:.2f} M records/s, RingReader.drain + decode "
           f"{best_b / 1e6:.2f} M records/s, ratio {best_b / best_a:.1f}x (target >= 3x)")
     reader.close()
+    bpf.cleanup()
+    if not args.skip_real:
+        real_a, real_b = bench_real_records(args.records, args.rounds, args.batch)
+        print(f"best (real hk records, Hypercall events): callback idiom "
+              f"{real_a / 1e6:.2f} M records/s, RingReader.drain + records.decode_batch "
+              f"{real_b / 1e6:.2f} M records/s, ratio {real_b / real_a:.1f}x")
     return 0
 
 
