@@ -354,9 +354,17 @@ class Policy:
 
     def _emit(self, out: list[Finding], st: _VmState, rule: str, time_ns: int, message: str,
               evidence: dict, key: tuple, count: int = 1) -> None:
+        if self._admit(out, st, rule, time_ns, key, count):
+            self._record(out, st, rule, time_ns, message, evidence, key, count)
+
+    def _admit(self, out: list[Finding], st: _VmState, rule: str, time_ns: int, key: tuple,
+               count: int) -> bool:
+        """Count one occurrence; True when it must become a new finding (not excepted,
+        not a repeat within the dedup window, within the rate limit). Cheap, so hot rules
+        call it before building their evidence."""
         if rule in st.excepted:
             self.stats["excepted"] += count
-            return
+            return False
         severity = self._severity[rule]
         ckey = (st.key, rule, severity)
         self.counts[ckey] = self.counts.get(ckey, 0) + count
@@ -367,7 +375,7 @@ class Policy:
                 entry.extra += count
                 entry.last_ns = time_ns
                 self.stats["deduplicated"] += count
-                return
+                return False
             del st.dedup[dkey]
             if entry.extra:
                 out.append(self._summary(entry))
@@ -380,9 +388,16 @@ class Policy:
             deadline = st.rate_start + self._rate_ns
             if deadline < self.next_deadline_ns:
                 self.next_deadline_ns = deadline
-            return
+            return False
         st.rate_count += 1
-        finding = Finding(rule, severity, time_ns, st.ident, st.key, message, evidence, count)
+        return True
+
+    def _record(self, out: list[Finding], st: _VmState, rule: str, time_ns: int,
+                message: str, evidence: dict, key: tuple, count: int) -> None:
+        """Create an admitted finding and open its dedup window."""
+        dkey = (rule, key)
+        finding = Finding(rule, self._severity[rule], time_ns, st.ident, st.key, message,
+                          evidence, count)
         if len(st.dedup) < MAX_DEDUP_PER_VM:
             st.dedup[dkey] = _Dedup(time_ns, finding)
             deadline = time_ns + self._dedup_ns
@@ -490,10 +505,16 @@ class Policy:
         abi = self.abi
         time_ns = event.time_ns
         enabled = self._enabled
-        entries = event.entries[::-1][:self.max_entries_inspected]  # host order
-        rejected = change.rejections[0].entry if change.rejections else None
-        bad = [a for a in change.anomalies if a.kind not in _NOT_MALFORMED]
-        einval = [r for r in change.rejections if r.errno != "EPERM"]
+        entries = event.entries
+        if len(entries) > 1:
+            entries = entries[::-1][:self.max_entries_inspected]  # host order
+        rejected = None
+        bad: list = []
+        einval: list = []
+        if change.rejections or change.anomalies:
+            rejected = change.rejections[0].entry if change.rejections else None
+            bad = [a for a in change.anomalies if a.kind not in _NOT_MALFORMED]
+            einval = [r for r in change.rejections if r.errno != "EPERM"]
         if (bad or einval) and enabled["malformed_request"]:
             kinds = sorted({a.kind for a in bad} | {"rejected_" + r.errno for r in einval})
             self._emit(out, st, "malformed_request", time_ns,
@@ -625,18 +646,20 @@ class Policy:
                     self.stats["announced_writes"] += count
                     break
             else:
-                self._emit(out, st, "protected_write", event.time_ns,
-                           f"write to protected gpa {event.gpa:#x} ({abi.attr_flags(value)}) "
-                           f"x{count} at rip {event.rip:#x}", self._fault_evidence(
-                               event, gfn, value, source), (gfn, "w"), count)
+                if self._admit(out, st, "protected_write", event.time_ns, (gfn, "w"), count):
+                    self._record(out, st, "protected_write", event.time_ns,
+                                 f"write to protected gpa {event.gpa:#x} "
+                                 f"({abi.attr_flags(value)}) x{count} at rip {event.rip:#x}",
+                                 self._fault_evidence(event, gfn, value), (gfn, "w"), count)
         if access & FaultAccess.FETCH and not value & self._kx \
-                and self._enabled["protected_fetch"]:
-            self._emit(out, st, "protected_fetch", event.time_ns,
-                       f"kernel fetch from non-executable gpa {event.gpa:#x} "
-                       f"({abi.attr_flags(value)}) x{count} at rip {event.rip:#x}",
-                       self._fault_evidence(event, gfn, value, source), (gfn, "x"), count)
+                and self._enabled["protected_fetch"] \
+                and self._admit(out, st, "protected_fetch", event.time_ns, (gfn, "x"), count):
+            self._record(out, st, "protected_fetch", event.time_ns,
+                         f"kernel fetch from non-executable gpa {event.gpa:#x} "
+                         f"({abi.attr_flags(value)}) x{count} at rip {event.rip:#x}",
+                         self._fault_evidence(event, gfn, value), (gfn, "x"), count)
 
-    def _fault_evidence(self, event: Fault, gfn: int, value: int, source: Any) -> dict:
+    def _fault_evidence(self, event: Fault, gfn: int, value: int) -> dict:
         return {"event": event_json(event), "gfn_start": gfn, "gfn_end": gfn + 1,
                 "gpa": event.gpa, "rip": event.rip, "count": event.count,
                 "attributes": self.abi.attr_flags(value),

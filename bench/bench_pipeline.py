@@ -1,0 +1,90 @@
+"""End to end: events per second through ``Pipeline`` (Host.apply + Policy.evaluate + timers).
+
+Run: ``.venv/bin/python bench/bench_pipeline.py`` (``--help`` for sizes). Prints a markdown
+table for BENCHMARKS.md ("## End to end").
+
+Workloads, all from the simulator (``hekitrace.sim``, seeded), fed with ``feed_many``:
+
+- ``stress``: the simulator's busy guest (module and BPF-JIT churn, text pokes with their
+  PROTECT_MEMORY pairs, other hypercalls, CR4 writes). About 70% of its events change a
+  map (protect_request, attr_applied), the expensive kinds.
+- ``telemetry``: the same trace without the map-changing events, i.e. what a host sees
+  between protection bursts (hypercalls, CR writes); plus, once the guest is booted,
+  write faults on default pages (the kernel filter normally drops those; here they
+  exercise the fault rule's lookup).
+- ``attack-flood``: 200k identical write faults on protected text from one VM (storm
+  control: dedup path).
+
+Baseline, measured in the same run on the same event lists: the floor cost of touching
+every event in Python (a loop that dispatches on ``type(event)`` into a dict counter,
+which is the least any consumer does). The ratio says how much of the budget state and
+rules take beyond that floor. Nothing here is asserted: figures go to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+from hekitrace import sim
+from hekitrace.config import parse_config
+from hekitrace.events import AttrApplied, Fault, FaultAccess, ProtectRequest
+from hekitrace.pipeline import Pipeline
+
+
+def _baseline(events: list) -> float:
+    counts: dict[type, int] = {}
+    start = time.perf_counter()
+    for event in events:
+        t = type(event)
+        counts[t] = counts.get(t, 0) + 1
+    return time.perf_counter() - start
+
+
+def _pipeline(config, prefix: list, events: list) -> float:
+    pipeline = Pipeline(config)
+    pipeline.feed_many(prefix)
+    gc.collect()
+    start = time.perf_counter()
+    pipeline.feed_many(events)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000,
+                        help="events in the stress trace (default: 200000)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per workload; the best is reported (default: 3)")
+    args = parser.parse_args()
+    config = parse_config("abi:\n  mbec: true\n")   # the simulated host has MBEC
+    stress = sim.simulate(["stress"], seed=1, stress_events=args.events)
+    boot_end = next(i for i, e in enumerate(stress) if type(e) is ProtectRequest) + 1
+    boot = stress[:boot_end + 64]
+    tgid = stress[0].tgid
+    rest = [e for e in stress[len(boot):] if type(e) not in (ProtectRequest, AttrApplied)]
+    t_last = stress[-1].time_ns
+    faults = [Fault(t_last + i, tgid, tgid + 1, 0, (0x200000 + (i % 4096)) << 12, 0x182, 0,
+                    FaultAccess.WRITE) for i in range(len(rest) // 4)]
+    telemetry = rest + faults
+    text_fault = next((e for e in sim.simulate(["attack-write-text"], seed=1)
+                       if type(e) is Fault))
+    attack = sim.simulate(["attack-write-text"], seed=1)
+    flood = [text_fault._replace(time_ns=text_fault.time_ns + 10 + i, count=1)
+             for i in range(200_000)]
+    workloads = [("stress", [], stress), ("telemetry", boot, telemetry),
+                 ("attack-flood", attack, flood)]
+    print("| workload | events | baseline loop (events/s) | Pipeline (events/s) | "
+          "Pipeline / baseline |")
+    print("|---|---|---|---|---|")
+    for name, prefix, events in workloads:
+        base = min(_baseline(events) for _ in range(args.repeat))
+        ours = min(_pipeline(config, prefix, events) for _ in range(args.repeat))
+        print(f"| {name} | {len(events)} | {len(events) / base:,.0f} | "
+              f"{len(events) / ours:,.0f} | {base / ours:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
