@@ -16,8 +16,10 @@ A second part does the same on real hekitrace records: the capture's own flood g
 (bpf/flood.c, ``-DHK_WITH_FLOOD``: 64-byte hypercall records in the telemetry ring) and
 the real decoder, ``records.decode_batch`` -> ``Hypercall`` events. One ring there, so the
 two consumers take turns on it: flood N, bcc callback drains; flood N, RingReader +
-decode_batch drains (order alternating per round). Records: 40-byte payloads (48 bytes in the ring), as in
-build-host.md's baseline figure. Usage (root)::
+decode_batch drains (order alternating per round).
+
+Part 1 records: 40-byte payloads (48 bytes in the ring), as in build-host.md's baseline
+figure. Usage (root)::
 
     .venv/bin/python bench/bench_consumer.py [--records 300000] [--rounds 3]
 """
@@ -34,7 +36,8 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from bcc import BPF
 

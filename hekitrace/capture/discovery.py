@@ -30,7 +30,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from hekitrace.capture.uevents import tgid_of
 from hekitrace.capture.vmmnames import VmIdentity, identify

@@ -238,7 +238,7 @@ class RingReader:
                     probe = max(_MIN_PROBE, run * 2)
                 spans.extend(zip(range(rel + BPF_RINGBUF_HDR_SZ,
                                        rel + BPF_RINGBUF_HDR_SZ + run * step, step),
-                                 repeat(length, run)))
+                                 repeat(length, run), strict=True))
             else:
                 run = 1
                 spans.append((rel + BPF_RINGBUF_HDR_SZ, length))

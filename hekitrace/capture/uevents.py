@@ -1,8 +1,9 @@
 """KVM VM create/destroy uevents as :class:`VmCreated` / :class:`VmDestroyed` events.
 
 KVM announces every VM's creation and its last reference going away with a uevent on
-the kvm misc device (``kvm_uevent_notify_change()`` in ``virt/kvm/kvm_main.c``, since
-v4.13 commit 286de8f6ac91 "KVM: Add uevent notifications", reference heki-kvm.md 3.5)::
+the kvm misc device (``kvm_uevent_notify_change()`` in ``virt/kvm/kvm_main.c``, added
+in Linux 4.13 by "KVM: trigger uevents when creating or destroying a VM"; heki-kvm.md
+3.5)::
 
     change@/devices/virtual/misc/kvm  ACTION=change DEVPATH=/devices/virtual/misc/kvm
     SUBSYSTEM=misc CREATED=<ever> COUNT=<alive> EVENT=create|destroy PID=<tid>
@@ -15,10 +16,10 @@ at destroy. Events carry the process (tgid): at create it is read from
 ``/proc/<tid>/status`` (``Tgid:``). The thread is alive when the uevent is sent (before
 the ioctl returns) but may have exited by the time we read it (a VMM that creates its VM
 from a short-lived thread): then the one process holding a VM at the fd number of the
-stats path is the VMM, if exactly one does. At destroy the tgid learnt at create is reused; for a VM created
-before we listened, ``/proc/<tid>/status`` is tried, and when that thread is gone too the
-tid is used as the tgid (true whenever the VMM created its VM from its main thread, as
-QEMU, Firecracker and Cloud Hypervisor do) and the event says so in ``tid`` == ``tgid``.
+stats path is the VMM, if exactly one does. At destroy the tgid learnt at create is
+reused; for a VM created before we listened, ``/proc/<tid>/status`` is tried, and when
+that thread is gone too the tid is used as the tgid (right whenever the VMM created its
+VM from its main thread, as QEMU does); such an event has ``tid == tgid``.
 
 The socket comes from pyroute2's ``UeventSocket`` bound to the kernel multicast group;
 this module reads it non-blocking itself (a dup of its fd, so the sender's netlink pid is
@@ -38,7 +39,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from hekitrace.capture.vmmnames import VmIdentity, identify
 from hekitrace.events import Event, Lost, VmCreated, VmDestroyed

@@ -15,7 +15,8 @@ import selectors
 import signal
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from hekitrace import __version__
 from hekitrace.errors import UsageError
@@ -67,7 +68,7 @@ class Tally:
         self.by_kind: collections.Counter[str] = collections.Counter()
         self.lost = 0
 
-    def add(self, events: list[Event]) -> None:
+    def add(self, events: Sequence[Event]) -> None:
         for event in events:
             self.by_kind[event_name(event)] += 1
             if isinstance(event, Lost):
@@ -80,7 +81,7 @@ class Tally:
                 f"({encoding}): {kinds or 'none'}; lost {self.lost}")
 
 
-def record_loop(write: Callable[[list[Event]], None], capture: Any, uevents: Any,
+def record_loop(write: Callable[[Sequence[Event]], None], capture: Any, uevents: Any,
                 stop: Callable[[], bool], *, deadline: float | None,
                 clock: Callable[[], float] = time.monotonic) -> None:
     """Move events from ``capture`` (``fds()``, ``read()``) and ``uevents``
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         writer = TraceWriter(sys.stdout.buffer if to_stdout else args.output,
                              _header(config), encoding=args.format)
 
-        def write(events: list[Event]) -> None:
+        def write(events: Sequence[Event]) -> None:
             if events:
                 writer.write_all(events)
                 tally.add(events)

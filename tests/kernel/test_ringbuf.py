@@ -58,7 +58,7 @@ def test_ringreader_same_records_as_bcc_through_wraps_and_discards(gen):
     assert reader.data_size_bytes == PAGE
     mine: list[bytes] = []
     wrapped = 0
-    for rounds in range(40):
+    for _ in range(40):
         xdp_test_run(fd, 37)
         start = reader.consumer_pos & (reader.data_size_bytes - 1)
         buf, spans = reader.drain()
