@@ -35,6 +35,8 @@ that is not a trace at all raises :class:`~hekitrace.errors.TraceFormatError`.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import struct
@@ -201,14 +203,14 @@ def _strings(buf: bytes | memoryview, pos: int, count: int) -> tuple[list[str], 
 
 def _decode_complex(kind: int, buf: bytes, pos: int, end: int) -> Event:
     """Decode a record with variable parts (strings, entries) in buf[pos:end]."""
-    fixed = _FIXED[EventKind(kind)]
+    fixed = _FIXED_BY_INT[kind]
     head = fixed.unpack_from(buf, pos)
     p = pos + fixed.size
-    if kind == EventKind.PROTECT_REQUEST:
+    if kind == _PROTECT:
         count = head[7]
-        if p + count * _ENTRY.size != end:
+        if p + count * 24 != end:
             raise struct.error(f"{count} entries do not fill the {end - pos}-byte record")
-        entries = tuple(map(ProtectEntry._make, _ENTRY.iter_unpack(buf[p:end])))
+        entries = tuple(map(_new_entry, _ENTRY.iter_unpack(buf[p:end])))
         return ProtectRequest(head[0], head[1], head[2], head[3], entries, head[4], head[5],
                               head[6])
     if kind == EventKind.VM_CREATED:
@@ -232,29 +234,52 @@ def decode_block(payload: bytes, base: int, report: Callable[[str, int], None]
 
     A record that does not decode is reported with its offset and skipped by its length;
     an impossible length ends the block (the remaining bytes cannot be framed).
+
+    Hot path (BENCHMARKS.md "Replay"): a fixed-size kind is decoded by one unpack of
+    its length and fields together, checked against the expected length, and turned into
+    its NamedTuple with ``tuple.__new__`` (no per-field Python code).
     """
     out: list[Event] = []
     append = out.append
     plain = _PLAIN_DECODERS
-    rec_head = _REC_HEAD.unpack_from
+    new = tuple.__new__
     pos = 0
     end = len(payload)
     while pos < end:
+        fast = plain.get(payload[pos])
+        if fast is not None:
+            stop = pos + fast[1]
+            if stop <= end:
+                values = fast[0](payload, pos)
+                if values[0] == fast[2]:
+                    append(new(fast[3], values[1:]))
+                    pos = stop
+                    continue
+        # general path: variable-size kinds, unknown kinds, and anything odd
         if end - pos < 5:
             report(f"{end - pos} stray bytes at the end of a block", base + pos)
             break
-        kind, length = rec_head(payload, pos)
+        kind, length = _REC_HEAD.unpack_from(payload, pos)
         body = pos + 5
         stop = body + length
         if stop > end:
             report(f"record length {length} runs past the end of its block", base + pos)
             break
-        fast = plain.get(kind)
         try:
-            if fast is not None and fast[1] == length:
-                append(fast[2](fast[3], fast[0](payload, body)))
+            if kind == _PROTECT:
+                head = _PROTECT_HEAD(payload, body)
+                if body + 44 + head[7] * 24 != stop:
+                    raise struct.error(f"{head[7]} entries do not fill the {length}-byte "
+                                       "record")
+                append(ProtectRequest(head[0], head[1], head[2], head[3],
+                                      tuple(map(_new_entry, _ENTRY.iter_unpack(
+                                          payload[body + 44:stop]))),
+                                      head[4], head[5], head[6]))
             elif kind in _COMPLEX_KINDS:
                 append(_decode_complex(kind, payload, body, stop))
+            elif kind in plain:
+                report(f"bad {EventKind(kind).name.lower()} record: length {length}, "
+                       f"expected {plain[kind][2]}", base + pos)
             else:
                 report(f"unknown event kind {kind} ({length}-byte record skipped)",
                        base + pos)
@@ -265,9 +290,23 @@ def decode_block(payload: bytes, base: int, report: Callable[[str, int], None]
 
 
 CLASS_OF_KIND: dict[EventKind, type] = {kind: cls for cls, kind in KIND_OF.items()}
-#: kind -> (unpack_from, body size, constructor, class) of the one-unpack kinds
-_PLAIN_DECODERS = {int(k): (_FIXED[k].unpack_from, _FIXED[k].size, tuple.__new__,
-                            CLASS_OF_KIND[k]) for k in _PLAIN}
+_FIXED_BY_INT = {int(k): v for k, v in _FIXED.items()}
+_PROTECT = int(EventKind.PROTECT_REQUEST)
+_PROTECT_HEAD = _FIXED[EventKind.PROTECT_REQUEST].unpack_from
+#: the protect-request record: 44-byte fixed part, then 24-byte entries (decode_block
+#: uses the literals; the round-trip tests fail if the structs change)
+_new_entry = functools.partial(tuple.__new__, ProtectEntry)
+
+
+def _plain_decoder(kind: EventKind) -> tuple:
+    """(unpack_from of kind+length+fields skipping the kind byte, record size, body
+    size, class) for a fixed-size kind."""
+    fixed = _FIXED[kind]
+    whole = struct.Struct("<xI" + fixed.format.lstrip("<"))
+    return (whole.unpack_from, whole.size, fixed.size, CLASS_OF_KIND[kind])
+
+
+_PLAIN_DECODERS = {int(k): _plain_decoder(k) for k in _PLAIN}
 _COMPLEX_KINDS = frozenset(int(k) for k in (EventKind.PROTECT_REQUEST, EventKind.VM_CREATED,
                                             EventKind.VM_DESTROYED, EventKind.LOST))
 
@@ -587,6 +626,22 @@ class TraceReader:
                     yield from block
             else:
                 yield from self._lines()
+        finally:
+            self._file.close()
+
+    def batches(self, size: int = 4096) -> Iterator[list[Event]]:
+        """The same events in lists (a binary block each, or ``size`` lines): the fast
+        way to feed ``Pipeline.feed_many``, without a generator step per event."""
+        try:
+            if self.encoding == "binary":
+                yield from self._blocks()
+            else:
+                lines = self._lines()
+                while True:
+                    batch = list(itertools.islice(lines, size))
+                    if not batch:
+                        return
+                    yield batch
         finally:
             self._file.close()
 

@@ -17,12 +17,11 @@ import itertools
 import json
 import sys
 import textwrap
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from hekitrace import config as config_mod
 from hekitrace import views
 from hekitrace.errors import UsageError
-from hekitrace.events import Event
 from hekitrace.pipeline import Pipeline
 from hekitrace.policy import Finding, format_time
 from hekitrace.trace import TraceHeader, TraceProblem, TraceReader, open_trace, parse_time
@@ -81,21 +80,11 @@ class ReplayResult:
     notices: list[str]
 
 
-def _until(events: Iterator[Event], spec: str | None, first: list[int | None]
-           ) -> Iterator[Event]:
-    """Events up to the --until time; ``first`` receives the first event's time."""
-    relative = spec is not None and spec.startswith("+")
-    limit = None
-    if spec is not None and not relative:
-        limit = parse_time(spec)
-    for event in events:
-        if first[0] is None:
-            first[0] = event.time_ns
-            if relative:
-                limit = event.time_ns + round(float(spec[1:]) * 1e9)  # type: ignore[index]
-        if limit is not None and event.time_ns > limit:
-            return
-        yield event
+def _until_ns(spec: str, first_ns: int) -> int:
+    """The --until limit: RFC 3339, or +SECONDS after ``first_ns``."""
+    if spec.startswith("+"):
+        return first_ns + round(float(spec[1:]) * 1e9)
+    return parse_time(spec)
 
 
 def configure_for(headers: list[TraceHeader], config: Any) -> tuple[Any, list[str]]:
@@ -150,20 +139,32 @@ def replay(paths: Iterable[str], config: Any = None, *, until: str | None = None
     last = [0]
     pipeline = Pipeline(config, clock=lambda: last[0])
     findings: list[Finding] = []
-    first: list[int | None] = [None]
-    stream = _until(itertools.chain.from_iterable(readers), until, first)
+    first_ns: int | None = None
+    limit: int | None = None
     feed_many = pipeline.feed_many
-    while True:
-        batch = list(itertools.islice(stream, BATCH))
-        if not batch:
+    done = False
+    for reader in readers:
+        for batch in reader.batches(BATCH):
+            if not batch:
+                continue
+            if first_ns is None:
+                first_ns = batch[0].time_ns
+                if until is not None:
+                    limit = _until_ns(until, first_ns)
+            if limit is not None and batch[-1].time_ns > limit:
+                batch = list(itertools.takewhile(lambda ev: ev.time_ns <= limit, batch))
+                done = True
+            findings += feed_many(batch)
+            last[0] = pipeline.last_event_ns
+            if done:
+                break
+        if done:
             break
-        findings += feed_many(batch)
-        last[0] = pipeline.last_event_ns
     for reader in readers:
         reader.close()
     findings += pipeline.flush(pipeline.last_event_ns or None)
     events = sum(pipeline.events_by_kind.values())
-    return ReplayResult(pipeline, findings, problems, headers, events, first[0],
+    return ReplayResult(pipeline, findings, problems, headers, events, first_ns,
                         pipeline.last_event_ns or None, notices)
 
 
