@@ -2,18 +2,20 @@
 
 The daemon keeps two of these per guest (what the guest requested, what the host applied)
 and applies hundreds of thousands of range updates per second to them, so the layout is
-chosen for CPython speed rather than elegance: the map is a *step function* held in two
-parallel lists,
+chosen for CPython speed rather than elegance: the map is a *step function*, a sorted list
+of breakpoints ``b`` with values ``v`` where ``v[i]`` holds on ``[b[i], b[i+1])``, every gfn
+before ``b[0]`` has value 0 and the last value is always 0. Consecutive values always
+differ, which is what "coalesced" means here: a value changes exactly at a breakpoint, so
+"is this range uniform" is one bisect and "which ranges does this update touch" is a slice.
 
-    ``_b``: strictly increasing breakpoints (gfns, ``0 <= b <= GFN_LIMIT``)
-    ``_v``: ``_v[i]`` is the value on ``[_b[i], _b[i+1])``; the last value is always 0
-
-and every gfn before ``_b[0]`` has value 0. Consecutive values always differ, which is what
-"coalesced" means here: a value change happens exactly at a breakpoint, so "is this range
-uniform" is one bisect and "which ranges does this update touch" is a list slice. An update
-touching k stored ranges costs two bisects, O(k) Python work and one slice assignment (a C
-memmove); nothing is ever per page, so a range of 2**52 pages costs the same as one page.
-Adjacent stored ranges cost one breakpoint each, ranges separated by gaps two.
+Those two lists are cut into blocks of about ``block_size`` breakpoints (``_bb``/``_bv``, with
+each block's first breakpoint in ``_mins``), as sortedcontainers does: an update is two
+bisects, O(k) Python work for the k ranges it touches and a slice assignment (a C memmove)
+inside one block, so its cost does not grow with the map. With one flat list the memmove
+of every splice is O(n): 30k updates/s at 100k ranges, 1.5k/s at 1M, which a guest that
+fragments its memory on purpose could exploit. Nothing is ever per page, so a range of
+2**52 pages costs the same as one page. Adjacent stored ranges cost one breakpoint each,
+ranges separated by gaps two.
 
 The public view is the contract of docs/internals.md ("AttrMap"): half-open ranges
 ``[start, end)`` with non-zero values ("stored ranges"), 0 meaning "no attribute", exactly as
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
-from itertools import islice
+from itertools import chain, islice
 
 GFN_LIMIT = 1 << 52
 """Exclusive upper bound of gfns, so range ends go up to 2**52 inclusive.
@@ -48,6 +50,11 @@ Segment = tuple[int, int, int]
 
 ChangedSegment = tuple[int, int, int, int]
 """``(gfn_start, gfn_end, old, new)``: a uniform range of pages whose value changed."""
+
+DEFAULT_BLOCK_SIZE = 512
+"""Breakpoints per block. Measured with ``bench/bench_attrmap.py --scaling``: blocks of a few
+hundred keep both the in-block memmove and the list of blocks short up to millions of
+ranges."""
 
 
 class AttrMapInvariantError(AssertionError):
@@ -91,20 +98,115 @@ def _set_error(start: object, end: object, attrs: object, mask: object) -> Excep
     return _range_error(start, end)
 
 
+def _rebuild(b: list[int], v: list[int], p: int, q: int, before: int, start: int, end: int,
+             keep: int, add: int) -> list[ChangedSegment]:
+    """The general case of :meth:`AttrMap.set` on one block: breakpoints ``b[p:q]`` lie in
+    [start, end] and ``before`` is the value just before ``start``. Rewrites that slice
+    (coalesced against ``before`` and the value after ``end``) unless nothing changes."""
+    after = v[q - 1]  # the old value at end; it continues past end and is kept there
+    if b[p] == start:
+        cur = v[p]
+        first = p + 1
+    else:
+        cur = before
+        first = p
+    stop = q - 1 if b[q - 1] == end else q
+    newb: list[int] = []
+    newv: list[int] = []
+    changes: list[ChangedSegment] = []
+    last = before
+    pos = start
+    for i in range(first, stop):
+        nxt = b[i]
+        new = (cur & keep) | add
+        if new != cur:
+            changes.append((pos, nxt, cur, new))
+        if new != last:
+            newb.append(pos)
+            newv.append(new)
+            last = new
+        pos = nxt
+        cur = v[i]
+    new = (cur & keep) | add
+    if new != cur:
+        changes.append((pos, end, cur, new))
+    if not changes:
+        return changes
+    if new != last:
+        newb.append(pos)
+        newv.append(new)
+        last = new
+    if after != last:
+        newb.append(end)
+        newv.append(after)
+    b[p:q] = newb
+    v[p:q] = newv
+    return changes
+
+
+def _cut(b: list[int], v: list[int], size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Cut parallel lists into ceil(n / size) blocks of near-equal length (never a runt:
+    every block of a cut of more than ``size`` items holds at least size / 2)."""
+    n = len(b)
+    k = max(1, -(-n // size))
+    edges = [n * i // k for i in range(k + 1)]
+    pairs = list(zip(edges, edges[1:]))
+    return [b[x:y] for x, y in pairs], [v[x:y] for x, y in pairs]
+
+
+def _segments(start: int, end: int, cur: int, points: list[int], values: list[int]
+              ) -> Iterator[Segment]:
+    pos = start
+    for nxt, value in zip(points, values):
+        yield (pos, nxt, cur)
+        pos = nxt
+        cur = value
+    yield (pos, end, cur)
+
+
+def _diff(ab: list[int], av: list[int], bb: list[int], bv: list[int]
+          ) -> Iterator[ChangedSegment]:
+    """Merge two step functions (flat breakpoints/values) and yield where they differ."""
+    na, nb = len(ab), len(bb)
+    i = j = 0
+    pos = mine = theirs = 0
+    past = GFN_LIMIT + 1
+    while i < na or j < nb:
+        x = ab[i] if i < na else past
+        y = bb[j] if j < nb else past
+        nxt = x if x < y else y
+        if mine != theirs:
+            yield (pos, nxt, mine, theirs)
+        if x == nxt:
+            mine = av[i]
+            i += 1
+        if y == nxt:
+            theirs = bv[j]
+            j += 1
+        pos = nxt
+
+
 class AttrMap:
     """Half-open gfn ranges to non-zero attribute bits; always coalesced.
 
     Only non-zero values are stored; no two adjacent stored ranges have equal values and
-    none is empty, so two maps with the same content have the same representation and
-    ``==`` is a list comparison.
+    none is empty, so two maps with the same content have the same ranges and ``==``
+    compares them. ``block_size`` only tunes the storage (tests make it tiny to exercise
+    block boundaries); it never changes results.
     """
 
-    __slots__ = ("_b", "_v")
+    __slots__ = ("_bb", "_bv", "_mins", "_half", "_max", "_min")
     __hash__ = None  # type: ignore[assignment]  # mutable
 
-    def __init__(self) -> None:
-        self._b: list[int] = []
-        self._v: list[int] = []
+    def __init__(self, *, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        if type(block_size) is not int or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        self._bb: list[list[int]] = []   # blocks of breakpoints (gfns), each non-empty
+        self._bv: list[list[int]] = []   # the values starting at those breakpoints
+        self._mins: list[int] = []       # _mins[i] == _bb[i][0], for the first bisect
+        self._half = block_size           # size of blocks made by a split
+        self._max = 2 * block_size        # split a block past this
+        self._min = block_size // 4       # merge a block with a neighbour below this
 
     # -- updates ---------------------------------------------------------------------------
 
@@ -115,8 +217,8 @@ class AttrMap:
         This is the update ``kvm_vm_set_mem_attributes()`` performs (reference/heki-kvm.md
         1.8 step 6, 2.3). Returns the uniform segments that actually changed, as
         ``(gfn_start, gfn_end, old, new)`` in ascending order, split where the old value
-        changes; ``[]`` when nothing changed, in which case the map is not touched (KVM's
-        early return, when no hook fires). ``attrs`` and ``mask`` are 64-bit values.
+        changes; ``[]`` when nothing changed, in which case the map's content is not touched
+        (KVM's early return, when no hook fires). ``attrs`` and ``mask`` are 64-bit values.
         Raises ValueError/TypeError for an empty, reversed or out-of-range range: callers
         validate guest input first, so that is a caller bug.
         """
@@ -126,73 +228,100 @@ class AttrMap:
             raise _set_error(start, end, attrs, mask)
         add = attrs & mask
         keep = ~mask  # negative int; ``old & keep`` stays non-negative for old >= 0
-        b = self._b
-        v = self._v
+        mins = self._mins
+        if not mins:
+            if not add:
+                return []
+            self._bb.append([start, end])
+            self._bv.append([add, 0])
+            mins.append(start)
+            return [(start, end, 0, add)]
+        bi = bisect_right(mins, start) - 1
+        if bi < 0:
+            bi = 0
+        merged = bi + 1 < len(mins) and mins[bi + 1] <= end
+        if merged:
+            # The breakpoints in [start, end] span blocks: make them one block (rare; the
+            # cost is the blocks' size, and _fix splits the result again).
+            bj = bisect_right(mins, end)
+            self._bb[bi:bj] = [list(chain.from_iterable(self._bb[bi:bj]))]
+            self._bv[bi:bj] = [list(chain.from_iterable(self._bv[bi:bj]))]
+            del mins[bi + 1:bj]
+        b = self._bb[bi]
+        v = self._bv[bi]
         p = bisect_left(b, start)       # first breakpoint >= start
         q = bisect_right(b, end, p)     # first breakpoint > end
-        before = v[p - 1] if p else 0   # value just before start (and at start if p == q)
+        if p:
+            before = v[p - 1]           # value just before start (and at start if p == q)
+        else:
+            before = self._bv[bi - 1][-1] if bi else 0
         if p == q:
             # No breakpoint in [start, end]: the range lies strictly inside one segment
             # (or gap), the most common case. Cut it out with two new breakpoints.
             new = (before & keep) | add
             if new == before:
+                if merged:
+                    self._fix(bi)
                 return []
             b[p:p] = (start, end)
             v[p:p] = (new, before)
+            if merged or not p or len(b) > self._max:
+                self._fix(bi)
             return [(start, end, before, new)]
-        # Breakpoints b[p:q] lie in [start, end]; rebuild that slice. ``after`` is the old
-        # value at ``end`` (it continues past end and is kept there).
-        after = v[q - 1]
-        if b[p] == start:
-            cur = v[p]
-            first = p + 1
-        else:
-            cur = before
-            first = p
-        stop = q - 1 if b[q - 1] == end else q
-        newb: list[int] = []
-        newv: list[int] = []
-        changes: list[ChangedSegment] = []
-        last = before
-        pos = start
-        for i in range(first, stop):
-            nxt = b[i]
-            new = (cur & keep) | add
-            if new != cur:
-                changes.append((pos, nxt, cur, new))
-            if new != last:
-                newb.append(pos)
-                newv.append(new)
-                last = new
-            pos = nxt
-            cur = v[i]
-        new = (cur & keep) | add
-        if new != cur:
-            changes.append((pos, end, cur, new))
-        if not changes:
-            return changes
-        if new != last:
-            newb.append(pos)
-            newv.append(new)
-            last = new
-        if after != last:
-            newb.append(end)
-            newv.append(after)
-        b[p:q] = newb
-        v[p:q] = newv
+        changes = _rebuild(b, v, p, q, before, start, end, keep, add)
+        if merged or not p or not b or not self._min <= len(b) <= self._max:
+            self._fix(bi)
         return changes
+
+    def _fix(self, bi: int) -> None:
+        """Restore the block invariants of block ``bi`` after a splice: not empty, its
+        first breakpoint in ``_mins``, between ``_min`` and ``_max`` breakpoints long
+        (except when it is the only block)."""
+        bb, bv, mins = self._bb, self._bv, self._mins
+        b = bb[bi]
+        n = len(b)
+        if not n:
+            del bb[bi], bv[bi], mins[bi]
+            return
+        if n < self._min and len(bb) > 1:
+            j = bi if bi + 1 < len(bb) else bi - 1
+            bb[j:j + 2] = [bb[j] + bb[j + 1]]
+            bv[j:j + 2] = [bv[j] + bv[j + 1]]
+            del mins[j + 1]
+            bi = j
+            b = bb[bi]
+            n = len(b)
+        if n > self._max:
+            pieces_b, pieces_v = _cut(b, bv[bi], self._half)
+            bb[bi:bi + 1] = pieces_b
+            bv[bi:bi + 1] = pieces_v
+            mins[bi:bi + 1] = [piece[0] for piece in pieces_b]
+        else:
+            mins[bi] = b[0]
 
     def clear(self) -> None:
         """Forget every stored range."""
-        self._b.clear()
-        self._v.clear()
+        self._bb.clear()
+        self._bv.clear()
+        self._mins.clear()
 
     def copy(self) -> AttrMap:
-        """An independent copy (O(n) at C speed: two list copies; values are ints)."""
+        """An independent copy (O(n) at C speed: list copies; values are ints)."""
         other = AttrMap.__new__(AttrMap)
-        other._b = self._b.copy()
-        other._v = self._v.copy()
+        other._bb = [b.copy() for b in self._bb]
+        other._bv = [v.copy() for v in self._bv]
+        other._mins = self._mins.copy()
+        other._half, other._max, other._min = self._half, self._max, self._min
         return other
+
+    def _flat(self) -> tuple[list[int], list[int]]:
+        """All breakpoints and values as two flat lists (O(n), C speed)."""
+        return (list(chain.from_iterable(self._bb)), list(chain.from_iterable(self._bv)))
+
+    def _load_flat(self, b: list[int], v: list[int]) -> None:
+        """Replace the content with flat breakpoint/value lists, cut into blocks."""
+        self._bb, self._bv = _cut(b, v, self._half) if b else ([], [])
+        self._mins = [piece[0] for piece in self._bb]
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -200,39 +329,64 @@ class AttrMap:
         """The attribute value of page ``gfn`` (0 where nothing is stored)."""
         if not 0 <= gfn < GFN_LIMIT:
             raise ValueError(f"gfn {gfn:#x} is outside the gfn space [0, {GFN_LIMIT:#x})")
-        i = bisect_right(self._b, gfn)
-        return self._v[i - 1] if i else 0
+        bi = bisect_right(self._mins, gfn) - 1
+        if bi < 0:
+            return 0
+        return self._bv[bi][bisect_right(self._bb[bi], gfn) - 1]
 
-    def _span(self, start: int, end: int) -> tuple[int, int]:
-        """Validate [start, end) and return ``(i, j)``: the value at start is ``_v[i-1]``
-        (0 if i == 0) and ``_b[i:j]`` are the breakpoints strictly inside (start, end)."""
+    def _inside(self, start: int, end: int) -> tuple[int, list[int], list[int]]:
+        """Validate [start, end); return the value at start and the breakpoints strictly
+        inside (start, end) with their values."""
         if not 0 <= start < end <= GFN_LIMIT:
             raise _range_error(start, end)
-        b = self._b
-        i = bisect_right(b, start)
-        return i, bisect_left(b, end, i)
+        bb, bv, mins = self._bb, self._bv, self._mins
+        bi = bisect_right(mins, start) - 1
+        if bi < 0:
+            cur, bi, i = 0, 0, 0
+        else:
+            i = bisect_right(bb[bi], start)
+            cur = bv[bi][i - 1]
+        points: list[int] = []
+        values: list[int] = []
+        while bi < len(bb):
+            b = bb[bi]
+            j = bisect_left(b, end, i)
+            points += b[i:j]
+            values += bv[bi][i:j]
+            if j < len(b):
+                break
+            bi += 1
+            i = 0
+        return cur, points, values
 
     def values_in(self, start: int, end: int) -> set[int]:
         """Distinct values over gfns [start, end), 0 included if any page there is unset."""
-        i, j = self._span(start, end)
-        v = self._v
-        values = set(v[i:j])
-        values.add(v[i - 1] if i else 0)
-        return values
+        cur, _, values = self._inside(start, end)
+        found = set(values)
+        found.add(cur)
+        return found
 
     def all_equal(self, start: int, end: int, value: int) -> bool:
         """True if every page of gfns [start, end) has exactly ``value`` (0: unset)."""
-        i, j = self._span(start, end)
+        if not 0 <= start < end <= GFN_LIMIT:
+            raise _range_error(start, end)
+        mins = self._mins
+        bi = bisect_right(mins, start) - 1
+        if bi < 0:
+            cur = 0
+            nxt = mins[0] if mins else GFN_LIMIT
+        else:
+            b = self._bb[bi]
+            i = bisect_right(b, start)
+            cur = self._bv[bi][i - 1]
+            nxt = b[i] if i < len(b) else mins[bi + 1] if bi + 1 < len(mins) else GFN_LIMIT
         # Coalesced: a breakpoint inside the range means the value changes there.
-        return i == j and (self._v[i - 1] if i else 0) == value
+        return cur == value and nxt >= end
 
     def any_bits(self, start: int, end: int, bits: int) -> bool:
         """True if some page of gfns [start, end) has any of ``bits`` set."""
-        i, j = self._span(start, end)
-        v = self._v
-        if (v[i - 1] if i else 0) & bits:
-            return True
-        return any(x & bits for x in islice(v, i, j))
+        cur, _, values = self._inside(start, end)
+        return bool(cur & bits) or any(x & bits for x in values)
 
     def segments(self, start: int, end: int) -> Iterator[Segment]:
         """Yield ``(s, e, value)`` covering gfns [start, end) exactly, 0-gaps included.
@@ -240,40 +394,27 @@ class AttrMap:
         Consecutive segments have different values; the first starts at ``start`` and the
         last ends at ``end``. The range is validated when called, not when iterated.
         """
-        i, j = self._span(start, end)
-        return self._segments(start, end, i, j)
-
-    def _segments(self, start: int, end: int, i: int, j: int) -> Iterator[Segment]:
-        b = self._b
-        v = self._v
-        pos = start
-        cur = v[i - 1] if i else 0
-        for k in range(i, j):
-            nxt = b[k]
-            yield (pos, nxt, cur)
-            pos = nxt
-            cur = v[k]
-        yield (pos, end, cur)
+        cur, points, values = self._inside(start, end)
+        return _segments(start, end, cur, points, values)
 
     def __iter__(self) -> Iterator[Segment]:
         """Stored (non-zero) ranges ``(start, end, value)``, ascending."""
-        b = self._b
+        b, v = self._flat()
         # zip stops after len(b) - 1 triples: the last breakpoint only ends a range.
-        return ((s, e, x) for s, e, x in zip(b, islice(b, 1, None), self._v) if x)
+        return ((s, e, x) for s, e, x in zip(b, islice(b, 1, None), v) if x)
 
     def __len__(self) -> int:
-        """Number of stored (non-zero) ranges; O(n) but at C speed (a list count)."""
-        v = self._v
-        return len(v) - v.count(0)
+        """Number of stored (non-zero) ranges; O(n) but at C speed (list counts)."""
+        return sum(len(v) - v.count(0) for v in self._bv)
 
     def __bool__(self) -> bool:
-        return bool(self._b)
+        return bool(self._mins)
 
     def pages_by_value(self) -> dict[int, int]:
         """Pages per distinct non-zero value (unset pages, value 0, are not counted)."""
         counts: dict[int, int] = {}
-        b = self._b
-        for s, e, x in zip(b, islice(b, 1, None), self._v):
+        b, v = self._flat()
+        for s, e, x in zip(b, islice(b, 1, None), v):
             if x:
                 counts[x] = counts.get(x, 0) + (e - s)
         return counts
@@ -282,37 +423,21 @@ class AttrMap:
         """Yield ``(start, end, mine, theirs)`` for maximal ranges where the maps differ.
 
         Ranges come in ascending order; consecutive ones are either not adjacent or have a
-        different (mine, theirs) pair. O(n + m) Python work, O(1) (two C list compares) when
-        the maps are equal.
+        different (mine, theirs) pair. O(n + m) Python work, O(n) at C speed (list
+        compares) when the maps are equal.
         """
-        if self._b == other._b and self._v == other._v:
+        ab, av = self._flat()
+        bb, bv = other._flat()
+        if ab == bb and av == bv:
             return iter(())
-        return self._diff(other)
-
-    def _diff(self, other: AttrMap) -> Iterator[ChangedSegment]:
-        ab, av, bb, bv = self._b, self._v, other._b, other._v
-        na, nb = len(ab), len(bb)
-        i = j = 0
-        pos = mine = theirs = 0
-        past = GFN_LIMIT + 1
-        while i < na or j < nb:
-            x = ab[i] if i < na else past
-            y = bb[j] if j < nb else past
-            nxt = x if x < y else y
-            if mine != theirs:
-                yield (pos, nxt, mine, theirs)
-            if x == nxt:
-                mine = av[i]
-                i += 1
-            if y == nxt:
-                theirs = bv[j]
-                j += 1
-            pos = nxt
+        return _diff(ab, av, bb, bv)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, AttrMap):
             return NotImplemented
-        return self._b == other._b and self._v == other._v
+        if self._bb == other._bb and self._bv == other._bv:
+            return True
+        return self._flat() == other._flat()
 
     def __repr__(self) -> str:
         shown = ", ".join(f"[{s:#x}, {e:#x}): {x:#x}" for s, e, x in islice(self, 4))
@@ -326,7 +451,8 @@ class AttrMap:
         return list(self)
 
     @classmethod
-    def from_list(cls, items: Iterable[Segment]) -> AttrMap:
+    def from_list(cls, items: Iterable[Segment], *, block_size: int = DEFAULT_BLOCK_SIZE
+                  ) -> AttrMap:
         """Build a map from ``(start, end, value)`` triples, as :meth:`to_list` gives them.
 
         The triples must be ascending and disjoint, with int bounds in [0, 2**52] and
@@ -364,9 +490,8 @@ class AttrMap:
             else:
                 b += (start, end)
                 v += (value, 0)
-        result = cls()
-        result._b = b
-        result._v = v
+        result = cls(block_size=block_size)
+        result._load_flat(b, v)
         return result
 
     # -- validation (tests only) -----------------------------------------------------------
@@ -377,9 +502,22 @@ class AttrMap:
         Slow and thorough (O(n) Python); tests call it after every operation, the daemon
         never does (STYLE habit 12).
         """
-        b, v = self._b, self._v
+        b, v = self._flat()
         problems: list[str] = []
         ranges: list[Segment] = []
+        bb, bv, mins = self._bb, self._bv, self._mins
+        if not len(bb) == len(bv) == len(mins):
+            problems.append(f"{len(bb)} breakpoint blocks, {len(bv)} value blocks, "
+                            f"{len(mins)} block minimums")
+        for k, (kb, kv) in enumerate(zip(bb, bv)):
+            if not kb or len(kb) != len(kv):
+                problems.append(f"block {k}: {len(kb)} breakpoints, {len(kv)} values")
+            elif k < len(mins) and mins[k] != kb[0]:
+                problems.append(f"block {k}: minimum {mins[k]!r} but first breakpoint "
+                                f"{kb[0]!r}")
+            if len(kb) > self._max or (len(kb) < self._min and len(bb) > 1):
+                problems.append(f"block {k}: {len(kb)} breakpoints, outside "
+                                f"[{self._min}, {self._max}]")
 
         def bad(i: int, why: str) -> None:
             s = b[i] if i < len(b) else None

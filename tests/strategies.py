@@ -23,7 +23,7 @@ from typing import NamedTuple
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from hekitrace.attrmap import ALL_BITS, GFN_LIMIT
+from hekitrace.attrmap import ALL_BITS, DEFAULT_BLOCK_SIZE, GFN_LIMIT
 
 settings.register_profile("ci", max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -92,3 +92,8 @@ def cell_ranges(universe: Universe) -> st.SearchStrategy[tuple[int, int]]:
     n = universe.cells
     return st.tuples(st.integers(0, n - 1), st.integers(1, n)).map(
         lambda t: (min(t[0], t[1] - 1), max(t[0] + 1, t[1])))
+
+
+# AttrMap storage block sizes: tiny ones put block boundaries (splits, merges, updates
+# spanning blocks) inside the small universes; the default is what the daemon runs.
+block_sizes = st.sampled_from([2, 3, 8, DEFAULT_BLOCK_SIZE])

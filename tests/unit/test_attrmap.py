@@ -67,8 +67,9 @@ class CellModel:
         return counts
 
 
-def run(universe: Universe, ops: list[SetOp]) -> tuple[AttrMap, CellModel]:
-    m, model = AttrMap(), CellModel(universe)
+def run(universe: Universe, ops: list[SetOp], block_size: int = 512
+        ) -> tuple[AttrMap, CellModel]:
+    m, model = AttrMap(block_size=block_size), CellModel(universe)
     for op in ops:
         m.set(universe.points[op.lo], universe.points[op.hi], op.attrs, op.mask)
         model.set(op)
@@ -89,10 +90,11 @@ def assert_same(m: AttrMap, model: CellModel) -> None:
 
 # -- properties ------------------------------------------------------------------------------
 
-@given(strategies.universe_and_ops())
-def test_set_sequence_matches_model(case: tuple[Universe, list[SetOp]]) -> None:
+@given(strategies.universe_and_ops(max_ops=40), strategies.block_sizes)
+def test_set_sequence_matches_model(case: tuple[Universe, list[SetOp]], block_size: int
+                                    ) -> None:
     universe, ops = case
-    m, model = AttrMap(), CellModel(universe)
+    m, model = AttrMap(block_size=block_size), CellModel(universe)
     for op in ops:
         got = m.set(universe.points[op.lo], universe.points[op.hi], op.attrs, op.mask)
         assert got == model.set(op), op
@@ -103,7 +105,7 @@ def test_set_sequence_matches_model(case: tuple[Universe, list[SetOp]]) -> None:
 @given(st.data())
 def test_queries_match_model(data: st.DataObject) -> None:
     universe, ops = data.draw(strategies.universe_and_ops())
-    m, model = run(universe, ops)
+    m, model = run(universe, ops, data.draw(strategies.block_sizes))
     pts = universe.points
     for lo, hi in data.draw(st.lists(strategies.cell_ranges(universe), min_size=1, max_size=8)):
         s, e = pts[lo], pts[hi]
@@ -121,8 +123,8 @@ def test_diff_matches_model(data: st.DataObject) -> None:
     universe = data.draw(strategies.universes())
     ops_a = data.draw(st.lists(strategies.set_ops(universe), max_size=15))
     ops_b = data.draw(st.lists(strategies.set_ops(universe), max_size=15))
-    a, model_a = run(universe, ops_a)
-    b, model_b = run(universe, ops_b)
+    a, model_a = run(universe, ops_a, data.draw(strategies.block_sizes))
+    b, model_b = run(universe, ops_b, data.draw(strategies.block_sizes))
     expected: list[tuple[int, int, int, int]] = []
     for c, (x, y) in enumerate(zip(model_a.values, model_b.values)):
         if x == y:
@@ -138,13 +140,17 @@ def test_diff_matches_model(data: st.DataObject) -> None:
     assert list(a.diff(a.copy())) == []
 
 
-@given(strategies.universe_and_ops())
-def test_copy_and_checkpoint_round_trip(case: tuple[Universe, list[SetOp]]) -> None:
+@given(strategies.universe_and_ops(), strategies.block_sizes, strategies.block_sizes)
+def test_copy_and_checkpoint_round_trip(case: tuple[Universe, list[SetOp]], block_size: int,
+                                        other_block_size: int) -> None:
     universe, ops = case
-    m, model = run(universe, ops)
+    m, model = run(universe, ops, block_size)
     twin = m.copy()
+    twin.check()
     assert twin == m
-    assert AttrMap.from_list(m.to_list()) == m
+    loaded = AttrMap.from_list(m.to_list(), block_size=other_block_size)
+    loaded.check()
+    assert loaded == m  # equal content, whatever the blocks
     # Uncoalesced input with zeros (one triple per cell) gives the same canonical map.
     cells = [(universe.points[c], universe.points[c + 1], x) for c, x in enumerate(model.values)]
     rebuilt = AttrMap.from_list(cells)
@@ -295,14 +301,14 @@ def test_check_names_the_offending_ranges() -> None:
     m.set(10, 20, 0x10)
     m.set(30, 40, 0x20)
     m.check()
-    m._b[2] = 20  # corrupt: [20, 20) is empty, and 0x10 continues into 0 at 20
+    m._bb[0][2] = 20  # corrupt: [20, 20) is empty, and 0x10 continues into 0 at 20
     with pytest.raises(AttrMapInvariantError) as info:
         m.check()
     assert "breakpoint 1" in str(info.value)
     assert (20, 20, 0) in info.value.ranges
     m = AttrMap()
     m.set(10, 20, 0x10)
-    m._v[1] = 0x10  # corrupt: value runs to infinity and equals its neighbour
+    m._bv[0][1] = 0x10  # corrupt: value runs to infinity and equals its neighbour
     with pytest.raises(AttrMapInvariantError, match="last value is not 0") as info:
         m.check()
     assert "not coalesced" in str(info.value)
@@ -318,3 +324,33 @@ def test_clear_copy_eq_and_repr() -> None:
     assert m != c and m == AttrMap()
     assert "[0x1000, 0x1200): 0x50" in repr(c)
     assert (m == 3) is False
+
+
+def test_check_names_broken_blocks() -> None:
+    m = AttrMap(block_size=2)
+    for gfn in range(0, 40, 2):
+        m.set(gfn, gfn + 1, 0x10)
+    m.check()
+    assert len(m._bb) > 1
+    m._mins[1] += 1
+    with pytest.raises(AttrMapInvariantError, match="block 1: minimum"):
+        m.check()
+
+
+def test_many_blocks_split_merge_and_span() -> None:
+    """Thousands of single-page ranges, then updates across many blocks, then clearing."""
+    m = AttrMap(block_size=16)
+    for gfn in range(0, 20000, 2):
+        m.set(gfn, gfn + 1, 0x10 if gfn % 4 else 0x30)
+    m.check()
+    assert len(m) == 10000 and len(m._bb) > 100
+    assert m.set(1001, 1004, 0x40, mask=0x40) == [
+        (1001, 1002, 0, 0x40), (1002, 1003, 0x10, 0x50), (1003, 1004, 0, 0x40)]
+    changed = m.set(5000, 15000, 0x70)
+    m.check()
+    assert changed[0] == (5000, 5001, 0x30, 0x70) and changed[-1] == (14999, 15000, 0, 0x70)
+    assert len(changed) == 10000
+    assert m.all_equal(5000, 15000, 0x70) and m.get(15000) == 0x30
+    assert m.values_in(4999, 15001) == {0, 0x30, 0x70}
+    assert m.set(0, 20000, 0) and not m and m._bb == []
+    m.check()
