@@ -52,7 +52,7 @@ DEFAULT_SEVERITY = types.MappingProxyType({
 #: sha256 of zero bytes: the digest of the built-in defaults (an empty file gives them too)
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 PROFILES = tuple(abi.BUILTIN_PROFILES) + ("custom",)
-HOOK_NEEDS = ("required", "optional")
+HOOK_NEEDS = ("required", "optional", "disabled")
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,7 +161,8 @@ class AbiConfig:
 
 @dataclass(frozen=True)
 class HooksConfig:
-    """required: the daemon is not ready without it; optional: reported, not needed."""
+    """required: the daemon is not ready without it; optional: attached when possible,
+    reported when not; disabled: never attached (e.g. to save the cost of fault events)."""
     hypercall: str = _f("required", str, one_of(*HOOK_NEEDS))
     attr_applied: str = _f("optional", str, one_of(*HOOK_NEEDS))
     ioctl: str = _f("required", str, one_of(*HOOK_NEEDS))

@@ -15,6 +15,7 @@ daemon's loader can reuse ``HookReport.method`` as its attach choice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ctypes
 import errno as errno_mod
 import os
@@ -75,6 +76,7 @@ class HookReport:
     method: str | None
     reason: str | None
     methods: tuple[MethodResult, ...] = ()
+    need: str = "optional"       # the config setting: required | optional | disabled
 
 
 @dataclass(frozen=True)
@@ -514,9 +516,11 @@ def probe_environment(config: Config, may_mount: bool = True) -> EnvironmentRepo
     module, bcc_info = _compile_probe_module()
     prober = _Prober(tracefs, module, bcc_info.error)
     try:
-        hooks = tuple(prober.probe(spec, spec.key is not None
-                                   and config.hook_required(spec.key))
-                      for spec in HOOK_SPECS)
+        hooks = []
+        for spec in HOOK_SPECS:
+            need = getattr(config.hooks, spec.key) if spec.key else "optional"
+            report = prober.probe(spec, need == "required")
+            hooks.append(dataclasses.replace(report, need=need))
     finally:
         if module is not None:
             module.cleanup()
@@ -524,4 +528,4 @@ def probe_environment(config: Config, may_mount: bool = True) -> EnvironmentRepo
         kernel_release=release, privileges=privileges,
         btf_vmlinux=os.path.exists(BTF_VMLINUX), lockdown=read_lockdown(),
         tracefs=tracefs, bcc=bcc_info, headers=find_headers(release),
-        bpf_stats_enabled=read_bpf_stats(), hooks=hooks)
+        bpf_stats_enabled=read_bpf_stats(), hooks=tuple(hooks))

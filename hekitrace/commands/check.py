@@ -91,7 +91,7 @@ def render_table(report: probe.EnvironmentReport, config_source: str) -> str:
     out.append(f"{'HOOK':<{HOOK_COLUMN}}{'NEED':<{NEED_COLUMN}} STATUS")
     status_indent = HOOK_COLUMN + NEED_COLUMN + 1
     for hook in report.hooks:
-        need = "required" if hook.required else "optional"
+        need = hook.need
         if hook.attachable:
             status = f"ok: {hook.method}"
         elif hook.required:

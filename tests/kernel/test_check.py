@@ -135,6 +135,16 @@ def test_required_hook_that_cannot_attach_exits_1_with_reason_on_its_line(tmp_pa
     data = json.loads(_check("--config", str(config), "-o", "json").stdout)
     assert data["ok"] is False
     assert _hook(data, "attr_applied")["required"] is True
+    assert _hook(data, "attr_applied")["need"] == "required"
+
+
+def test_disabled_hook_is_shown_and_never_required(tmp_path):
+    config = tmp_path / "quiet.yaml"
+    config.write_text("hooks:\n  page_fault: disabled\n  hypercall: disabled\n")
+    result = _check("--config", str(config), "-o", "json")
+    assert result.returncode == 0, result.stderr
+    hook = _hook(json.loads(result.stdout), "page_fault")
+    assert (hook["need"], hook["required"], hook["attachable"]) == ("disabled", False, True)
 
 
 def test_invalid_config_exits_3(tmp_path):
