@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bcc import BPF  # noqa: E402
+from bcc import BPF
+from vmm import Vmm
 
-from hekitrace.capture import loader, testrun  # noqa: E402
-from hekitrace.capture.engine import Capture  # noqa: E402
-from vmm import Vmm  # noqa: E402
+from hekitrace.capture import loader, testrun
+from hekitrace.capture.engine import Capture
 
 EMPTY = b"int hk_empty(struct bpf_raw_tracepoint_args *ctx) { return 0; }"
 
@@ -64,7 +64,7 @@ def main() -> int:
         results.append(("baseline: empty raw tracepoint program", measure(e, lambda i: [0], runs)))
         results.append(("fault: read access (dropped before any map)",
                         measure(fault, lambda i: [0, 0x100000 << 12, 0x181], runs)))
-        results.append(("fault: write, page not in the filter (LPM miss)",
+        results.append(("fault: write, page not in the filter (bucket miss)",
                         measure(fault, lambda i: [0, 0x10 << 12, 0x1AA], runs)))
         testrun.run_raw_tracepoint(fault, [0, 0x100000 << 12, 0x1AA])
         results.append(("fault: write, protected page, storm counted in kernel",

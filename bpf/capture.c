@@ -8,7 +8,7 @@
  *   HK_NR_MAP_GPA_RANGE                hypercall numbers of the ABI profile (absent: none)
  *   HK_KVM_CREATE_VM, HK_KVM_SET_USER_MEMORY_REGION(2), HK_KVM_SET_MEMORY_ATTRIBUTES
  *   HK_VENDOR                          1 = VMX exit qualification, 2 = SVM PFERR
- *   HK_FAULT_INTERVAL_NS               storm report interval
+ *   HK_FAULT_INTERVAL_JIFFIES          storm report interval (in kernel jiffies)
  *   HK_GFN_RANGE_{START,END,ATTR}_OFF  struct kvm_gfn_range offsets (BTF)
  *   HK_VCPU_ID_OFF, HK_VCPU_RIP_OFF    struct kvm_vcpu offsets (BTF; -1 = unknown)
  *   HK_WITH_FLOOD                      add the test-only XDP flood generator

@@ -2,10 +2,12 @@
  * fetch faults on pages in the kernel-side filter reach userspace, and repeats on one page
  * are counted here and reported at most once per HK_FAULT_INTERVAL_NS. Included by capture.c.
  *
- * Filter: an LPM trie keyed by (tgid, gfn), both big-endian so that a range of gfns
- * splits into a few aligned prefixes (userspace: Capture.protect_filter_update). A trie
- * gives O(prefix bits) lookups with no loop in BPF and no per-page entries; a hash of
- * ranges would need a loop over ranges per fault. Value: the FaultAccess bits to report.
+ * Filter: a hash keyed by (tgid, 2 MiB bucket = gfn >> 9) whose value holds one bit per
+ * page for write faults and one for fetch faults (userspace: Capture.protect_filter_update).
+ * One hash lookup and a bit test per fault, no loop, no per-page entries; it measured
+ * faster than an LPM trie of aligned prefixes (bench/bench_bpf_cost.py, BENCHMARKS.md).
+ * Heki protects kernel text and rodata (tens to hundreds of MiB): a few hundred buckets
+ * of 128 bytes per VM. Not preallocated, so an empty filter costs nothing.
  */
 
 /* tracefs format of kvm:kvm_page_fault (checked by the loader, heki-kvm.md 3.2) */
@@ -19,11 +21,17 @@ struct hk_tp_page_fault {
 };
 
 struct hk_filter_key {
-    u32 prefixlen;   /* 32 (tgid) + 64 - log2(block pages) */
-    u32 tgid_be;
-    u64 gfn_be;
+    u32 tgid;
+    u32 reserved;
+    u64 bucket;      /* gfn >> 9 */
 };
-BPF_LPM_TRIE(hk_fault_filter, struct hk_filter_key, u32, 65536);
+
+struct hk_filter_bucket {
+    u64 write[8];    /* bit (gfn & 511): report write faults on that page */
+    u64 fetch[8];    /* same for instruction fetches */
+};
+BPF_F_TABLE("hash", struct hk_filter_key, struct hk_filter_bucket, hk_fault_filter, 65536,
+            BPF_F_NO_PREALLOC);
 
 struct hk_storm_key {
     u32 tgid;
@@ -34,7 +42,8 @@ struct hk_storm_key {
 struct hk_storm {
     u64 count;          /* faults not reported yet */
     u64 first_ns;       /* boot ns of the first of them */
-    u64 last_report_ns;
+    u64 last_report_ns; /* boot ns of the last report (userspace's flush reads it) */
+    u64 last_report_jiffies;  /* the same instant in jiffies (the per-fault check) */
     /* the last reported fault, for userspace's flush of a storm that stopped
      * (engine.py: counts still pending after an interval are reported from there) */
     u64 gpa;
@@ -128,34 +137,49 @@ static __always_inline int hk_fault(struct hk_vcpu_src *v, u64 gpa, u64 ec)
         return 0;
     u32 tgid = hk_tgid();
     struct hk_filter_key fk = {};
-    fk.prefixlen = 96;
-    fk.tgid_be = __builtin_bswap32(tgid);
-    fk.gfn_be = __builtin_bswap64(gpa >> 12);
-    u32 *want = hk_fault_filter.lookup(&fk);
-    if (!want || !(*want & acc))
+    fk.tgid = tgid;
+    fk.bucket = gpa >> 21;
+    struct hk_filter_bucket *b = hk_fault_filter.lookup(&fk);
+    if (!b)
+        return 0;
+    u32 word = (gpa >> 18) & 7;          /* (gfn & 511) / 64 */
+    u64 bit = 1ULL << ((gpa >> 12) & 63);
+    u64 want = 0;
+    if (acc & HK_ACC_WRITE)
+        want |= b->write[word];
+    if (acc & HK_ACC_FETCH)
+        want |= b->fetch[word];
+    if (!(want & bit))
         return 0;
 
     struct hk_storm_key sk = {};
     sk.tgid = tgid;
     sk.gfn = gpa >> 12;
-    u64 now = bpf_ktime_get_boot_ns();
+    /* The interval is checked in jiffies: reading the clocksource cost ~100 ns per fault
+     * on the build host (bench/bench_bpf_cost.py), jiffies a few ns, and jiffy
+     * resolution is plenty for a report interval. Boot-clock stamps are taken only where
+     * a record or the flush needs them. */
+    u64 now = bpf_jiffies64();
     struct hk_storm *st = hk_storms.lookup(&sk);
     if (!st) {
         struct hk_storm fresh = {};
-        fresh.first_ns = now;
-        fresh.last_report_ns = now;
+        u64 boot = bpf_ktime_get_boot_ns();
+        fresh.first_ns = boot;
+        fresh.last_report_ns = boot;
+        fresh.last_report_jiffies = now;
         /* if the storm table is full every fault is sent: costly but nothing is hidden */
         hk_storms.update(&sk, &fresh);
         st = hk_storms.lookup(&sk);
-        return hk_fault_emit(tgid, v, acc, gpa, ec, 1, now, st);
+        return hk_fault_emit(tgid, v, acc, gpa, ec, 1, boot, st);
     }
     if (__sync_fetch_and_add(&st->count, 1) == 0)
-        st->first_ns = now;
-    if (now - st->last_report_ns < HK_FAULT_INTERVAL_NS)
+        st->first_ns = bpf_ktime_get_boot_ns();
+    if (now - st->last_report_jiffies < HK_FAULT_INTERVAL_JIFFIES)
         return 0;
     u64 first = st->first_ns;
     u64 count = __sync_lock_test_and_set(&st->count, 0);
-    st->last_report_ns = now;
+    st->last_report_jiffies = now;
+    st->last_report_ns = bpf_ktime_get_boot_ns();
     if (!count)
         return 0;
     return hk_fault_emit(tgid, v, acc, gpa, ec, count, first, st);

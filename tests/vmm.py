@@ -50,7 +50,7 @@ class Vmm:
         self.vm_fd = fcntl.ioctl(self.kvm_fd, kvmuapi.KVM_CREATE_VM, 0)
         self.slots: dict[int, Slot] = {}
 
-    def __enter__(self) -> "Vmm":
+    def __enter__(self) -> Vmm:
         return self
 
     def __exit__(self, *exc) -> None:

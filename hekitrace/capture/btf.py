@@ -75,7 +75,7 @@ class Btf:
             pos += _TYPE.size + _extra_size(kind, vlen)
 
     @classmethod
-    def load(cls, path: str = VMLINUX_BTF) -> "Btf":
+    def load(cls, path: str = VMLINUX_BTF) -> Btf:
         try:
             with open(path, "rb") as f:
                 return cls(f.read(), path)
@@ -89,7 +89,7 @@ class Btf:
     def _type(self, type_id: int) -> tuple[int, int, int, int]:
         """(kind, vlen, size_or_type, offset) of ``type_id``."""
         pos = self._offsets[type_id]
-        name_off, info, size_or_type = _TYPE.unpack_from(self._data, pos)
+        _name_off, info, size_or_type = _TYPE.unpack_from(self._data, pos)
         return (info >> 24) & 0x1F, info & 0xFFFF, size_or_type, pos
 
     def _resolve(self, type_id: int) -> int:

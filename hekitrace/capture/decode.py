@@ -13,8 +13,7 @@ spans records:
 
 from __future__ import annotations
 
-from hekitrace.capture.records import (DROP_REASONS, HOOK_NAMES, RING_NAMES, ProtectEnd,
-                                       ProtectPage)
+from hekitrace.capture.records import DROP_REASONS, HOOK_NAMES, RING_NAMES, ProtectEnd, ProtectPage
 from hekitrace.events import Lost, ProtectFlags, ProtectRequest
 
 LOST_PAGES = int(ProtectFlags.LOST_PAGES)
@@ -56,7 +55,7 @@ class ProtectAssembler:
 
 def _request(time_ns: int, tgid: int, tid: int, list_gpa: int, pages: list[ProtectPage],
              npages_read: int, flags: int, declared: int) -> ProtectRequest:
-    pages.sort(key=lambda p: p.index)
+    pages.sort(key=lambda p: p.page_index)
     entries: tuple = ()
     page_flags = 0
     for p in pages:

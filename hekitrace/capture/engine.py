@@ -17,11 +17,11 @@ Usage::
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any
 
 from hekitrace.abi import DEFAULT_PROFILE, AbiProfile
 from hekitrace.capture import loader, records
@@ -86,27 +86,28 @@ class Capture:
         self._tracefs = tracefs
         self._say = say or (lambda msg: print(f"hekitrace: {msg}", file=sys.stderr))
         self._status = {h: HookStatus(h, req[h]) for h in HOOKS}
-        self.bpf = None
+        self.bpf: Any = None
         self.cflags: list[str] = []
-        self._readers: list = []
+        self._readers: list[Any] = []
         self._bcc_buffers: list[list[bytes]] | None = None
         self._numbers = records.HypercallNumbers.from_profile(self.abi)
         self._assembler = ProtectAssembler()
         self._losses = LossTracker()
         self.decode_stats = records.DecodeStats()
-        self._filter_keys: dict[int, list[bytes]] = {}
+        self._filter_keys: dict[int, list[int]] = {}
         self._next_storm_flush = 0.0
 
     # -- start-up ---------------------------------------------------------------------
-    def start(self) -> "Capture":
+    def start(self) -> Capture:
         """Compile, load and attach; raise AttachError for a required hook that failed."""
         btf = Btf.load()
         offsets = loader.kernel_offsets(btf)
         vendor = loader.detect_vendor(self.settings.vendor, say=self._say)
+        hz = loader.kernel_hz(say=self._say)
         extra = list(self._extra)
         want_fentry = (self._attach and "attr_applied" not in self._disabled
                        and btf.has_function(ATTR_FUNCTION))
-        self.cflags = loader.build_cflags(self.settings, self.abi, offsets, vendor,
+        self.cflags = loader.build_cflags(self.settings, self.abi, offsets, vendor, hz,
                                           tuple(extra + (["-DHK_WITH_FENTRY"] if want_fentry
                                                          else [])))
         fentry_error = "" if want_fentry else f"{ATTR_FUNCTION} not in the kernel's BTF"
@@ -118,7 +119,7 @@ class Capture:
             # bcc attaches KFUNC_PROBE while compiling: a refused fentry fails the compile
             fentry_error = str(exc).splitlines()[0][:200]
             self._say(f"attr_applied: fentry refused ({fentry_error}); recompiling for kprobe")
-            self.cflags = loader.build_cflags(self.settings, self.abi, offsets, vendor,
+            self.cflags = loader.build_cflags(self.settings, self.abi, offsets, vendor, hz,
                                               tuple(extra))
             self.bpf = loader.compile_bpf(self.cflags, self._dump)
             want_fentry = False
@@ -136,7 +137,7 @@ class Capture:
         for method, fn in chain:
             try:
                 fn()
-            except Exception as exc:  # bcc raises plain Exception; keep going down the chain
+            except Exception as exc:  # noqa: BLE001 (bcc raises plain Exception; try the next method)
                 errors.append(f"{method}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
                 continue
             st.attached, st.method, st.reason = True, method, "; ".join(errors)
@@ -167,9 +168,11 @@ class Capture:
 
         self._try("hypercall", [("raw_tracepoint", raw("kvm_hypercall", "hk_hypercall_raw")),
                                 ("tracepoint", tp("kvm", "kvm_hypercall", "hk_hypercall_tp"))])
-        self._try("ioctl", [("tracepoint", lambda: (
-            tp("syscalls", "sys_enter_ioctl", "hk_ioctl_enter")(),
-            tp("syscalls", "sys_exit_ioctl", "hk_ioctl_exit")()))])
+        def ioctl() -> None:
+            tp("syscalls", "sys_enter_ioctl", "hk_ioctl_enter")()
+            tp("syscalls", "sys_exit_ioctl", "hk_ioctl_exit")()
+
+        self._try("ioctl", [("tracepoint", ioctl)])
         self._try("attr_applied", [("fentry", fentry), ("kprobe", kprobe)])
         self._try("page_fault", [("raw_tracepoint", raw("kvm_page_fault", "hk_fault_raw")),
                                  ("tracepoint", tp("kvm", "kvm_page_fault", "hk_fault_tp"))])
@@ -178,12 +181,11 @@ class Capture:
 
     def _open_rings(self) -> None:
         try:
-            from hekitrace.capture.ringbuf import RingReader
+            from hekitrace.capture import ringbuf
         except ImportError as exc:
             self._say(f"ring reader unavailable ({exc}); using bcc's ring_buffer callbacks")
-            RingReader = None
-        if RingReader is not None:
-            self._readers = [RingReader(self.bpf[name].map_fd)
+        else:
+            self._readers = [ringbuf.RingReader(self.bpf[name].map_fd)
                              for name in (b"hk_control", b"hk_telemetry")]
             return
         self._bcc_buffers = [[], []]
@@ -209,11 +211,7 @@ class Capture:
         for buf, spans in self._drain(max_records):
             events.extend(records.decode_batch(buf, spans, offset, self._numbers, parts,
                                                self.decode_stats))
-        if parts:
-            events.extend(self._assembler.feed(parts))
-        else:
-            requests = self._assembler.feed(())
-            events.extend(requests)
+        events.extend(self._assembler.feed(parts))
         events.extend(self._losses.update(self.bpf[b"hk_loss"], time.time_ns()))
         now = time.monotonic()
         if now >= self._next_storm_flush:
@@ -280,25 +278,22 @@ class Capture:
         """Replace the fault filter of VMM ``tgid`` by ``ranges`` of (gfn_start, gfn_end)
         or (gfn_start, gfn_end, access_bits): faults of those FaultAccess bits (default
         write and fetch) on pages in [gfn_start, gfn_end) reach userspace. Returns the
-        number of trie entries (aligned power-of-two blocks) now installed for ``tgid``."""
+        number of 2 MiB buckets now installed for ``tgid`` (bpf/fault.c)."""
         table = self.bpf[b"hk_fault_filter"]
-        new: dict[bytes, int] = {}
-        for r in ranges:
-            start, end = int(r[0]), int(r[1])
-            access = int(r[2]) if len(r) > 2 else REPORT_WRITE_FETCH
-            for block_start, bits in split_aligned(start, end):
-                key = lpm_key(tgid, block_start, bits)
-                new[key] = new.get(key, 0) | access
-        old = self._filter_keys.get(tgid, [])
+        new = filter_buckets(ranges)
         key_t, leaf_t = table.Key, table.Leaf
-        for raw_key in old:
-            if raw_key not in new:
+        for bucket in self._filter_keys.get(tgid, []):
+            if bucket not in new:
                 try:
-                    del table[key_t.from_buffer_copy(raw_key)]
+                    del table[key_t(tgid, 0, bucket)]
                 except KeyError:
                     pass
-        for raw_key, access in new.items():
-            table[key_t.from_buffer_copy(raw_key)] = leaf_t(access)
+        for bucket, (write, fetch) in new.items():
+            leaf = leaf_t()
+            for i in range(8):
+                leaf.write[i] = (write >> (64 * i)) & 0xFFFFFFFFFFFFFFFF
+                leaf.fetch[i] = (fetch >> (64 * i)) & 0xFFFFFFFFFFFFFFFF
+            table[key_t(tgid, 0, bucket)] = leaf
         self._filter_keys[tgid] = list(new)
         return len(new)
 
@@ -332,19 +327,28 @@ class Capture:
             self.bpf = None
 
 
-def split_aligned(start: int, end: int) -> list[tuple[int, int]]:
-    """[start, end) as aligned blocks (block_start, log2 size): at most ~2x64 blocks."""
-    out = []
-    while start < end:
-        bits = (start & -start).bit_length() - 1 if start else 63
-        while bits > 0 and start + (1 << bits) > end:
-            bits -= 1
-        out.append((start, bits))
-        start += 1 << bits
+#: pages per filter bucket (bpf/fault.c: gfn >> 9)
+BUCKET_PAGES = 512
+
+
+def filter_buckets(ranges: Iterable[tuple]) -> dict[int, tuple[int, int]]:
+    """bucket (gfn >> 9) -> (write bitmap, fetch bitmap) as 512-bit ints, for ranges of
+    (gfn_start, gfn_end[, FaultAccess bits]) (default write and fetch)."""
+    out: dict[int, tuple[int, int]] = {}
+    for r in ranges:
+        start, end = int(r[0]), int(r[1])
+        access = int(r[2]) if len(r) > 2 else REPORT_WRITE_FETCH
+        gfn = start
+        while gfn < end:
+            bucket = gfn // BUCKET_PAGES
+            lo = gfn - bucket * BUCKET_PAGES
+            hi = min(end - bucket * BUCKET_PAGES, BUCKET_PAGES)
+            bits = (1 << hi) - (1 << lo)
+            w, f = out.get(bucket, (0, 0))
+            if access & FaultAccess.WRITE:
+                w |= bits
+            if access & FaultAccess.FETCH:
+                f |= bits
+            out[bucket] = (w, f)
+            gfn = bucket * BUCKET_PAGES + hi
     return out
-
-
-def lpm_key(tgid: int, gfn_block: int, bits: int) -> bytes:
-    """struct hk_filter_key: prefixlen (host order), tgid and gfn big-endian (bpf/fault.c)."""
-    import struct
-    return struct.pack("<I", 32 + 64 - bits) + struct.pack(">IQ", tgid, gfn_block)

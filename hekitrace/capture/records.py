@@ -35,8 +35,18 @@ import struct
 from typing import NamedTuple
 
 from hekitrace import kvmuapi
-from hekitrace.events import (AttrApplied, AttrIoctl, CrPinRequest, CrWrite, Event, Fault,
-                              Hypercall, Memslot, ProtectEntry, VmCreated)
+from hekitrace.events import (
+    AttrApplied,
+    AttrIoctl,
+    CrPinRequest,
+    CrWrite,
+    Event,
+    Fault,
+    Hypercall,
+    Memslot,
+    ProtectEntry,
+    VmCreated,
+)
 
 REC_IOCTL = 1
 REC_HYPERCALL = 2
@@ -131,7 +141,7 @@ class ProtectPage(NamedTuple):
     tid: int
     call_id: int
     page_gpa: int
-    index: int
+    page_index: int
     flags: int
     next_pa: int
     npages: int
@@ -154,7 +164,7 @@ class ProtectEnd(NamedTuple):
 class DecodeStats:
     """Records the decoder could not turn into events (counted, never raised)."""
 
-    __slots__ = ("short", "unknown_type", "failed_ioctl")
+    __slots__ = ("failed_ioctl", "short", "unknown_type")
 
     def __init__(self) -> None:
         self.short = 0
@@ -168,13 +178,13 @@ class HypercallNumbers(NamedTuple):
     lock_cr_update: int = -1
 
     @classmethod
-    def from_profile(cls, abi) -> "HypercallNumbers":
+    def from_profile(cls, abi) -> HypercallNumbers:
         nr = abi.lock_cr_update
         return cls(lock_cr_update=-1 if nr is None else nr)
 
 
 def _page(v: tuple, buf, off: int, epoch: int) -> ProtectPage:
-    n = v[13] if v[13] <= HEKI_MAX_ENTRIES else HEKI_MAX_ENTRIES
+    n = min(v[13], HEKI_MAX_ENTRIES)
     if v[10] & (1 << 4):          # READ_FAULT: nothing was read
         n = 0
     base = off + PAGE_ENTRIES_OFFSET
@@ -232,7 +242,7 @@ def decode_batch(buf, spans, epoch_offset_ns: int, numbers: HypercallNumbers,
         elif rtype == REC_IOCTL:
             v = ioctl_u(buf, off)
             t = v[6] + epoch_offset_ns
-            cmd, fd, ret = v[7], v[8], v[9]
+            cmd, ret = v[7], v[9]
             if cmd == create_vm:
                 append(VmCreated(t, v[3], v[4], vm_fd=ret, stats_path=f"/kvm/{v[4]}-{ret}",
                                  source="ioctl"))

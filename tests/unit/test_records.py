@@ -4,15 +4,24 @@ numbers derived from their struct sizes, and page-list assembly including lost p
 
 from __future__ import annotations
 
-import struct
-
 from hekitrace import kvmuapi
 from hekitrace.abi import DEFAULT_PROFILE
 from hekitrace.capture import records as r
 from hekitrace.capture.decode import ProtectAssembler
-from hekitrace.capture.engine import lpm_key, split_aligned
-from hekitrace.events import (AttrApplied, AttrIoctl, CrPinRequest, CrWrite, Fault, Hypercall,
-                              Memslot, ProtectFlags, ProtectRequest, VmCreated)
+from hekitrace.capture.engine import filter_buckets
+from hekitrace.events import (
+    AttrApplied,
+    AttrIoctl,
+    CrPinRequest,
+    CrWrite,
+    Fault,
+    FaultAccess,
+    Hypercall,
+    Memslot,
+    ProtectFlags,
+    ProtectRequest,
+    VmCreated,
+)
 
 NUM = r.HypercallNumbers.from_profile(DEFAULT_PROFILE)
 OFF = 1_000_000_000_000
@@ -122,15 +131,13 @@ def test_pages_without_end_record_are_flushed_flagged():
     assert req.flags == ProtectFlags.LOST_PAGES and len(req.entries) == 1
 
 
-def test_filter_ranges_split_into_aligned_blocks():
-    for start, end in ((0x12345, 0x12348), (0, 1), (7, 1000), (1 << 40, (1 << 40) + 12345)):
-        blocks = split_aligned(start, end)
-        covered = []
-        for s, bits in blocks:
-            assert s % (1 << bits) == 0
-            covered.append((s, s + (1 << bits)))
-        assert covered[0][0] == start and covered[-1][1] == end
-        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
-        assert len(blocks) <= 2 * 64
-    key = lpm_key(0x01020304, 0x12340, 4)
-    assert key == struct.pack("<I", 92) + bytes([1, 2, 3, 4]) + (0x12340).to_bytes(8, "big")
+def test_filter_buckets_set_one_bit_per_page():
+    b = filter_buckets([(0x12345, 0x12348), (510, 514, FaultAccess.FETCH)])
+    assert set(b) == {0x12345 >> 9, 0, 1}
+    w, f = b[0x12345 >> 9]
+    assert w == f == 0b111 << (0x12345 & 511)
+    assert b[0] == (0, (1 << 510) | (1 << 511))
+    assert b[1] == (0, 0b11)
+    big = filter_buckets([(1000, 1000 + 512 * 3)])
+    assert sum(w.bit_count() for w, _ in big.values()) == 512 * 3
+    assert filter_buckets([(5, 5)]) == {}
