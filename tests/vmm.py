@@ -50,7 +50,7 @@ class Vmm:
         self.vm_fd = fcntl.ioctl(self.kvm_fd, kvmuapi.KVM_CREATE_VM, 0)
         self.slots: dict[int, Slot] = {}
 
-    def __enter__(self) -> Vmm:
+    def __enter__(self) -> Vmm:  # noqa: PYI034 (typing.Self needs 3.11 callers only; keep it plain)
         return self
 
     def __exit__(self, *exc) -> None:
