@@ -481,10 +481,14 @@ def _compile_probe_module() -> tuple[Any, Bcc]:
                          f"cannot import bcc ({exc}): install python3-bpfcc "
                          "(never the PyPI 'bcc')")
     version = getattr(bcc, "__version__", None)
+    source = bpf_dir() / "probe_hooks.c"
+    if not source.is_file():
+        return None, Bcc(True, version, False, None,
+                         f"BPF sources not found ({source}): set ${BPF_DIR_ENV}")
     start = time.monotonic()
     with _captured_stderr() as lines:
         try:
-            module = BPF(src_file=str(bpf_dir() / "probe_hooks.c"))
+            module = BPF(src_file=str(source))
             error = None
         except Exception as exc:  # bcc raises bare Exception on compile failure
             module, error = None, exc
