@@ -55,6 +55,12 @@ MAX_RECENT_WRITABLE = 256
 MAX_PENDING_PER_VM = 4096
 #: bound on dedup entries per VM
 MAX_DEDUP_PER_VM = 4096
+#: announcements kept for this many pairing windows (faults are reported up to
+#: capture.fault_report_interval_seconds after their first occurrence)
+_ANNOUNCE_KEEP_WINDOWS = 4
+#: plain ints: IntFlag arithmetic costs microseconds per fault on the hot path
+_WRITE = int(FaultAccess.WRITE)
+_FETCH = int(FaultAccess.FETCH)
 #: entries of one request inspected by the per-entry rules (matches the state default)
 MAX_ENTRIES_INSPECTED = 4096
 
@@ -538,14 +544,16 @@ class Policy:
                             "new": abi.attr_flags(abi.guest_to_kvm(perms))}, (s, e))
             if entry is rejected:
                 break
-            if perms & gw:
-                st.recent_writable.append((time_ns, entry.gpa >> PAGE_SHIFT,
-                                           entry.end_gpa >> PAGE_SHIFT))
+        # "make writable" announcements: a protected, non-writable range became writable
+        # (text_poke's first request); a later write fault there is expected, not an attack
+        kw, heki = self._kw, self._heki
+        for mc in change.map_changes:
+            if mc.new & kw and not mc.old & kw and mc.old & heki:
+                st.recent_writable.append((time_ns, mc.gfn_start, mc.gfn_end))
         for rejection in change.rejections:
             if rejection.errno == "EPERM":
                 self._on_eperm(rejection.entry, event, st, guest, out)
         if self._pairing and not guest.preexisting:
-            heki = self._heki
             slots = guest.memslot_gfn_ranges()
             for mc in change.map_changes:
                 if (mc.old ^ mc.new) & heki:
@@ -639,9 +647,13 @@ class Policy:
         count = event.count if isinstance(event.count, int) and event.count > 0 else 1
         when = event.first_ns or event.time_ns
         abi = self.abi
-        if access & FaultAccess.WRITE and not value & self._kw \
-                and self._enabled["protected_write"]:
-            for t, s, e in st.recent_writable:
+        if access & _WRITE and not value & self._kw and self._enabled["protected_write"]:
+            recent = st.recent_writable
+            # announcements far older than any fault could refer to are dropped
+            horizon = event.time_ns - _ANNOUNCE_KEEP_WINDOWS * self._window_ns
+            while recent and recent[0][0] < horizon:
+                recent.popleft()
+            for t, s, e in recent:
                 if s <= gfn < e and when - t <= self._window_ns:
                     self.stats["announced_writes"] += count
                     break
@@ -651,7 +663,7 @@ class Policy:
                                  f"write to protected gpa {event.gpa:#x} "
                                  f"({abi.attr_flags(value)}) x{count} at rip {event.rip:#x}",
                                  self._fault_evidence(event, gfn, value), (gfn, "w"), count)
-        if access & FaultAccess.FETCH and not value & self._kx \
+        if access & _FETCH and not value & self._kx \
                 and self._enabled["protected_fetch"] \
                 and self._admit(out, st, "protected_fetch", event.time_ns, (gfn, "x"), count):
             self._record(out, st, "protected_fetch", event.time_ns,
