@@ -93,15 +93,23 @@ def absolute_path(v: Any) -> str | None:
 
 
 def listen_address(v: Any) -> str | None:
-    host, sep, port = v.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        return "HOST:PORT with a port 1-65535 (e.g. 127.0.0.1:9864, [::1]:9864)"
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if host != "localhost":
-            return "an IP address or localhost before the port"
+    """``IP:PORT``, ``[IPv6]:PORT``, ``localhost:PORT`` or ``:PORT`` (every address);
+    port 0 asks the kernel for a free one (tests). Same forms as httpserver.parse_listen."""
+    expected = ("HOST:PORT with a port 0-65535 (e.g. 127.0.0.1:9864, [::1]:9864, "
+                ":9864 for every address)")
+    if v.startswith("["):
+        host, sep, port = v[1:].partition("]:")
+    else:
+        host, sep, port = v.rpartition(":")
+        if ":" in host:
+            return "an IPv6 address in brackets, e.g. [::1]:9864"
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return expected
+    if host and host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return "an IP address, localhost or nothing before the port"
     return None
 
 
@@ -382,6 +390,16 @@ def _apply_override(root: yaml.Node, override: str) -> yaml.Node:
         value_node = yaml.compose(value or "null", Loader=yaml.SafeLoader)
     except yaml.YAMLError:
         raise ConfigError(f"-O {override!r}: the value is not valid YAML") from None
+    # errors in what the override brought name the override, not a line of the file
+    stack = [value_node] if value_node is not None else []
+    while stack:
+        item = stack.pop()
+        item.start_mark = None
+        item.hk_override = override  # type: ignore[attr-defined]
+        if isinstance(item, yaml.MappingNode):
+            stack.extend(n for pair in item.value for n in pair)
+        elif isinstance(item, yaml.SequenceNode):
+            stack.extend(item.value)
     node = root
     parts = keypath.split(".")
     for i, part in enumerate(parts):
@@ -402,6 +420,7 @@ def _apply_override(root: yaml.Node, override: str) -> yaml.Node:
                 continue
         if i == len(parts) - 1:
             key = yaml.ScalarNode("tag:yaml.org,2002:str", part)
+            key.hk_override = override  # type: ignore[attr-defined]
             node.value.append((key, value_node))
     return root
 
@@ -413,6 +432,9 @@ class _Walker:
         self.path = path
 
     def fail(self, node: yaml.Node | None, key: str, message: str) -> ConfigError:
+        origin = getattr(node, "hk_override", None)
+        if origin is not None:
+            return ConfigError(f"{message} (from -O {origin})", path=self.path, key=key or None)
         line = node.start_mark.line + 1 if node is not None and node.start_mark else None
         return ConfigError(message, path=self.path, line=line, key=key or None)
 

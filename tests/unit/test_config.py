@@ -245,8 +245,13 @@ def test_overrides_apply_and_are_validated():
     assert cfg.abi_profile() is abi.HEKI_V3
     assert cfg.policy.rules["map_degraded"].enabled is False
     assert cfg.capture.queue_events == 128
-    with pytest.raises(ConfigError, match="did you mean 'queue_events'"):
-        parse_config("", "o.yaml", ["capture.queue_event=1"])
+    with pytest.raises(ConfigError, match="did you mean 'queue_events'") as info:
+        parse_config("abi: {}\nhooks: {}\n", "o.yaml", ["capture.queue_event=1"])
+    assert info.value.line is None and "(from -O capture.queue_event=1)" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        parse_config("\n\nabi: {}\n", "o.yaml", ["abi.mbec=[1]"])
+    assert str(info.value) == ("o.yaml: abi.mbec: expected true or false, got a list "
+                               "(from -O abi.mbec=[1])")
     with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
         parse_config("", "o.yaml", ["capture.queue_events"])
 
