@@ -17,13 +17,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hekitrace.abi import DEFAULT_PROFILE  # noqa: E402
-from hekitrace.capture import loader, testrun  # noqa: E402
-from hekitrace.capture.btf import Btf  # noqa: E402
-from hekitrace.capture.engine import Capture  # noqa: E402
-from hekitrace.errors import AttachError, BtfError  # noqa: E402
-from hekitrace.events import Lost, ProtectFlags, ProtectRequest  # noqa: E402
-from vmm import Vmm  # noqa: E402
+from vmm import Vmm
+
+from hekitrace.abi import DEFAULT_PROFILE
+from hekitrace.capture import loader, testrun
+from hekitrace.capture.btf import Btf
+from hekitrace.capture.engine import Capture
+from hekitrace.errors import AttachError, BtfError
+from hekitrace.events import Lost, ProtectFlags, ProtectRequest
 
 pytestmark = pytest.mark.kernel
 SMALL = {"control_ring_bytes": 65536, "telemetry_ring_bytes": 65536}
