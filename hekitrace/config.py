@@ -17,7 +17,6 @@ import difflib
 import hashlib
 import ipaddress
 import os
-import types
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -26,6 +25,29 @@ import yaml
 
 from hekitrace import abi
 from hekitrace.errors import ConfigError
+
+class FrozenMap(dict):
+    """A read-only dict: the frozen config's mappings (rule settings).
+
+    A dict subclass rather than ``types.MappingProxyType`` so that ``dataclasses.asdict``,
+    ``copy.deepcopy``, pickling and hashing of a Config keep working.
+    """
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("the configuration is read-only")
+
+    __setitem__ = __delitem__ = __ior__ = _readonly  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def __reduce__(self) -> tuple:
+        return (FrozenMap, (dict(self),))
+
+    def __deepcopy__(self, memo: dict) -> "FrozenMap":
+        return self
+
 
 #: where the daemon and ``check`` look when no ``--config`` is given
 DEFAULT_CONFIG_PATH = "/etc/hekitrace/hekitrace.yaml"
@@ -40,7 +62,7 @@ RULE_IDS = (
 SEVERITIES = ("info", "warning", "critical")
 #: default severity of each rule: critical when the guest's protection is broken or
 #: attacked, warning when the evidence is indirect or the monitor itself is impaired
-DEFAULT_SEVERITY = types.MappingProxyType({
+DEFAULT_SEVERITY = FrozenMap({
     "wx_request": "critical", "immutable_change": "critical",
     "immutable_relaxed": "critical", "request_not_applied": "warning",
     "applied_without_request": "warning", "protected_write": "critical",
@@ -221,8 +243,7 @@ class PolicyException:
 
 
 def _default_rules() -> Mapping[str, RuleConfig]:
-    return types.MappingProxyType(
-        {rule: RuleConfig(True, DEFAULT_SEVERITY[rule]) for rule in RULE_IDS})
+    return FrozenMap({rule: RuleConfig(True, DEFAULT_SEVERITY[rule]) for rule in RULE_IDS})
 
 
 @dataclass(frozen=True)
@@ -523,7 +544,7 @@ class _Walker:
                 current = dataclasses.replace(
                     current, **{fname: self.value(vnode, fields[fname], f"{full}.{fname}")})
             rules[name] = current
-        return types.MappingProxyType(rules)
+        return FrozenMap(rules)
 
     def exceptions(self, node: yaml.Node, key: str) -> tuple[PolicyException, ...]:
         if not isinstance(node, yaml.SequenceNode):

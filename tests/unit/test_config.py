@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -234,6 +236,14 @@ def test_config_is_frozen():
         cfg.abi = None  # type: ignore[misc]
     with pytest.raises(TypeError):
         cfg.policy.rules["wx_request"] = None  # type: ignore[index]
+
+
+def test_config_survives_asdict_deepcopy_pickle_and_hash():
+    cfg = load_config(str(FIXTURES / "custom_profile.yaml"))
+    assert dataclasses.asdict(cfg)["policy"]["rules"]["wx_request"]["severity"] == "warning"
+    assert copy.deepcopy(cfg) == cfg
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert hash(cfg) == hash(copy.deepcopy(cfg))
 
 
 # -- -O overrides -----------------------------------------------------------------------
