@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trace: {args.trace}", file=sys.stderr)
     make_trace(args.trace, args.events, args.vms_per_chunk, args.per_vm, args.seed)
     size = os.path.getsize(args.trace)
-    rows = []
+    rows: list[tuple[str, int | None, float, float, int | None]] = []
     _, wall, cpu = timed(lambda: read_crc(args.trace))
     rows.append(("read+crc (baseline)", None, wall, cpu, size))
     total, wall, cpu = timed(lambda: decode_binary(args.trace))

@@ -29,14 +29,28 @@ import heapq
 import json
 import random
 import uuid as uuid_mod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Callable, Iterator
 
 from hekitrace.abi import HEKI_MAX_ENTRIES_PER_PAGE, HEKI_V2, KVM_HC_MAP_GPA_RANGE, AbiProfile
-from hekitrace.events import (PAGE_SIZE, AttrApplied, AttrIoctl, CrPinRequest, CrWrite,
-                              Event, Fault, FaultAccess, Hypercall, Memslot, ProtectEntry,
-                              ProtectFlags, ProtectRequest, VmCreated, VmDestroyed)
+from hekitrace.events import (
+    PAGE_SIZE,
+    AttrApplied,
+    AttrIoctl,
+    CrPinRequest,
+    CrWrite,
+    Event,
+    Fault,
+    FaultAccess,
+    Hypercall,
+    Memslot,
+    ProtectEntry,
+    ProtectFlags,
+    ProtectRequest,
+    VmCreated,
+    VmDestroyed,
+)
 
 DEFAULT_LAYOUT = "kernel-layout-debian-6.1.json"
 #: 2026-11-25T15:00:00Z: the default start of simulated traces (any fixed value would do)

@@ -41,15 +41,24 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import IO, Any, Callable, Iterator, NamedTuple, Union
+from datetime import UTC, datetime
+from typing import IO, Any, NamedTuple
 
 from hekitrace.errors import TraceFormatError
-from hekitrace.events import (CLASS_BY_NAME, KIND_OF, NAME_OF, AttrApplied, AttrIoctl,
-                              CrPinRequest, CrWrite, Event, EventKind, Fault, Hypercall,
-                              Lost, Memslot, ProtectEntry, ProtectRequest, VmCreated,
-                              VmDestroyed)
+from hekitrace.events import (
+    CLASS_BY_NAME,
+    KIND_OF,
+    NAME_OF,
+    Event,
+    EventKind,
+    Lost,
+    ProtectEntry,
+    ProtectRequest,
+    VmCreated,
+    VmDestroyed,
+)
 
 MAGIC = b"\x89HKT\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -132,7 +141,7 @@ class TraceProblem(NamedTuple):
                 "message": self.message}
 
 
-ErrorSink = Union[list, Callable[[TraceProblem], None], None]
+ErrorSink = list | Callable[[TraceProblem], None] | None
 
 
 def _sink(errors: ErrorSink) -> Callable[[TraceProblem], None]:
@@ -372,6 +381,10 @@ class TraceWriter:
             self._raw(event_to_json_line(event).encode() + b"\n")
         else:
             record = encode_event(event)
+            if len(record) > MAX_BLOCK_BYTES - _BLOCK_HEAD.size:
+                raise TraceFormatError(f"{NAME_OF[type(event)]} event of {len(record)} bytes "
+                                       f"exceeds the {MAX_BLOCK_BYTES}-byte block limit",
+                                       path=self.path)
             self._pending.append(record)
             self._pending_bytes += len(record)
             if self._pending_bytes >= self.block_bytes:
@@ -427,9 +440,11 @@ _STR_FIELDS = frozenset({"stats_path", "name", "uuid", "vmm", "source", "stage",
 def event_to_dict(event: Event) -> dict[str, Any]:
     """The JSON object of ``event`` (as in a JSON Lines trace and in finding evidence)."""
     out: dict[str, Any] = {"kind": NAME_OF[type(event)]}
+    value: Any
     for name, value in zip(event._fields, event):
         if name == "entries":
-            out[name] = [[hex(e.gpa), hex(e.end_gpa), e.permissions] for e in value]
+            entries: tuple[ProtectEntry, ...] = value
+            out[name] = [[hex(e.gpa), hex(e.end_gpa), e.permissions] for e in entries]
         elif name in _HEX_FIELDS and isinstance(value, int) and value >= 0:
             out[name] = hex(value)
         else:
@@ -459,7 +474,7 @@ def parse_time(value: Any) -> int:
         except ValueError:
             raise ValueError(f"bad time {value!r}; expected e.g. 2026-11-25T15:00:00Z") from None
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         return int(moment.timestamp()) * 1_000_000_000 + frac
     return _int(value)
 
@@ -486,7 +501,7 @@ def event_from_dict(data: dict[str, Any], *, start_ns: int = 0, last_ns: int = 0
     ``tid`` defaults to ``tgid``; other fields default as in :mod:`hekitrace.events`.
     """
     kind = data.get("kind")
-    cls = CLASS_BY_NAME.get(kind) if isinstance(kind, str) else None
+    cls: Any = CLASS_BY_NAME.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(CLASS_BY_NAME)}")
     fields = cls._fields

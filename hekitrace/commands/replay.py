@@ -17,7 +17,8 @@ import itertools
 import json
 import sys
 import textwrap
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from hekitrace import config as config_mod
 from hekitrace import views
@@ -152,7 +153,10 @@ def replay(paths: Iterable[str], config: Any = None, *, until: str | None = None
                 if until is not None:
                     limit = _until_ns(until, first_ns)
             if limit is not None and batch[-1].time_ns > limit:
-                batch = list(itertools.takewhile(lambda ev: ev.time_ns <= limit, batch))
+                cut = 0
+                while batch[cut].time_ns <= limit:
+                    cut += 1
+                batch = batch[:cut]
                 done = True
             findings += feed_many(batch)
             last[0] = pipeline.last_event_ns
@@ -271,12 +275,12 @@ def exit_status(result: ReplayResult) -> int:
 
 def serve_metrics(result: ReplayResult, port: int) -> None:
     """Serve /metrics for the replayed state on 127.0.0.1:``port`` until interrupted."""
-    import threading  # noqa: PLC0415
+    import threading
 
-    from prometheus_client.registry import CollectorRegistry  # noqa: PLC0415
+    from prometheus_client.registry import CollectorRegistry
 
-    from hekitrace.httpserver import Health, HttpServer  # noqa: PLC0415
-    from hekitrace.metrics import HekitraceCollector, LoopStats, build_info  # noqa: PLC0415
+    from hekitrace.httpserver import Health, HttpServer
+    from hekitrace.metrics import HekitraceCollector, LoopStats, build_info
 
     pipeline = result.pipeline
     stats = LoopStats()
@@ -289,9 +293,11 @@ def serve_metrics(result: ReplayResult, port: int) -> None:
     health.ready = True
     health.not_ready_reasons = ()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HekitraceCollector(
-        lambda: (pipeline.host, pipeline.abi, pipeline.policy), stats, build_info(),
-        vm_label=pipeline.config.metrics.vm_label))
+    def state() -> Any:
+        return pipeline.host, pipeline.abi, pipeline.policy
+
+    registry.register(HekitraceCollector(state, stats, build_info(),
+                                         vm_label=pipeline.config.metrics.vm_label))
     server = HttpServer(f"127.0.0.1:{port}", registry, health)
     server.start()
     print(f"serving the replayed state on http://127.0.0.1:{server.port}/metrics "

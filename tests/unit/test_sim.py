@@ -34,7 +34,7 @@ def test_page_list_chains_169_entries_per_page_newest_first():
     assert head == 0x500000 + 2 * PAGE
     # ... and the host reads it first: entries 338..399, then 169..337, then 0..168
     starts = [e.gpa // (2 * PAGE) for e in entries]
-    assert starts == list(range(338, 400)) + list(range(169, 338)) + list(range(0, 169))
+    assert starts == list(range(338, 400)) + list(range(169, 338)) + list(range(169))
 
 
 def test_page_list_exactly_full_page_needs_no_second_page():
@@ -106,7 +106,7 @@ def test_host_applies_in_reverse_and_stops_at_first_error():
     ranges = [(g[0] * PAGE, (g[0] + 1) * PAGE, 1), (0x1234, 0x2000, 1),
               (g[2] * PAGE, (g[2] + 1) * PAGE, 1)]
     before = len(vm.events)
-    head, entries, _ = build_page_list(ranges, _pool())
+    _, entries, _ = build_page_list(ranges, _pool())
     assert vm._host_apply(entries, 1) == ["EINVAL"]
     applied = [e for e in vm.events[before:] if isinstance(e, AttrApplied)]
     assert [a.gfn_start for a in applied] == [entries[-1].gpa // PAGE]
@@ -134,7 +134,7 @@ def test_simulation_is_deterministic_and_time_ordered():
     a = sim.simulate(["multi-vm", "all-attacks"], seed=7)
     assert a == sim.simulate(["multi-vm", "all-attacks"], seed=7)
     assert a != sim.simulate(["multi-vm", "all-attacks"], seed=8)
-    assert all(x.time_ns <= y.time_ns for x, y in zip(a, a[1:]))
+    assert all(x.time_ns <= y.time_ns for x, y in itertools.pairwise(a))
     assert len({e.tgid for e in a}) == 3 + len(sim.ATTACKS)
 
 

@@ -11,11 +11,28 @@ from hypothesis import strategies as st
 
 from hekitrace import trace
 from hekitrace.errors import TraceFormatError
-from hekitrace.events import (AttrApplied, AttrIoctl, CrPinRequest, CrWrite, Fault,
-                              Hypercall, Lost, Memslot, ProtectEntry, ProtectRequest,
-                              VmCreated, VmDestroyed)
-from hekitrace.trace import (TraceHeader, TraceProblem, TraceWriter, open_trace, read_events,
-                             write_events)
+from hekitrace.events import (
+    AttrApplied,
+    AttrIoctl,
+    CrPinRequest,
+    CrWrite,
+    Fault,
+    Hypercall,
+    Lost,
+    Memslot,
+    ProtectEntry,
+    ProtectRequest,
+    VmCreated,
+    VmDestroyed,
+)
+from hekitrace.trace import (
+    TraceHeader,
+    TraceProblem,
+    TraceWriter,
+    open_trace,
+    read_events,
+    write_events,
+)
 
 # -- strategies: every field over its full encoded range ---------------------------------
 u8 = st.integers(0, 2**8 - 1)
@@ -216,11 +233,11 @@ def test_hand_written_jsonl_conveniences(tmp_path):
         '{"kind": "header", "start_time": "2026-11-25T15:00:00Z"}',
         '',
         '{"kind": "vm_created", "t": 0, "tgid": 100, "name": "demo"}',
-        '{"kind": "protect_request", "t": 1.5, "tgid": 100, "tid": 101,'
-        ' "list_gpa": "0x5000", "entries": [["0x1000000", "0x1e02000", 13]]}',
+        ('{"kind": "protect_request", "t": 1.5, "tgid": 100, "tid": 101,'
+         ' "list_gpa": "0x5000", "entries": [["0x1000000", "0x1e02000", 13]]}'),
         '{"kind": "cr_write", "tgid": 100, "cr": 4, "value": "0x270ef0"}',
-        '{"kind": "cr_write", "time": "2026-11-25T15:00:02.25Z", "tgid": 100, "cr": 4,'
-        ' "value": 1}',
+        ('{"kind": "cr_write", "time": "2026-11-25T15:00:02.25Z", "tgid": 100, "cr": 4,'
+         ' "value": 1}'),
     ]) + "\n")
     problems: list = []
     got = list(read_events(path, problems))
@@ -265,9 +282,9 @@ def test_writer_flush_fsync_and_bytes_written(tmp_path):
 
 
 def test_unencodable_event_is_a_clear_error(tmp_path):
-    with TraceWriter(tmp_path / "e", TraceHeader()) as writer:
-        with pytest.raises(TraceFormatError, match="memslot"):
-            writer.write(Memslot(0, 1, 1, 0, 0, -5, 0, 0))
+    with TraceWriter(tmp_path / "e", TraceHeader()) as writer, \
+            pytest.raises(TraceFormatError, match="memslot"):
+        writer.write(Memslot(0, 1, 1, 0, 0, -5, 0, 0))
 
 
 def test_unknown_kind_record_is_skipped_by_length(tmp_path):
