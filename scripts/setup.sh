@@ -108,7 +108,9 @@ install_headers() {
     if [ -d "$build" ] && [ "$(tree_release "$build")" = "$rel" ]; then
         return 0                                   # matching headers: nothing to do
     fi
-    apt_update if-empty
+    # refresh stale package lists before settling for a fallback, unless an earlier run
+    # already did (the fallback link is in place): re-runs then need no network
+    if [ -L "$build" ] && [ -d "$build" ]; then apt_update if-empty; else apt_update; fi
     if has_candidate "linux-headers-$rel"; then
         log "installing linux-headers-$rel"
         apt_install "linux-headers-$rel"
