@@ -11,6 +11,7 @@ Usage::
     cap = Capture(config).start()
     for fd in cap.fds(): selector.register(fd, ...)
     events = cap.read()          # control ring first, then telemetry, then losses
+    for batch in cap.batches(timeout_seconds=10): ...   # or let it poll
     cap.protect_filter_update(tgid, [(gfn_start, gfn_end), ...])
     cap.close()
 """
@@ -266,6 +267,27 @@ class Capture:
             sink.clear()
             out.append((buf, spans))
         return out
+
+    def batches(self, timeout_seconds: float | None = None):
+        """Yield event batches as the rings fill (epoll on both rings, plus one read per
+        ``fault_report_interval_seconds`` so losses and stopped storms are reported even
+        when nothing arrives). Stops after ``timeout_seconds`` if given."""
+        import select
+        poller = select.epoll()
+        for fd in self.fds():
+            poller.register(fd, select.EPOLLIN)
+        deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                wait = self.settings.fault_report_interval_seconds
+                if deadline is not None:
+                    wait = max(0.0, min(wait, deadline - time.monotonic()))
+                poller.poll(wait)
+                batch = self.read()
+                if batch:
+                    yield batch
+        finally:
+            poller.close()
 
     def hook_status(self) -> dict[str, HookStatus]:
         return dict(self._status)

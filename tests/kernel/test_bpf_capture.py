@@ -343,3 +343,14 @@ def test_event_times_are_epoch_ns(cap):
     hypercall(cap, 0x55)
     (e,) = [x for x in mine(cap) if type(x).__name__ == "Hypercall"]
     assert before - 50_000_000 <= e.time_ns <= time.time_ns() + 50_000_000
+
+
+def test_batches_wakes_up_on_a_record(cap):
+    cap.read()
+    hypercall(cap, LOCK_CR, 0, 1 << 16, 0)
+    got = []
+    for batch in cap.batches(timeout_seconds=2.0):
+        got.extend(e for e in batch if isinstance(e, CrPinRequest) and e.tgid == os.getpid())
+        if got:
+            break
+    assert [(e.cr, e.mask) for e in got] == [(0, 1 << 16)]
