@@ -21,7 +21,10 @@ Entries outside every known memslot are still applied to the requested map, beca
 ``kvm_vm_set_mem_attributes`` stores into the attribute xarray without consulting
 memslots (only the arch hooks are per memslot, heki-kvm.md 2.2-2.3); they are reported
 as an ``outside_memslots`` anomaly. A guest with no known memslot (found running) is not
-checked. A request with more entries than ``max_entries_per_request`` is cut to the first
+checked. ``AttrApplied`` sets the full value it reports (the hook's ``arg.attributes`` is
+the new value, heki-kvm.md 2.2); on a Heki host that also ran private memory this would
+clear PRIVATE where Heki bits were set (not a combination any Heki build supported). A
+request with more entries than ``max_entries_per_request`` is cut to the first
 ones the host would apply and the guest is marked degraded, since the model then
 diverges from the host.
 """

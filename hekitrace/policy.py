@@ -194,7 +194,8 @@ class Policy:
         self.counts: dict[tuple[VmKey | None, str, str], int] = {}
         self.stats: dict[str, int] = {"deduplicated": 0, "rate_limited": 0, "excepted": 0,
                                       "announced_writes": 0, "pairing_overflow": 0,
-                                      "dedup_overflow": 0}
+                                      "dedup_overflow": 0, "internal_errors": 0}
+        self.last_internal_error: str | None = None
         self._vms: dict[VmKey, _VmState] = {}
         self._pending: deque[tuple[int, VmKey, str, int, int]] = deque()
         self._dedup_expiry: deque[tuple[int, VmKey, tuple]] = deque()
@@ -264,7 +265,11 @@ class Policy:
                             "reasons": list(guest.degraded_reasons)}, ("degraded", reason))
         handler = self._handlers.get(type(event))
         if handler is not None:
-            handler(change, event, st, guest, out)
+            try:
+                handler(change, event, st, guest, out)
+            except Exception as error:  # noqa: BLE001 - a rule bug must not stop the daemon
+                self.stats["internal_errors"] += 1
+                self.last_internal_error = f"{type(error).__name__}: {error}"
         return out
 
     def tick(self, now_ns: int | None = None) -> list[Finding]:

@@ -346,3 +346,14 @@ def test_status_names_unimplemented_rules():
     status = Rig().policy.status()
     assert status["rules"]["privileged_hypercall_from_user"].startswith("not implemented")
     assert status["rules"]["wx_request"] == "active"
+
+
+def test_rule_bug_or_odd_event_shape_never_raises():
+    rig = Rig()
+    rig.boot()
+    # entries as plain lists (a decoder that did not build ProtectEntry): the host copes,
+    # a rule needing attribute access must not take the pipeline down
+    ev = ProtectRequest(T0 + 10, A, A, 0x9000, ([0x5000, 0x6000, R | W | X],))
+    assert rig.feed(ev) == []
+    assert rig.policy.stats["internal_errors"] == 1
+    assert "AttributeError" in rig.policy.last_internal_error
