@@ -114,8 +114,8 @@ class Guest:
         self.memslots: dict[int, MemslotInfo] = {}
         self.pinned_cr: dict[int, int] = {}
         self.lockdown_ns: int | None = None
-        self.counters: dict[str, int] = {"rejected_entries": 0, "anomalies": 0,
-                                         "lost_events": 0}
+        self.counters: dict[str, int] = dict.fromkeys(NAME_OF.values(), 0)
+        self.counters.update(rejected_entries=0, anomalies=0, lost_events=0)
         self.degraded_reasons: list[str] = []
         self.preexisting = preexisting
         #: True once the applied map received any Heki bit (see policy: unsupported hosts)
@@ -265,7 +265,7 @@ class Host:
         """The live guest of ``event.tgid``, creating an implicit (degraded) one if needed."""
         guest = self._live.get(event.tgid)
         if guest is not None:
-            guest.counters[NAME_OF[type(event)]] = guest.counters.get(NAME_OF[type(event)], 0) + 1
+            guest.counters[NAME_OF[type(event)]] += 1
             return guest, (), None
         guest = Guest(VmKey(event.tgid, event.time_ns), preexisting=True)
         guest.add_degraded(REASON_PREEXISTING)
@@ -277,9 +277,7 @@ class Host:
     def _count_only(self, event: Event) -> Change:
         guest = self._live.get(event.tgid)
         if guest is not None:
-            name = NAME_OF[type(event)]
-            counters = guest.counters
-            counters[name] = counters.get(name, 0) + 1
+            guest.counters[NAME_OF[type(event)]] += 1
             return Change(event, guest.key)
         guest, degraded, lifecycle = self._guest_for(event)
         return Change(event, guest.key, lifecycle=lifecycle, degraded=degraded)
@@ -481,8 +479,9 @@ class Host:
         attributes = event.attributes
         if attributes & self._heki_mask:
             guest.heki_applied_seen = True
-        changes = tuple(MapChange("applied", s, e, old, new)
-                        for s, e, old, new in guest.applied.set(start, end, attributes, ALL_BITS))
+        changes = tuple([MapChange("applied", s, e, old, new)
+                         for s, e, old, new in guest.applied.set(start, end, attributes,
+                                                                 ALL_BITS)])
         return Change(event, guest.key, changes, lifecycle=lifecycle, degraded=degraded)
 
     def _attr_ioctl(self, event: AttrIoctl) -> Change:

@@ -55,6 +55,8 @@ MAX_RECENT_WRITABLE = 256
 MAX_PENDING_PER_VM = 4096
 #: bound on dedup entries per VM
 MAX_DEDUP_PER_VM = 4096
+#: timers run at most this often in event time (pairing/dedup windows are seconds long)
+TICK_GRANULARITY_NS = 50_000_000
 #: announcements kept for this many pairing windows (faults are reported up to
 #: capture.fault_report_interval_seconds after their first occurrence)
 _ANNOUNCE_KEEP_WINDOWS = 4
@@ -308,7 +310,7 @@ class Policy:
                 self._limited_vms.discard(key)
                 if st is not None:
                     self._close_rate_window(st, now_ns, out)
-        self._recompute_deadline()
+        self._recompute_deadline(now_ns)
         return out
 
     def flush(self, now_ns: int | None = None) -> list[Finding]:
@@ -449,8 +451,11 @@ class Policy:
         if st.limited:
             self._close_rate_window(st, max(now_ns, st.rate_start), out)
 
-    def _recompute_deadline(self) -> None:
-        deadline = float("inf")
+    def _recompute_deadline(self, now_ns: int) -> None:
+        """Next time :meth:`tick` has work, but not sooner than ``TICK_GRANULARITY_NS``
+        after this one: callers that tick on every event past the deadline (the
+        pipeline) then run timers at most every 50 ms of event time."""
+        deadline: float = float("inf")
         if self._pending:
             deadline = self._pending[0][0]
         if self._dedup_expiry and self._dedup_expiry[0][0] < deadline:
@@ -459,7 +464,7 @@ class Policy:
             st = self._vms.get(key)
             if st is not None and st.rate_start + self._rate_ns < deadline:
                 deadline = st.rate_start + self._rate_ns
-        self.next_deadline_ns = deadline
+        self.next_deadline_ns = max(deadline, now_ns + TICK_GRANULARITY_NS)
 
     # -- pairing -----------------------------------------------------------------------
     def _expect(self, st: _VmState, guest: Guest, side: str, start: int, end: int,
