@@ -100,6 +100,8 @@ class Daemon:
         self.discovery_done = False
         self._dirty_vms: set = set()
         self.filter_errors = 0
+        self.merged_creations = 0
+        self._vm_fds: dict[int, tuple[int, Any]] = {}
 
     # -- output -----------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -239,8 +241,9 @@ class Daemon:
             return
         try:
             self.uevents = self._uevents_factory()
-        except (OSError, HekitraceError) as error:
-            self.say(f"WARNING: cannot listen for KVM uevents: {error}")
+        except Exception as error:  # noqa: BLE001 - an optional source must not stop us
+            self.say(f"WARNING: cannot listen for KVM uevents ({type(error).__name__}: "
+                     f"{error}); VM destruction is then seen only when the VMM exits")
             return
         self.selector.register(self.uevents.fileno(), selectors.EVENT_READ, self._on_uevents)
 
@@ -342,34 +345,84 @@ class Daemon:
         # Fed straight to the pipeline (not queued): they must not be dropped themselves.
         with self.stats.lock:
             for tgid, count in per_tgid.items():
-                self.stats.count_lost("queue", "overflow", count,
-                                      self._vm_of(tgid))
-                self._apply(Lost(now, tgid, 0, "queue", "overflow", count), count_lost=False)
+                self._apply_one(Lost(now, tgid, 0, "queue", "overflow", count))
+            self._publish_counts()
 
     def _vm_of(self, tgid: int) -> Any:
         guest = self.pipeline.host.by_tgid(tgid) if tgid else None
         return guest.key if guest is not None else None
 
     def _process(self, budget: int) -> None:
+        """Apply up to ``budget`` queued events, in order, under the state lock.
+
+        Runs of ordinary events go through ``Pipeline.feed_many`` (the fast path); the
+        rare ``VmCreated`` and ``Lost`` events are handled one by one in between because
+        the daemon needs to see them in order (duplicate creations, per-VM losses).
+        """
         queue = self.queue
+        n = min(budget, len(queue))
+        batch = [queue.popleft() for _ in range(n)]
+        feed_many = self.pipeline.feed_many
+        special = (VmCreated, Lost)
         with self.stats.lock:
-            for _ in range(min(budget, len(queue))):
-                self._apply(queue.popleft())
-            self.stats.queue_depth = len(queue)
+            start = 0
+            for i, event in enumerate(batch):
+                if type(event) in special:
+                    if start < i:
+                        self._emit(feed_many(batch[start:i]))
+                    self._apply_one(event)
+                    start = i + 1
+            if start < n:
+                self._emit(feed_many(batch[start:] if start else batch))
+            self._publish_counts()
             if self._dirty_vms:
                 self._sync_fault_filter()
 
-    def _apply(self, event: Any, count_lost: bool = True) -> None:
-        """Feed one event (caller holds the state lock); findings go to the sinks."""
-        stats = self.stats
-        name = NAME_OF[type(event)]
-        stats.events_by_kind[name] += 1
-        stats.last_event_ns = event.time_ns
-        if count_lost and type(event) is Lost:
-            stats.count_lost(event.stage, event.reason, event.count, self._vm_of(event.tgid))
-        findings = self.pipeline.feed(event)
-        if findings:
-            self._emit(findings)
+    def _apply(self, event: Any) -> None:
+        """Apply one event outside a batch (start-up discovery); caller holds the lock."""
+        self._apply_one(event)
+        self._publish_counts()
+
+    def _apply_one(self, event: Any) -> None:
+        if type(event) is VmCreated and self._is_duplicate_creation(event):
+            self.merged_creations += 1
+            return
+        if type(event) is Lost and event.tgid:
+            vm = self._vm_of(event.tgid)
+            if vm is not None:
+                key = (vm, event.stage)
+                self.stats.vm_lost[key] = self.stats.vm_lost.get(key, 0) + max(event.count, 0)
+        self._emit(self.pipeline.feed(event))
+        if type(event) is VmCreated:
+            guest = self.pipeline.host.by_tgid(event.tgid)
+            if guest is not None:
+                self._vm_fds[event.tgid] = (event.vm_fd, guest.key)
+
+    def _is_duplicate_creation(self, event: VmCreated) -> bool:
+        """True when ``event`` reports a VM already known from another source.
+
+        The ioctl hook, the uevent and start-up discovery can each report the same VM;
+        ``Host`` treats a second creation by one VMM as a new VM (pid reuse, or a VMM that
+        made a second VM), so the daemon, which merges the sources, drops a report whose
+        (VMM tgid, VM fd) matches the VM that VMM already has.
+        """
+        if event.vm_fd < 0:
+            return False
+        known = self._vm_fds.get(event.tgid)
+        if known is None or known[0] != event.vm_fd:
+            return False
+        guest = self.pipeline.host.by_tgid(event.tgid)
+        return guest is not None and guest.key == known[1]
+
+    def _publish_counts(self) -> None:
+        """Copy the pipeline's event and loss counters where the collector reads them."""
+        pipeline = self.pipeline
+        self.stats.events_by_kind = pipeline.events_by_kind
+        lost = {("queue", "overflow"): 0}
+        lost.update(pipeline.lost)
+        self.stats.lost = lost
+        if pipeline.last_event_ns > self.stats.last_event_ns:
+            self.stats.last_event_ns = pipeline.last_event_ns
 
     def _emit(self, findings: list) -> None:
         for finding in findings:
@@ -400,7 +453,12 @@ class Daemon:
         if now >= timers["expire"]:
             timers["expire"] = now + 10.0
             with self.stats.lock:
-                for change in self.pipeline.host.expire(self._wall_ns()):
+                changes, findings = self.pipeline.expire(self._wall_ns())
+                self._emit(findings)
+                for change in changes:
+                    if change.vm is not None and \
+                            self._vm_fds.get(change.vm.tgid, (0, None))[1] == change.vm:
+                        del self._vm_fds[change.vm.tgid]
                     self.stats.forget_vm(change.vm)
                     self.recent_findings.pop(change.vm, None)
                     if self.capture is not None and change.vm is not None \
@@ -453,6 +511,7 @@ class Daemon:
                        "reload_time_ns": s.config_reload_ns},
             "control": dict(self.control.stats) if self.control is not None else {},
             "filter_errors": self.filter_errors,
+            "merged_creations": self.merged_creations,
         }
 
     def _handle_request(self, request: dict) -> Any:

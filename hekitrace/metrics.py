@@ -173,29 +173,32 @@ def vm_labels(guests: Iterable[Any], label: str = "name") -> dict[Any, str]:
     """The ``vm`` label value of each guest, unique among ``guests``.
 
     ``label`` is ``metrics.vm_label``: ``name``, ``uuid`` or ``pid``. A guest without a
-    name (or uuid) falls back to ``pid-<pid>``; two guests with one value (a VM
-    recreated under its name while the old one is in its grace period) get ``@<pid>``
-    and then ``@<created_ns>`` appended, so no two series collide.
+    name (or uuid) falls back to ``pid-<pid>``. When several guests share a value (a VM
+    recreated under its name while the old one is in its grace period), a single live
+    one keeps the plain value (dashboards follow the running VM) and the others get
+    ``@<pid>``, then ``@<created_ns>`` if that is still not unique.
     """
-    base: dict[Any, str] = {}
+    guests = list(guests)
+    groups: dict[str, list[Any]] = {}
     for guest in guests:
-        value = str(getattr(guest, label, "") or "") if label != "pid" else str(guest.pid)
-        base[guest.key] = value or f"pid-{guest.pid}"
-    counts: dict[str, int] = {}
-    for value in base.values():
-        counts[value] = counts.get(value, 0) + 1
+        value = str(guest.pid) if label == "pid" else str(getattr(guest, label, "") or "")
+        groups.setdefault(value or f"pid-{guest.pid}", []).append(guest)
     out: dict[Any, str] = {}
-    for guest in guests:
-        value = base[guest.key]
-        if counts[value] > 1:
-            value = f"{value}@{guest.pid}"
-        out[guest.key] = value
-    seen: dict[str, int] = {}
+    for value, members in groups.items():
+        if len(members) == 1:
+            out[members[0].key] = value
+            continue
+        live = [g for g in members if getattr(g, "destroyed_ns", None) is None]
+        keeper = live[0] if len(live) == 1 else None
+        for guest in members:
+            out[guest.key] = value if guest is keeper else f"{value}@{guest.pid}"
+    taken: dict[str, int] = {}
     for value in out.values():
-        seen[value] = seen.get(value, 0) + 1
+        taken[value] = taken.get(value, 0) + 1
     for guest in guests:
-        if seen[out[guest.key]] > 1:
-            out[guest.key] = f"{out[guest.key]}@{guest.created_ns}"
+        value = out[guest.key]
+        if taken[value] > 1 and value.endswith(f"@{guest.pid}"):
+            out[guest.key] = f"{value}@{guest.created_ns}"
     return out
 
 

@@ -65,9 +65,17 @@ class Notifier:
         payload = "\n".join(lines).encode("utf-8", "replace")
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: a Unix datagram send blocks when the receiver's queue is
+                # full (net.unix.max_dgram_qlen, often 10), and the event loop must never
+                # wait on systemd. A full queue counts as an undelivered notification.
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM
+                                           | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
             self._sock.sendto(payload, self.address)
             return True
+        except BlockingIOError:
+            self.errors += 1
+            self.last_error = "NOTIFY_SOCKET queue full (receiver not reading)"
+            return False
         except OSError as error:
             self.errors += 1
             self.last_error = f"{error.strerror or error} sending to NOTIFY_SOCKET"

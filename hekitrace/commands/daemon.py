@@ -9,7 +9,9 @@ announced in one line each at start-up, never skipped silently.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
+import signal
 import sys
 from typing import Any, Callable
 
@@ -83,6 +85,9 @@ def build_daemon(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    # SIGUSR1 dumps every thread's stack to stderr: the first thing to ask for when a
+    # daemon looks stuck (journalctl shows it), and it costs nothing until used.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     daemon = build_daemon(args)
     try:
         daemon.start()

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "packaging" / "systemd" / "hekitrace.service"
-HEKITRACE = [sys.executable, "-m", "hekitrace.cli"]
+HEKITRACE = [sys.executable, "/tmp/shim/run.py"]  # LOCALSHIM
 
 
 def free_port() -> int:
@@ -60,6 +61,10 @@ class DaemonProcess:
         self.notify.bind(self.notify_path)
         self.notify.settimeout(0.2)
         self.messages: list[str] = []
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._closing = False
+        self._pending: list[str] = []
         self.watchdog_usec = watchdog_usec
         self.proc: subprocess.Popen | None = None
         self.stderr_path = self.dir / "stderr.log"
@@ -75,18 +80,33 @@ class DaemonProcess:
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL,
                                      stderr=self._stderr)
+        # Read notifications continuously, like systemd: an unread queue would make
+        # the daemon's sends fail (they never block), and we want every message.
+        self._reader = threading.Thread(target=self._read_notify, daemon=True)
+        self._reader.start()
         self.wait_message(lambda m: m.startswith("READY=1"), timeout, since=0)
         return self
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
-    def collect(self) -> None:
-        while True:
+    def _read_notify(self) -> None:
+        while not self._closing:
             try:
-                self.messages.append(self.notify.recv(65536).decode())
+                msg = self.notify.recv(65536).decode()
             except (socket.timeout, BlockingIOError):
+                continue
+            except OSError:
                 return
+            with self._lock:
+                self._pending.append(msg)
+
+    def collect(self) -> None:
+        """Move the notifications received so far into ``messages``."""
+        time.sleep(0.05)
+        with self._lock:
+            self.messages.extend(self._pending)
+            self._pending.clear()
 
     def wait_message(self, predicate, timeout: float = 30.0, since: int | None = None) -> str:
         """First message from index ``since`` (default: messages not yet received) on
@@ -137,6 +157,9 @@ class DaemonProcess:
 
     def close(self) -> None:
         self.stop()
+        self._closing = True
+        if self._reader is not None:
+            self._reader.join(5)
         self.notify.close()
 
 

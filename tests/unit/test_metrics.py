@@ -129,14 +129,20 @@ def test_metrics_retired_vm_findings_and_losses_go_with_it():
 
 def test_metrics_vm_label_modes_and_collisions():
     class G:
-        def __init__(self, tgid, created, name, uuid=""):
+        def __init__(self, tgid, created, name, uuid="", destroyed=None):
             self.key, self.pid, self.created_ns = VmKey(tgid, created), tgid, created
-            self.name, self.uuid = name, uuid
+            self.name, self.uuid, self.destroyed_ns = name, uuid, destroyed
     a, b, c, d = G(1, 10, "web"), G(2, 20, "web"), G(3, 30, ""), G(3, 40, "")
     assert vm_labels([a, c]) == {a.key: "web", c.key: "pid-3"}
     assert vm_labels([a, b]) == {a.key: "web@1", b.key: "web@2"}
     labels = vm_labels([c, d])
-    assert labels[c.key] != labels[d.key]
+    assert labels[c.key] != labels[d.key] and len(set(labels.values())) == 2
+    # the live VM keeps its name; the retired one in its grace period is suffixed
+    old, new = G(7, 1, "db", destroyed=5), G(7, 9, "db")
+    assert vm_labels([old, new]) == {old.key: "db@7", new.key: "db"}
+    old2 = G(7, 2, "db", destroyed=6)
+    labels = vm_labels([old, old2, new])
+    assert labels[new.key] == "db" and len(set(labels.values())) == 3
     assert vm_labels([a], "pid") == {a.key: "1"}
     assert vm_labels([G(5, 1, "x", "u-1")], "uuid") == {VmKey(5, 1): "u-1"}
 

@@ -95,3 +95,12 @@ def test_sdnotify_send_error_is_counted_not_raised(tmp_path):
     assert not n.ready()
     assert n.errors == 1
     assert "NOTIFY_SOCKET" in n.last_error
+
+
+def test_sdnotify_never_blocks_on_a_full_receiver(notify_socket):
+    path, _sock = notify_socket   # the test never reads: the queue fills up
+    n = Notifier({"NOTIFY_SOCKET": path})
+    results = [n.status(f"line {i}") for i in range(2000)]
+    assert results[0] is True
+    assert results[-1] is False
+    assert n.errors == results.count(False) and "queue full" in n.last_error
