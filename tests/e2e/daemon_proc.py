@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "packaging" / "systemd" / "hekitrace.service"
-HEKITRACE = [sys.executable, "/tmp/shim/run.py"]  # LOCALSHIM
+HEKITRACE = [sys.executable, "-m", "hekitrace.cli"]
 
 
 def free_port() -> int:
