@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hekitrace.abi import HEKI_V2, AbiProfile
 from hekitrace.changes import VmKey
@@ -266,3 +268,52 @@ def test_mark_degraded_reports_new_reasons_only():
     key = host.by_tgid(PID).key
     assert host.mark_degraded(key, "journal gap").degraded == ("journal gap",)
     assert host.mark_degraded(key, "journal gap").degraded == ()
+
+
+# -- the Heki v2 host model against a naive per-page reading of heki-kvm.md 1.8 ------------
+
+_PAGES = 48
+
+
+def _naive_apply(pages: dict[int, int], entries, abi: AbiProfile) -> list[str]:
+    """Per page, in host order, stop at the first error; returns errnos of rejections."""
+    for gpa, end_gpa, perms in reversed(entries):
+        if gpa % 4096 or end_gpa % 4096:
+            return ["EINVAL"]
+        if perms == 0 or perms & ~0xF:
+            return ["EINVAL"]
+        if not abi.mbec:
+            perms |= X
+        start, end = gpa // 4096, end_gpa // 4096
+        if end <= start:
+            return ["EINVAL"]
+        if any(pages.get(g, 0) & KI for g in range(start, end)):
+            return ["EPERM"]
+        value = abi.guest_to_kvm(perms)
+        for g in range(start, end):
+            pages[g] = (pages.get(g, 0) & ~abi.kvm_heki_mask) | value
+    return []
+
+
+_entry = st.builds(
+    lambda s, n, perms, skew: ProtectEntry(s * 4096 + skew, (s + n) * 4096, perms),
+    st.integers(0, _PAGES - 1), st.integers(-2, 8), st.integers(0, 0x1F),
+    st.sampled_from([0] * 9 + [1]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_entry, min_size=1, max_size=6), min_size=1, max_size=8),
+       st.booleans())
+def test_protect_requests_match_naive_heki_host(requests, mbec):
+    abi = MBEC if mbec else HEKI_V2
+    host = Host(abi)
+    host.apply(VmCreated(T0, PID, PID))
+    pages: dict[int, int] = {}
+    for i, entries in enumerate(requests):
+        expected = _naive_apply(pages, entries, abi)
+        change = host.apply(ProtectRequest(T0 + i, PID, PID, 0, tuple(entries)))
+        assert [r.errno for r in change.rejections] == expected
+        guest = host.by_tgid(PID)
+        got = {g: guest.requested.get(g) for g in range(_PAGES + 8)}
+        assert got == {g: pages.get(g, 0) for g in range(_PAGES + 8)}
+        guest.requested.check()
