@@ -147,13 +147,13 @@ def test_metrics_port_serves_the_replayed_state(tmp_path):
                 port = int(match.group(1))
                 break
         assert port, "the replay never said where it serves"
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read()
         text = body.decode()
         assert 'hekitrace_vm_info{' in text and 'vm="victim-wt"' in text
         assert re.search(r'hekitrace_findings_total\{[^}]*rule="protected_write"', text)
         assert re.search(r'hekitrace_events_total\{kind="protect_request"\} [1-9]', text)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 1
+        assert proc.wait(timeout=60) == 1
     finally:
         if proc.poll() is None:
             proc.kill()
