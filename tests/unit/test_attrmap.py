@@ -354,3 +354,20 @@ def test_many_blocks_split_merge_and_span() -> None:
     assert m.values_in(4999, 15001) == {0, 0x30, 0x70}
     assert m.set(0, 20000, 0) and not m and m._bb == []
     m.check()
+
+
+def test_blocks_that_shrink_are_merged_into_a_neighbour() -> None:
+    m = AttrMap(block_size=12)  # blocks of 12, split past 24, merged below 3 breakpoints
+    one_block = AttrMap(block_size=1000)
+    for gfn in range(0, 128, 2):
+        m.set(gfn, gfn + 1, 0x10 if gfn % 4 else 0x30)
+        one_block.set(gfn, gfn + 1, 0x10 if gfn % 4 else 0x30)
+    blocks = len(m._bb)
+    assert blocks > 4
+    # Make the middle of a block uniform: most of its breakpoints coalesce away.
+    inner = list(m._bb[2])
+    changed = m.set(inner[0] + 1, inner[-1], 0x30)
+    assert changed == one_block.set(inner[0] + 1, inner[-1], 0x30)
+    m.check()
+    assert len(m._bb) == blocks - 1
+    assert m == one_block and m.to_list() == one_block.to_list()
