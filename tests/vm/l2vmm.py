@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--vm-type", type=int, default=0)
     ap.add_argument("--hold", action="store_true")
+    ap.add_argument("--touch-delay", type=float, default=0.0, metavar="S",
+                    help="pause between the hypercalls and the touches, so a monitor can "
+                         "install its fault filter first (default: 0)")
     ap.add_argument("--private-attr", action="store_true",
                     help="also set and clear KVM_MEMORY_ATTRIBUTE_PRIVATE on a range")
     args = ap.parse_args(argv)
@@ -264,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         # a1..a3 carry leftovers in a real guest (kvm_hypercall1); make them recognisable
         hypercall(PROTECT_MEMORY, req["head_gpa"], 0xa1, 0xa2, 0xa3, req["name"])
     # touches after the requests: a write to text, a fetch from rodata (first accesses)
+    time.sleep(args.touch_delay)
     kvm.run(WRITE_CODE_GPA, ds_base=TEXT[0], regs=(0x5a, 0))
     manifest["touches"].append({"kind": "write", "gpa": TEXT[0]})
     kvm.run(0, cs_base=RODATA[0])

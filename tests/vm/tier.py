@@ -1,0 +1,61 @@
+"""Boot helpers of the vm tier shared by conftest.py and the tests (a module of its own:
+test directories are not packages, so ``import conftest`` would be ambiguous)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import harness
+import image
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+KERNELS = ("6.1", "6.12")
+
+#: the hekitrace CLI inside L1: the working tree (9p, read-only) on PYTHONPATH
+HEKITRACE_WRAPPER = """#!/bin/sh
+PYTHONPATH=/mnt/src PYTHONDONTWRITEBYTECODE=1 \\
+  exec python3 -c 'import sys; from hekitrace.cli import main; sys.exit(main())' "$@"
+"""
+
+RUN_SH = """#!/bin/sh
+export PATH=/mnt/host/bin:$PATH PYTHONDONTWRITEBYTECODE=1
+cd /tmp
+echo "PAYLOAD: start $(cut -d' ' -f1 /proc/uptime)"
+python3 /mnt/src/tests/vm/payload.py --flavour {flavour} --out /mnt/host {extra}
+echo "PAYLOAD: exit $? at $(cut -d' ' -f1 /proc/uptime)"
+"""
+
+
+def boot_tree(flavour: str, src: Path, label: str, times: dict,
+              payload_args: str = "") -> harness.VmRun:
+    """Build/reuse the image for ``flavour`` and boot it with ``src`` shared in."""
+    if not harness.have_qemu():
+        pytest.fail("qemu-system-x86_64 is missing: run scripts/setup.sh")
+    if os.geteuid() != 0:
+        pytest.fail("the vm tier needs root (debootstrap, image build): run as root")
+    t0 = time.monotonic()
+    try:
+        img = image.ensure_image(flavour)
+    except image.ImageBuildError as e:
+        pytest.fail(str(e))
+    t1 = time.monotonic()
+    run_dir = Path(tempfile.mkdtemp(prefix=f"hekitrace-vm-{flavour}-{label}-"))
+    (run_dir / "bin").mkdir()
+    (run_dir / "bin/hekitrace").write_text(HEKITRACE_WRAPPER)
+    os.chmod(run_dir / "bin/hekitrace", 0o755)
+    try:
+        run = harness.boot(img, run_dir, src, RUN_SH.format(flavour=flavour, extra=payload_args),
+                           timeout_seconds=float(os.environ.get("HEKITRACE_VM_TIMEOUT", 420)))
+    except harness.VmRunError as e:
+        pytest.fail(f"{flavour} ({label}): {e}\n(run dir kept: {run_dir})")
+    times[f"{flavour}/{label}"] = {"image_s": t1 - t0, "boot_s": run.boot_seconds,
+                                   "built": img.built_now, "abi": img.abi}
+    return run
+
+
