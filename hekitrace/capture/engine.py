@@ -241,7 +241,8 @@ class Capture:
             idle = now_boot - st.last_report_ns
             if st.count and idle >= interval:
                 stale.append(key)
-                out.append(Fault(now_boot + epoch_offset_ns, key.tgid, 0, st.vcpu, st.gpa,
+                out.append(Fault(now_boot + epoch_offset_ns, key.value >> STORM_GFN_BITS, 0,
+                                 st.vcpu, st.gpa,
                                  st.error_code, st.rip, st.access, st.count,
                                  st.first_ns + epoch_offset_ns))
             elif not st.count and idle >= 10 * interval:
@@ -307,7 +308,7 @@ class Capture:
         for bucket in self._filter_keys.get(tgid, []):
             if bucket not in new:
                 try:
-                    del table[key_t(tgid, 0, bucket)]
+                    del table[key_t(filter_key(tgid, bucket))]
                 except KeyError:
                     pass
         for bucket, (write, fetch) in new.items():
@@ -315,7 +316,7 @@ class Capture:
             for i in range(8):
                 leaf.write[i] = (write >> (64 * i)) & 0xFFFFFFFFFFFFFFFF
                 leaf.fetch[i] = (fetch >> (64 * i)) & 0xFFFFFFFFFFFFFFFF
-            table[key_t(tgid, 0, bucket)] = leaf
+            table[key_t(filter_key(tgid, bucket))] = leaf
         self._filter_keys[tgid] = list(new)
         return len(new)
 
@@ -351,6 +352,13 @@ class Capture:
 
 #: pages per filter bucket (bpf/fault.c: gfn >> 9)
 BUCKET_PAGES = 512
+#: bpf/fault.c HK_STORM_GFN_BITS: storm key = tgid << 40 | gfn
+STORM_GFN_BITS = 40
+
+
+def filter_key(tgid: int, bucket: int) -> int:
+    """bpf/fault.c filter key: tgid << 32 | bucket (gfn >> 9)."""
+    return tgid << 32 | (bucket & 0xFFFFFFFF)
 
 
 def filter_buckets(ranges: Iterable[tuple]) -> dict[int, tuple[int, int]]:
