@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
 
-import pytest
 
 from hekitrace.abi import HEKI_V2, AbiProfile
 from hekitrace.config import parse_config
