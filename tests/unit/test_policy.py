@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 from hekitrace.abi import HEKI_V2, AbiProfile
 from hekitrace.config import parse_config
 from hekitrace.events import (AttrApplied, CrPinRequest, CrWrite, Fault, FaultAccess, Lost,
