@@ -311,13 +311,22 @@ class Capture:
                     del table[key_t(filter_key(tgid, bucket))]
                 except KeyError:
                     pass
+        failed = 0
         for bucket, (write, fetch) in new.items():
             leaf = leaf_t()
             for i in range(8):
                 leaf.write[i] = (write >> (64 * i)) & 0xFFFFFFFFFFFFFFFF
                 leaf.fetch[i] = (fetch >> (64 * i)) & 0xFFFFFFFFFFFFFFFF
-            table[key_t(filter_key(tgid, bucket))] = leaf
+            try:
+                table[key_t(filter_key(tgid, bucket))] = leaf
+            except Exception:  # noqa: BLE001 (bcc raises plain Exception, e.g. map full)
+                failed += 1
         self._filter_keys[tgid] = list(new)
+        if failed:
+            raise AttachError(f"{failed} of {len(new)} fault-filter buckets of pid {tgid} "
+                              "could not be written (hk_fault_filter full? 65536 buckets of "
+                              "2 MiB); faults on those pages are not reported",
+                              hook="page_fault", method="filter")
         return len(new)
 
     def forget_vm(self, tgid: int) -> None:
