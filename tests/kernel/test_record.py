@@ -4,6 +4,7 @@ its one-line summary."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,17 +25,11 @@ from vmm import Vmm  # noqa: E402  (tests/vmm.py, the tests' tiny VMM)
 if os.geteuid() != 0:
     pytest.skip("kernel tests need root (BPF, /dev/kvm)", allow_module_level=True)
 
-# The record subcommand alone: cli.build_parser() imports every subcommand, and this test
-# is about this one.
-_LAUNCH = ("import argparse, sys\n"
-           "from hekitrace.commands import record\n"
-           "parser = argparse.ArgumentParser(prog='hekitrace')\n"
-           "record.add_parser(parser.add_subparsers(dest='command'))\n"
-           "sys.exit(record.run(parser.parse_args(sys.argv[1:])))\n")
+_HEKITRACE = [sys.executable, "-m", "hekitrace.cli"]
 
 
 def _start(*args: str) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", _LAUNCH, "record", *args],
+    child = subprocess.Popen([*_HEKITRACE, "record", *args],
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -83,8 +78,27 @@ def test_record_duration_stops_by_itself(tmp_path):
 
 
 def test_record_rejects_a_non_positive_duration(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _LAUNCH, "record", "-o",
-                           str(tmp_path / "x"), "--duration", "0"],
+    proc = subprocess.run([*_HEKITRACE, "record", "-o", str(tmp_path / "x"), "--duration", "0"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
-    assert "--duration 0.0: expected a positive number of seconds" in proc.stderr
+    assert proc.returncode == 2  # EXIT_USAGE
+    assert proc.stderr == ("hekitrace record: error: --duration 0.0: expected a positive "
+                           "number of seconds\n")
+    assert not (tmp_path / "x").exists()
+
+
+def test_record_to_stdout_streams_json_lines(tmp_path):
+    child = subprocess.Popen([*_HEKITRACE, "record", "-o", "-", "--format", "jsonl",
+                              "--duration", "3", "--no-discovery"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "recording to" not in child.stderr.readline():
+        pass
+    with Vmm() as vm:
+        vm.add_memslot(gpa=0x200000, size_bytes=1 << 16)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[0]["kind"] == "header"
+    mine = [ev for ev in lines[1:] if ev["tgid"] == os.getpid()]
+    assert any(ev["kind"] == "memslot" and ev["size_bytes"] == 1 << 16 for ev in mine)
+    assert "to stdout (jsonl)" in err.strip().splitlines()[-1]
