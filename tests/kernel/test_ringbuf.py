@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import select
 import struct
 import sys
 from pathlib import Path
@@ -165,3 +166,18 @@ def test_drain_rejects_a_producer_further_ahead_than_the_ring():
     reader._prod[0] = 10_000
     with pytest.raises(AttachError, match="more than its 256 bytes"):
         reader.drain()
+
+
+def test_map_fd_polls_readable_while_records_wait_and_not_after_drain(gen):
+    bpf, fd = gen
+    with RingReader(bpf[b"ring"].map_fd) as reader:
+        poller = select.epoll()
+        poller.register(reader.fileno(), select.EPOLLIN)  # level-triggered, as documented
+        assert poller.poll(0) == []
+        xdp_test_run(fd, 10)
+        assert poller.poll(1.0) == [(reader.fileno(), select.EPOLLIN)]
+        reader.drain(max_records=3)  # partial drain: still readable (level-triggered)
+        assert poller.poll(0) == [(reader.fileno(), select.EPOLLIN)]
+        reader.drain()
+        assert poller.poll(0) == []
+        poller.close()
