@@ -36,7 +36,7 @@ from hekitrace.control import ControlServer, RequestError
 from hekitrace.errors import ConfigError, HekitraceError
 from hekitrace.events import NAME_OF, FaultAccess, Lost, VmCreated
 from hekitrace.httpserver import Health, HttpServer
-from hekitrace.metrics import HekitraceCollector, LoopStats, build_info
+from hekitrace.metrics import HekitraceCollector, LoopStats, PageCounts, build_info
 from hekitrace.sdnotify import Notifier
 
 #: events applied per loop iteration before the loop looks at sockets and timers again;
@@ -101,6 +101,7 @@ class Daemon:
         self._dirty_vms: set = set()
         self.filter_errors = 0
         self.merged_creations = 0
+        self.page_counts = PageCounts()
         self._vm_fds: dict[int, tuple[int, Any]] = {}
 
     # -- output -----------------------------------------------------------------------
@@ -123,7 +124,8 @@ class Daemon:
         from prometheus_client.registry import CollectorRegistry  # noqa: PLC0415
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(HekitraceCollector(self._state_ref, self.stats, build_info(),
-                                                  vm_label=cfg.metrics.vm_label))
+                                                  vm_label=cfg.metrics.vm_label,
+                                                  page_counts=self.page_counts))
         self.http = HttpServer(cfg.metrics.listen, self.registry, self.health)
         self.http.start()
         self.say(f"metrics on http://{self.http.host}:{self.http.port}/metrics "
@@ -188,21 +190,26 @@ class Daemon:
         return any(h == "attr_applied" and a for h, _m, _r, a, _ in self.hook_report)
 
     def _add_observer(self) -> None:
-        """Track VMs whose maps changed, to refresh the kernel's fault filter per batch.
+        """Keep per-VM page counts (for metrics) and the set of VMs whose maps changed
+        (to refresh the kernel's fault filter once per batch).
 
         Findings are taken from ``feed()``/``tick()`` return values (see :meth:`_emit`),
         not from observers, so each goes to the alert sink exactly once.
         """
-        add = getattr(self.pipeline, "add_observer", None)
-        if add is None or self.capture is None \
-                or not hasattr(self.capture, "protect_filter_update"):
-            return
+        pages = self.page_counts
+        dirty = self._dirty_vms
+        track_filter = self.capture is not None and hasattr(self.capture,
+                                                            "protect_filter_update")
 
         def observe(change: Any, findings: Any) -> None:
-            if change.map_changes and change.vm is not None:
-                self._dirty_vms.add(change.vm)
+            if change.map_changes:
+                pages.observe(change)
+                if track_filter and change.vm is not None:
+                    dirty.add(change.vm)
+            elif change.lifecycle == "retired":
+                pages.observe(change)
 
-        add(observe)
+        self.pipeline.add_observer(observe)
 
     def _sync_fault_filter(self) -> None:
         """Tell the kernel which pages of each changed VM are write/fetch protected.
@@ -210,7 +217,8 @@ class Daemon:
         Only faults on those pages reach userspace (DESIGN.md "Hooks"); the map used is
         the applied one when the applied hook runs, else the requested one.
         """
-        dirty, self._dirty_vms = self._dirty_vms, set()
+        dirty = list(self._dirty_vms)
+        self._dirty_vms.clear()  # the observer holds this set object: clear, never rebind
         abi = self.config.abi_profile()
         heki, w_bit, x_bit = abi.kvm_heki_mask, 1 << abi.kvm_write, 1 << abi.kvm_exec
         use_applied = self._applied_hook_active()

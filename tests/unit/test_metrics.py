@@ -22,7 +22,8 @@ from hekitrace.changes import VmKey
 from hekitrace.events import (AttrApplied, CrPinRequest, Lost, Memslot, ProtectEntry,
                               ProtectRequest, VmCreated, VmDestroyed)
 from hekitrace.host import Host
-from hekitrace.metrics import METRICS, SPEC_BY_NAME, HekitraceCollector, LoopStats, vm_labels
+from hekitrace.metrics import (METRICS, SPEC_BY_NAME, HekitraceCollector, LoopStats,
+                               PageCounts, vm_labels)
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "fixtures" / "metrics" / "scenario.prom"
@@ -53,8 +54,9 @@ def _scenario():
         VmDestroyed(T0 + 21, 300, 300),
     ]
     stats = LoopStats(queue_capacity=65536)
+    pages = PageCounts()
     for ev in events:
-        host.apply(ev)
+        pages.observe(host.apply(ev))
         stats.events_by_kind[type(ev).__name__ and {
             VmCreated: "vm_created", Memslot: "memslot", ProtectRequest: "protect_request",
             AttrApplied: "attr_applied", CrPinRequest: "cr_pin_request", Lost: "lost",
@@ -72,12 +74,14 @@ def _scenario():
     stats.config_sha256 = "ab" * 32
     stats.config_reload_ns = T0
     stats.queue_depth = 5
+    _scenario.pages = pages
     return host, abi, stats
 
 
-def _render(host, abi, stats, label="name"):
+def _render(host, abi, stats, label="name", pages=None):
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HekitraceCollector(lambda: (host, abi, None), stats, BUILD, label))
+    registry.register(HekitraceCollector(lambda: (host, abi, None), stats, BUILD, label,
+                                         page_counts=pages))
     return generate_latest(registry).decode()
 
 
@@ -86,6 +90,31 @@ def test_metrics_golden_scenario():
     if os.environ.get("HEKITRACE_UPDATE_GOLDEN"):
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
+
+
+def test_metrics_incremental_page_counts_render_the_same_as_a_recount():
+    host, abi, stats = _scenario()
+    _scenario.pages.check(host)
+    assert _render(host, abi, stats, pages=_scenario.pages) == GOLDEN.read_text()
+
+
+def test_metrics_page_counts_follow_random_changes():
+    import random
+    rng = random.Random(7)
+    abi = DEFAULT_PROFILE
+    host = Host(abi)
+    pages = PageCounts()
+    pages.observe(host.apply(VmCreated(T0, 9, 9, name="r")))
+    values = [0, 0x10, 0x50, 0x30, 0xd0, 0x08]
+    for i in range(400):
+        start = rng.randrange(0, 200)
+        end = start + rng.randrange(1, 40)
+        pages.observe(host.apply(AttrApplied(T0 + i, 9, 9, start, end, rng.choice(values))))
+        pages.check(host)
+    host.apply(VmDestroyed(T0 + 500, 9, 9))
+    for change in host.expire(T0 + 500 + 301 * 10**9):
+        pages.observe(change)
+    assert pages.by_vm == {}
 
 
 def test_metrics_no_created_series_and_prefix():

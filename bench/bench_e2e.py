@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""End to end: ring buffer -> events -> state, rules and metrics, in the daemon's code path.
+
+Records are produced in the kernel by the capture's flood generator (bpf/flood.c, an XDP
+program run with BPF_PROG_TEST_RUN ``repeat``: 64-byte hypercall records in the telemetry
+ring, build-host.md). Two consumers take turns on the same ring, each timed alone after
+the generator has filled it (alternating order per round):
+
+(a) baseline, bcc's callback idiom: ``open_ring_buffer(cb)`` + ``ring_buffer_consume()``,
+    the callback doing ``table.event(data)``, building the ``Hypercall`` event and calling
+    ``Pipeline.feed(event)`` (same state and rules);
+(b) hekitrace: the real :class:`hekitrace.daemon.Daemon` (started with that capture, its
+    HTTP server and control socket on loopback/tmp): ``_on_capture`` (RingReader drain +
+    batch decode + loss counters, into the bounded queue) then ``_process`` batches
+    (``Pipeline.feed_many`` + findings + metric counters), exactly what its loop runs.
+    Each round ends with one ``/metrics`` rendering (the collector over the state), timed
+    and included.
+
+The generator's records are hypercalls with a non-Heki number from tgid 0: the cheapest
+event kind for the state machine, so this measures the transport + dispatch ceiling;
+bench/bench_pipeline.py measures the state and rules on heavier event mixes.
+
+Usage (root): .venv/bin/python bench/bench_e2e.py [--records 300000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+_CLOCK = time.process_time  # CPU time of this process: the generator runs in the kernel
+                            # from our syscall, but is outside the timed sections anyway
+
+
+class _CHypercallRec(ctypes.Structure):
+    # struct hk_hypercall_rec, bpf/hekitrace.h (struct hk_hdr then nr, a0..a3)
+    _fields_ = [("type", ctypes.c_uint8), ("version", ctypes.c_uint8),
+                ("reserved", ctypes.c_uint16), ("tgid", ctypes.c_uint32),
+                ("tid", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+                ("time_ns", ctypes.c_uint64), ("nr", ctypes.c_uint64), ("a0", ctypes.c_uint64),
+                ("a1", ctypes.c_uint64), ("a2", ctypes.c_uint64), ("a3", ctypes.c_uint64)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=300_000,
+                        help="records per round (default: 300000)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    from prometheus_client import generate_latest
+
+    from hekitrace.capture.engine import Capture
+    from hekitrace.capture.loader import CaptureSettings
+    from hekitrace.capture.testrun import run_xdp
+    from hekitrace.config import parse_config
+    from hekitrace.daemon import Daemon
+    from hekitrace.events import Hypercall
+    from hekitrace.pipeline import Pipeline
+
+    n = args.records
+    tmp = tempfile.mkdtemp(prefix="hekitrace-bench-")
+    config = parse_config(f'metrics:\n  listen: "127.0.0.1:0"\ncontrol:\n  socket: {tmp}/c.sock\n'
+                          f"capture:\n  queue_events: {max(65536, n)}\n"
+                          "alerts:\n  stdout: false\n", "<bench>")
+    ring_bytes = 1 << (n * 72 - 1).bit_length()
+    cap = Capture(config, settings=CaptureSettings(telemetry_ring_bytes=ring_bytes),
+                  attach=False, extra_cflags=["-DHK_WITH_FLOOD"], say=lambda _l: None).start()
+    devnull = open(os.devnull, "w")
+    daemon = Daemon(config, None, load_config=lambda p: config,
+                    pipeline_factory=lambda cfg, applied: Pipeline(cfg, applied),
+                    capture_factory=lambda cfg, say: cap, log=devnull)
+    daemon.start()
+    flood_fd = cap.program_fd("hk_flood")
+    table = cap.bpf[b"hk_telemetry"]
+    table._event_class = _CHypercallRec
+    # Only one consumer may own the ring at a time: the daemon's RingReader is created by
+    # Capture; the bcc callback consumer is opened on the same map.
+    base_pipeline = Pipeline(config, False)
+    feed = base_pipeline.feed
+
+    def callback(ctx, data, size):  # noqa: ARG001 - bcc's signature
+        r = table.event(data)
+        feed(Hypercall(r.time_ns, r.tgid, r.tid, r.nr, r.a0, r.a1, r.a2, r.a3))
+        return 0
+
+    table.open_ring_buffer(callback)
+
+    def flood() -> None:
+        left = n
+        while left:
+            chunk = min(100_000, left)
+            run_xdp(flood_fd, chunk)
+            left -= chunk
+
+    def by_callback() -> float:
+        flood()
+        before = sum(base_pipeline.events_by_kind.values())
+        t0 = _CLOCK()
+        cap.bpf.ring_buffer_consume()
+        elapsed = _CLOCK() - t0
+        got = sum(base_pipeline.events_by_kind.values()) - before
+        assert got == n, (got, n)
+        return n / elapsed
+
+    def by_daemon() -> tuple[float, float]:
+        flood()
+        before = daemon.stats.events_by_kind.get("hypercall", 0)
+        t0 = _CLOCK()
+        daemon._on_capture(None, 0)
+        while daemon.queue:
+            daemon._process(4096)
+        t1 = _CLOCK()
+        body = generate_latest(daemon.registry)
+        elapsed = _CLOCK() - t0
+        got = daemon.stats.events_by_kind["hypercall"] - before
+        assert got == n, (got, n)
+        assert b"hekitrace_events_total" in body
+        return n / elapsed, (_CLOCK() - t1)
+
+    gc.collect()
+    best_a = best_b = 0.0
+    try:
+        for rnd in range(args.rounds):
+            if rnd % 2:
+                (rate_b, scrape), rate_a = by_daemon(), by_callback()
+            else:
+                rate_a, (rate_b, scrape) = by_callback(), by_daemon()
+            best_a, best_b = max(best_a, rate_a), max(best_b, rate_b)
+            print(f"round {rnd + 1}: bcc callback + Pipeline.feed {rate_a / 1e3:,.0f}k events/s; "
+                  f"daemon path {rate_b / 1e3:,.0f}k events/s (incl. one /metrics render of "
+                  f"{scrape * 1e3:.1f} ms); ratio {rate_b / rate_a:.1f}x")
+        lost = sum(v for k, v in daemon.stats.lost.items())
+        print(f"best: baseline {best_a / 1e3:,.0f}k/s, daemon {best_b / 1e3:,.0f}k/s "
+              f"({best_b / best_a:.1f}x); target 500k/s end to end: "
+              f"{'met' if best_b >= 500e3 else 'NOT met'}; events lost: {lost}; "
+              f"load average {os.getloadavg()[0]:.1f}")
+    finally:
+        daemon.close()
+        devnull.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
