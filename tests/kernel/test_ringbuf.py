@@ -3,7 +3,9 @@
 The generator (bench/gen_ringbuf.c, XDP, run by BPF_PROG_TEST_RUN) writes every record
 identically to two rings; RingReader reads ``ring``, bcc's ``ring_buffer_consume()`` reads
 ``mirror``. A one-page ring, three record sizes and many rounds make records wrap at many
-offsets; every 7th record is reserved then discarded.
+offsets; every 7th record is reserved then discarded. The header walk itself (BUSY
+records, runs of equal headers, wrap) is tested on synthetic rings in
+tests/unit/test_ringbuf_walk.py.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from hekitrace.capture.ringbuf import (BPF_RINGBUF_BUSY_BIT, BPF_RINGBUF_DISCARD_BIT,
-                                       RingReader, map_info)
+from hekitrace.capture.ringbuf import RingReader, map_info
 from hekitrace.errors import AttachError
 
 pytestmark = pytest.mark.kernel
@@ -117,55 +118,6 @@ def test_map_info_of_a_closed_fd_is_a_clear_error():
             map_info(fd)
     finally:
         os.close(fd)
-
-
-def _fake_reader(records: list[tuple[int, bytes]], size: int = 256) -> RingReader:
-    """A RingReader over a synthetic ring image (BUSY records cannot be produced on
-    purpose by a verified BPF program: reserve and commit are paired)."""
-    image = bytearray(2 * size)
-    pos = 0
-    for hdr_flags, payload in records:
-        struct.pack_into("<Ii", image, pos, len(payload) | hdr_flags, 0)
-        image[pos + 8:pos + 8 + len(payload)] = payload
-        pos += (len(payload) + 15) & ~7
-    image[size:] = image[:size]
-    reader = RingReader.__new__(RingReader)
-    reader.name, reader.data_size_bytes, reader._fd, reader._mask = "fake", size, -1, size - 1
-    reader._cons = memoryview(bytearray(8)).cast("Q")
-    reader._prod = memoryview(bytearray(8)).cast("Q")
-    reader._prod[0] = pos
-    reader._data = memoryview(image)
-    reader._words = reader._data.cast("I")
-    reader.records_total = reader.discarded_total = reader.bytes_total = 0
-    reader.busy_stops_total = 0
-    return reader
-
-
-def test_drain_stops_at_the_first_busy_record_even_if_later_ones_are_committed():
-    reader = _fake_reader([(0, b"A" * 8), (0, b"B" * 8), (BPF_RINGBUF_BUSY_BIT, b"C" * 8),
-                           (0, b"D" * 8)])
-    buf, spans = reader.drain()
-    assert _records(buf, spans) == [b"A" * 8, b"B" * 8]
-    assert reader.consumer_pos == 32
-    assert reader.busy_stops_total == 1
-    assert reader.drain() == (b"", [])  # still busy: nothing more, position unchanged
-    assert reader.consumer_pos == 32
-
-
-def test_drain_skips_discarded_records_inside_a_run():
-    reader = _fake_reader([(0, b"A" * 8)] * 5 + [(BPF_RINGBUF_DISCARD_BIT, b"X" * 8)]
-                          + [(0, b"B" * 8)] * 3)
-    buf, spans = reader.drain()
-    assert _records(buf, spans) == [b"A" * 8] * 5 + [b"B" * 8] * 3
-    assert reader.discarded_total == 1
-    assert reader.consumer_pos == 9 * 16
-
-
-def test_drain_rejects_a_producer_further_ahead_than_the_ring():
-    reader = _fake_reader([(0, b"A" * 8)])
-    reader._prod[0] = 10_000
-    with pytest.raises(AttachError, match="more than its 256 bytes"):
-        reader.drain()
 
 
 def test_map_fd_polls_readable_while_records_wait_and_not_after_drain(gen):
