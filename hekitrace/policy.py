@@ -703,6 +703,14 @@ def _clip(start: int, end: int, slots: list[tuple[int, int]]) -> list[tuple[int,
 def _first_mismatch(requested: Any, applied: Any, start: int, end: int,
                     mask: int) -> tuple[int, int, int, int] | None:
     """First sub-range of [start, end) where the two maps' ``mask`` bits differ."""
+    # common case: both maps uniform over the range (four bisects, no lists)
+    rv = requested.get(start)
+    if requested.all_equal(start, end, rv):
+        av = applied.get(start)
+        if applied.all_equal(start, end, av):
+            if (rv ^ av) & mask:
+                return start, end, rv & mask, av & mask
+            return None
     req = list(requested.segments(start, end))
     app = list(applied.segments(start, end))
     i = j = 0

@@ -354,3 +354,19 @@ def test_rule_bug_or_odd_event_shape_never_raises():
     assert rig.feed(ev) == []
     assert rig.policy.stats["internal_errors"] == 1
     assert "AttributeError" in rig.policy.last_internal_error
+
+
+def test_first_mismatch_uniform_and_split_ranges():
+    from hekitrace.attrmap import AttrMap
+    from hekitrace.policy import _first_mismatch
+    heki = MBEC.kvm_heki_mask
+    req, app = AttrMap(), AttrMap()
+    req.set(10, 20, KR | KX)
+    app.set(10, 20, KR | KX | KP)                      # PRIVATE is not compared
+    assert _first_mismatch(req, app, 10, 20, heki) is None
+    app.set(15, 17, KR | KW)
+    assert _first_mismatch(req, app, 10, 20, heki) == (15, 17, KR | KX, KR | KW)
+    assert _first_mismatch(req, app, 0, 5, heki) is None            # both default
+    assert _first_mismatch(req, app, 5, 12, heki) is None           # split, all equal
+    req.set(3, 4, KR)
+    assert _first_mismatch(req, app, 0, 12, heki) == (3, 4, KR, 0)   # split, differs
