@@ -15,9 +15,9 @@ counted (stage "queue", reason "overflow", per VM) and fed to the pipeline as ``
 events so the VM is marked degraded: nothing is lost silently.
 
 Seams for parts written elsewhere: ``capture_factory``, ``uevents_factory``,
-``discover`` and ``recovery`` (the journal: given the Pipeline and the discovered VMs it
-returns the keys it covers, which are then not marked "running before monitoring
-started").
+``discover`` and ``recovery`` (the journal: ``recovery(pipeline, discovered)`` rebuilds
+what it can into the pipeline and returns the VmKeys of running VMs it covers; those are
+neither re-created nor marked "running before monitoring started").
 """
 
 from __future__ import annotations
@@ -265,13 +265,19 @@ class Daemon:
                          "unknown until they act")
         covered: set = set()
         if self._recovery is not None:
+            # The journal's seam: it rebuilds the state it has for the VMs still running
+            # and returns their keys; those keep their maps and are not "running before
+            # monitoring started" (the recovery marks its own gaps).
             covered = set(self._recovery(self.pipeline, found))
         with self.stats.lock:
             for event in found:
+                guest = self.pipeline.host.by_tgid(event.tgid)
+                if guest is not None and guest.key in covered:
+                    self._vm_fds[event.tgid] = (event.vm_fd, guest.key)
+                    continue
                 self._apply(event)
                 guest = self.pipeline.host.by_tgid(event.tgid)
-                if guest is not None and guest.key not in covered \
-                        and PREEXISTING_REASON not in guest.degraded_reasons:
+                if guest is not None and PREEXISTING_REASON not in guest.degraded_reasons:
                     self.pipeline.host.mark_degraded(guest.key, PREEXISTING_REASON)
         self.discovery_done = True
         names = ", ".join(f"{e.name or '?'}(pid {e.tgid})" for e in found) or "none"
@@ -382,6 +388,7 @@ class Daemon:
                     start = i + 1
             if start < n:
                 self._emit(feed_many(batch[start:] if start else batch))
+            self.stats.queue_depth = len(queue)
             self._publish_counts()
             if self._dirty_vms:
                 self._sync_fault_filter()
