@@ -351,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = row
 
     am = rows["AttrMap"]
-    print(f"\nPython {platform.python_version()}, {args.ranges} built ranges "
+    try:
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        load = "unknown"
+    print(f"\nPython {platform.python_version()}, load average {load}, {args.ranges} built ranges "
           f"({am['stored_ranges']} stored), seed {args.seed}; "
           f"{am['ranges_after']} stored ranges after {am['updates']} updates.\n")
     print("| library | updates/s | vs AttrMap (same prefix) | point queries/s "
@@ -368,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             best_update_ratio = r if best_update_ratio is None else min(best_update_ratio, r)
             qr = row["query_s"] / row["am_query_s"]
             ratio = f"AttrMap {r:,.0f}x faster on {row['updates']:,} updates; {qr:,.1f}x on queries"
-        print(f"| {name} | {ups:,.0f} | {ratio} | {qps:,.0f} | "
+        ups_text = f"{ups:,.0f}" if ups >= 10 else f"{ups:.2f}"
+        print(f"| {name} | {ups_text} | {ratio} | {qps:,.0f} | "
               f"{row['iterate_s'] * 1e3:,.1f} ms | {row['build_s'] * 1e3:,.0f} ms | "
               f"{row['bytes_per_range']:,.0f} |")
     if best_update_ratio is not None:
