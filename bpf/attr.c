@@ -6,6 +6,10 @@
 
 static __always_inline int hk_attr_emit(u64 start, u64 end, u64 attributes)
 {
+    if (!hk_budget_take(hk_tgid(), sizeof(struct hk_attr_rec))) {
+        hk_count_loss(hk_tgid(), HK_RING_CONTROL, HK_HOOK_ATTR, HK_DROP_VM_BUDGET);
+        return 0;
+    }
     struct hk_attr_rec *r = hk_control.ringbuf_reserve(sizeof(*r));
     if (!r) {
         hk_count_loss(hk_tgid(), HK_RING_CONTROL, HK_HOOK_ATTR, HK_DROP_RING_FULL);

@@ -11,6 +11,7 @@
  *   HK_FAULT_INTERVAL_JIFFIES          storm report interval (in kernel jiffies)
  *   HK_GFN_RANGE_{START,END,ATTR}_OFF  struct kvm_gfn_range offsets (BTF)
  *   HK_VCPU_ID_OFF, HK_VCPU_RIP_OFF    struct kvm_vcpu offsets (BTF; -1 = unknown)
+ *   HK_VM_BUDGET_BURST, HK_VM_BUDGET_PER_JIFFY   per-VM control-ring budget (bytes)
  *   HK_WITH_FLOOD                      add the test-only XDP flood generator
  *   HK_LAYOUT_MAPS                     add one array per record type (layout test)
  */
@@ -85,6 +86,49 @@ static __always_inline void hk_count_loss(u32 tgid, u8 ring, u8 hook, u8 reason)
 static __always_inline u32 hk_tgid(void)
 {
     return bpf_get_current_pid_tgid() >> 32;
+}
+
+/* Per-VM budget for guest-triggered control records (hypercalls, page lists, applied
+ * attributes): a token bucket in bytes, HK_VM_BUDGET_BURST deep, refilled by
+ * HK_VM_BUDGET_PER_JIFFY each jiffy. The control ring is shared by every VM; without
+ * this a guest looping on PROTECT_MEMORY with 16-page chains (64 KiB of records per
+ * hypercall) could fill it and push out other VMs' records (DESIGN.md principle 5).
+ * Over budget, the record is counted lost for that VM only (reason vm_budget), which
+ * marks that VM degraded. Updates from several vCPUs race benignly: the budget is
+ * approximate, never unbounded. VMM ioctls are not budgeted (the VMM is not the guest). */
+struct hk_budget {
+    u64 tokens;
+    u64 last_jiffies;
+};
+BPF_TABLE("lru_hash", u32, struct hk_budget, hk_vm_budget, 4096);
+
+static __always_inline int hk_budget_take(u32 tgid, u64 bytes)
+{
+    u64 now = bpf_jiffies64();
+    struct hk_budget *b = hk_vm_budget.lookup(&tgid);
+    if (!b) {
+        struct hk_budget fresh = {};
+        fresh.tokens = HK_VM_BUDGET_BURST - bytes;
+        fresh.last_jiffies = now;
+        hk_vm_budget.update(&tgid, &fresh);
+        return 1;
+    }
+    u64 elapsed = now - b->last_jiffies;
+    if (elapsed) {
+        u64 tokens = b->tokens;
+        if (elapsed >= HK_VM_BUDGET_BURST / HK_VM_BUDGET_PER_JIFFY + 1)
+            tokens = HK_VM_BUDGET_BURST;
+        else
+            tokens += elapsed * HK_VM_BUDGET_PER_JIFFY;
+        if (tokens > HK_VM_BUDGET_BURST)
+            tokens = HK_VM_BUDGET_BURST;
+        b->tokens = tokens;
+        b->last_jiffies = now;
+    }
+    if (b->tokens < bytes)
+        return 0;
+    b->tokens -= bytes;
+    return 1;
 }
 
 /* The hooks follow: loader.py appends hypercall.c, ioctl.c, fault.c, attr.c and flood.c

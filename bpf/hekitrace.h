@@ -37,6 +37,7 @@
 #define HK_DROP_RING_FULL     1   /* ringbuf_reserve returned NULL */
 #define HK_DROP_MEMSLOT_FULL  2   /* per-VM memslot table full: slot not learnt */
 #define HK_DROP_PENDING_FULL  3   /* per-thread ioctl argument table full */
+#define HK_DROP_VM_BUDGET     4   /* the VM used up its control-ring budget (a flood) */
 
 /* ProtectFlags (hekitrace/events.py) */
 #define HK_PF_TRUNCATED        (1 << 0)

@@ -81,10 +81,14 @@ static __always_inline int hk_protect_walk(u64 list_gpa)
         }
         pages++;
         u64 next_pa = 0, npages = 0;
-        struct hk_protect_page_rec *r = hk_control.ringbuf_reserve(sizeof(*r));
+        int budget = hk_budget_take(tgid, sizeof(struct hk_protect_page_rec));
+        struct hk_protect_page_rec *r = NULL;
+        if (budget)
+            r = hk_control.ringbuf_reserve(sizeof(*r));
         if (!r) {
             /* the page is lost, but the walk goes on so pages/flags stay true */
-            hk_count_loss(tgid, HK_RING_CONTROL, HK_HOOK_PROTECT, HK_DROP_RING_FULL);
+            hk_count_loss(tgid, HK_RING_CONTROL, HK_HOOK_PROTECT,
+                          budget ? HK_DROP_RING_FULL : HK_DROP_VM_BUDGET);
             flags |= HK_PF_LOST_PAGES;
             u64 hdr3[3];
             if (bpf_probe_read_user(hdr3, sizeof(hdr3), (void *)hva) != 0) {
@@ -121,6 +125,10 @@ static __always_inline int hk_protect_walk(u64 list_gpa)
     if (i == HK_MAX_LIST_PAGES && gpa != 0)
         flags |= HK_PF_TRUNCATED;
 
+    if (!hk_budget_take(tgid, sizeof(struct hk_protect_end_rec))) {
+        hk_count_loss(tgid, HK_RING_CONTROL, HK_HOOK_PROTECT, HK_DROP_VM_BUDGET);
+        return 0;
+    }
     struct hk_protect_end_rec *e = hk_control.ringbuf_reserve(sizeof(*e));
     if (!e) {
         hk_count_loss(tgid, HK_RING_CONTROL, HK_HOOK_PROTECT, HK_DROP_RING_FULL);
@@ -156,6 +164,10 @@ static __always_inline int hk_hypercall(u64 nr, u64 a0, u64 a1, u64 a2, u64 a3)
         control = 1;
 #endif
     struct hk_hypercall_rec *r;
+    if (control && !hk_budget_take(hk_tgid(), sizeof(*r))) {
+        hk_count_loss(hk_tgid(), HK_RING_CONTROL, HK_HOOK_HYPERCALL, HK_DROP_VM_BUDGET);
+        return 0;
+    }
     if (control)
         r = hk_control.ringbuf_reserve(sizeof(*r));
     else

@@ -56,6 +56,9 @@ class CaptureSettings:
     fault_report_interval_seconds: float = 1.0
     vendor: str = "auto"
     max_memslots: int = 64
+    #: per-VM budget for guest-triggered control records (bpf/capture.c hk_budget_take);
+    #: None = a quarter of the control ring, as burst and per second
+    vm_control_budget_bytes: int | None = None
 
     @classmethod
     def from_config(cls, config) -> CaptureSettings:
@@ -159,6 +162,12 @@ def build_cflags(settings: CaptureSettings, abi: AbiProfile, offsets: dict[str, 
              f"-DHK_MAX_MEMSLOTS={slots}",
              f"-DHK_VENDOR={vendor}",
              f"-DHK_FAULT_INTERVAL_JIFFIES={interval_jiffies}ULL"]
+    budget = settings.vm_control_budget_bytes or settings.control_ring_bytes // 4
+    if budget < 2 * 4128:
+        raise AttachError(f"per-VM control budget {budget} bytes: must hold at least two "
+                          "4128-byte list-page records", method="compile")
+    flags += [f"-DHK_VM_BUDGET_BURST={budget}ULL",
+              f"-DHK_VM_BUDGET_PER_JIFFY={max(1, budget // hz)}ULL"]
     for name, nr in (("HK_NR_PROTECT_MEMORY", abi.protect_memory),
                      ("HK_NR_LOCK_CR_UPDATE", abi.lock_cr_update),
                      ("HK_NR_LOCK_MEM_PAGE_RANGES", abi.lock_mem_page_ranges),

@@ -62,7 +62,8 @@ RING_NAMES = {0: "kernel", RING_CONTROL: "control", RING_TELEMETRY: "telemetry"}
 
 HOOK_NAMES = {1: "hypercall", 2: "protect_memory", 3: "ioctl", 4: "attr_applied",
               5: "page_fault", 6: "cr", 7: "flood"}
-DROP_REASONS = {1: "ring_full", 2: "memslot_table_full", 3: "pending_table_full"}
+DROP_REASONS = {1: "ring_full", 2: "memslot_table_full", 3: "pending_table_full",
+                4: "vm_budget"}
 
 HEKI_MAX_ENTRIES = 169
 #: nr of the test-only flood generator's records (bpf/flood.c)

@@ -106,7 +106,8 @@ def test_bad_settings_are_refused_with_the_value():
 def test_full_control_ring_flags_the_request_and_counts_the_loss():
     # 8 KiB control ring: the first 4 KiB list page fits, the next two do not
     cap = Capture(settings=loader.CaptureSettings(control_ring_bytes=8192,
-                                                  telemetry_ring_bytes=65536),
+                                                  telemetry_ring_bytes=65536,
+                                                  vm_control_budget_bytes=1 << 20),
                   required={"hypercall": False, "ioctl": True}, say=lambda m: None).start()
     try:
         with Vmm() as vm:
@@ -123,5 +124,50 @@ def test_full_control_ring_flags_the_request_and_counts_the_loss():
         lost = [e for e in evs if isinstance(e, Lost)]
         assert [(e.stage, e.reason, e.hook, e.count) for e in lost] == [
             ("ring:control", "ring_full", "protect_memory", 2)]
+    finally:
+        cap.close()
+
+
+def _run_in_child(fn) -> int:
+    """Run ``fn`` in a forked child (another tgid, same BPF fds); its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn()
+            os._exit(0)
+        except BaseException:  # noqa: BLE001 (the child must never return into pytest)
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_a_flooding_guest_spends_only_its_own_budget():
+    page = 4128
+    budget = 3 * page + 56          # three list pages and one end record
+    cap = Capture(settings=loader.CaptureSettings(control_ring_bytes=1 << 20,
+                                                  telemetry_ring_bytes=65536,
+                                                  vm_control_budget_bytes=budget),
+                  required={"hypercall": False, "ioctl": True}, say=lambda m: None).start()
+    try:
+        hc = cap.program_fd("hk_hypercall_raw")
+        lock_cr = DEFAULT_PROFILE.lock_cr_update
+        with Vmm() as vm:
+            vm.add_memslot(0x100000, 1 << 20)
+            gpas = [0x101000 + 0x1000 * i for i in range(5)]
+            head = vm.write_heki_list(gpas, [(0, 4096, 1)] * (169 * 5))
+            cap.read()
+            testrun.run_raw_tracepoint(hc, [DEFAULT_PROFILE.protect_memory, head, 0, 0, 0])
+            # another VMM (a forked child: another tgid) still gets its record through
+            assert _run_in_child(lambda: testrun.run_raw_tracepoint(
+                hc, [lock_cr, 4, 1 << 20, 0, 0])) == 0
+            evs = cap.read()
+        mine = [e for e in evs if e.tgid == os.getpid()]
+        (req,) = [e for e in mine if isinstance(e, ProtectRequest)]
+        assert req.pages == 5 and req.flags == ProtectFlags.LOST_PAGES
+        assert len(req.entries) == 3 * 169
+        lost = [(e.reason, e.hook, e.count) for e in mine if isinstance(e, Lost)]
+        assert lost == [("vm_budget", "protect_memory", 2)]
+        others = [e for e in evs if e.tgid not in (0, os.getpid())
+                  and type(e).__name__ == "CrPinRequest"]
+        assert [(e.cr, e.mask) for e in others] == [(4, 1 << 20)]
     finally:
         cap.close()
