@@ -252,6 +252,7 @@ def decode_block(payload: bytes, base: int, report: Callable[[str, int], None]
     append = out.append
     plain = _PLAIN_DECODERS
     new = tuple.__new__
+    view = memoryview(payload)
     pos = 0
     end = len(payload)
     while pos < end:
@@ -276,14 +277,14 @@ def decode_block(payload: bytes, base: int, report: Callable[[str, int], None]
             break
         try:
             if kind == _PROTECT:
-                head = _PROTECT_HEAD(payload, body)
-                if body + 44 + head[7] * 24 != stop:
-                    raise struct.error(f"{head[7]} entries do not fill the {length}-byte "
+                t, tgid, tid, list_gpa, pages, flags, declared, count = _PROTECT_HEAD(
+                    payload, body)
+                if body + 44 + count * 24 != stop:
+                    raise struct.error(f"{count} entries do not fill the {length}-byte "
                                        "record")
-                append(ProtectRequest(head[0], head[1], head[2], head[3],
-                                      tuple(map(_new_entry, _ENTRY.iter_unpack(
-                                          payload[body + 44:stop]))),
-                                      head[4], head[5], head[6]))
+                entries = tuple(map(_new_entry, _ENTRY.iter_unpack(view[body + 44:stop])))
+                append(new(ProtectRequest, (t, tgid, tid, list_gpa, entries, pages, flags,
+                                            declared)))
             elif kind in _COMPLEX_KINDS:
                 append(_decode_complex(kind, payload, body, stop))
             elif kind in plain:
