@@ -337,7 +337,15 @@ class Daemon:
         return self._stop_reason
 
     def _on_capture(self, fileobj: Any, mask: int) -> None:
-        self._enqueue(self.capture.read())
+        """A ring is readable: read what fits in the queue (at most that much per ring).
+
+        What does not fit stays in the kernel's rings, where the control ring is kept
+        apart from the telemetry ring, rather than being dropped here indiscriminately;
+        the queue's own overflow accounting still covers the rest.
+        """
+        room = self.stats.queue_capacity - len(self.queue)
+        if room > 0:
+            self._enqueue(self.capture.read(room))
 
     def _on_uevents(self, fileobj: Any, mask: int) -> None:
         self._enqueue(self.uevents.read_events())
@@ -459,8 +467,10 @@ class Daemon:
                 findings = self.pipeline.tick(self._wall_ns())
                 if findings:
                     self._emit(findings)
-            if self.capture is not None and hasattr(self.capture, "poll_lost"):
-                self._enqueue(self.capture.poll_lost())
+            if self.capture is not None:
+                # Also polls the kernel's loss counters (Capture.read reports them as
+                # Lost events), so drops are reported even while no record arrives.
+                self._on_capture(None, 0)
         if now >= timers["control"]:
             timers["control"] = now + 1.0
             if self.control is not None:
@@ -580,6 +590,9 @@ class Daemon:
         """SIGHUP: load the config file again; a bad one is rejected, the old kept."""
         self.notifier.reloading()
         self.stats.config_reload_ns = self._wall_ns()
+        reopen = getattr(self.alert_sink, "reopen", None)
+        if reopen is not None:
+            reopen()  # logrotate convention: SIGHUP reopens the alert file, good config or not
         try:
             new = self._load_config(self.config_path)
         except (ConfigError, OSError) as error:
@@ -589,7 +602,7 @@ class Daemon:
             self.notifier.ready(f"config reload FAILED: {error}; {self.status_line()}")
             return False
         restart_needed = [section for section in ("abi", "hooks", "capture", "control",
-                                                  "metrics", "journal", "state")
+                                                  "metrics", "journal", "state", "alerts")
                           if getattr(new, section, None) != getattr(self.config, section, None)]
         reconfigure = getattr(self.pipeline, "reconfigure", None)
         if reconfigure is not None:
