@@ -146,3 +146,32 @@ def test_module_load_builds_a_chained_list():
 def test_stress_reaches_its_size():
     events = sim.simulate(["stress"], stress_events=5000)
     assert 5000 <= len(events) < 5200
+
+
+EXAMPLES = {  # examples/README.md: file -> simulate arguments
+    "clean-guest.htrace": ["--scenario", "clean-boot"],
+    "attack.jsonl": ["--scenario", "all-attacks"],
+    "module-load.jsonl": ["--scenario", "module-load-unload"],
+    "confidential-vm.jsonl": ["--scenario", "confidential-vm"],
+    "multi-vm.htrace": ["--scenario", "multi-vm"],
+}
+
+
+def test_bundled_examples_regenerate_byte_for_byte(tmp_path, capsys):
+    """The committed examples are what `hekitrace simulate` writes today (so they cannot
+    go stale when the simulator changes), and simulate is deterministic."""
+    import argparse
+    from pathlib import Path
+
+    from hekitrace.commands import simulate
+
+    parser = argparse.ArgumentParser()
+    simulate.add_parser(parser.add_subparsers())
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    assert {p.name for p in examples.iterdir() if p.name != "README.md"} == set(EXAMPLES)
+    for name, argv in EXAMPLES.items():
+        out = tmp_path / name
+        assert simulate.run(parser.parse_args(["simulate", *argv, "-o", str(out)])) == 0
+        assert out.read_bytes() == (examples / name).read_bytes(), name
+        assert f"`hekitrace simulate {' '.join(argv)} -o examples/{name}`" in (
+            examples / "README.md").read_text()
