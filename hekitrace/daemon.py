@@ -607,8 +607,8 @@ class Daemon:
         reconfigure = getattr(self.pipeline, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(new)
-        elif getattr(new, "policy", None) != getattr(self.config, "policy", None):
-            restart_needed.append("policy")
+        elif new.policy != self.config.policy:
+            self._swap_policy(new)
         self.config = new
         self.stats.config_sha256 = new.sha256
         self.stats.config_reload_success = True
@@ -617,6 +617,22 @@ class Daemon:
         self.say(f"config reloaded from {self.config_path or 'defaults'}{note}")
         self.notifier.ready(self.status_line())
         return True
+
+    def _swap_policy(self, new: Any) -> None:
+        """Install a Policy built from the new ``policy`` section (rules, severities,
+        exceptions, windows), keeping the findings counts so ``hekitrace_findings_total``
+        stays monotonic. Pairing checks and storm summaries in flight start over: said
+        in the log, never silently."""
+        from hekitrace.policy import Policy  # noqa: PLC0415 - wiring only, on reload
+        old = self.pipeline.policy
+        policy = Policy(new.policy, self.pipeline.abi, self.pipeline.clock,
+                        applied_hook_active=old.applied_hook_active,
+                        max_entries_inspected=int(new.state.max_entries_per_request))
+        policy.counts = old.counts
+        with self.stats.lock:
+            self.pipeline.policy = policy
+        self.say("policy reloaded: new rules, severities and exceptions apply from now; "
+                 "pairing checks and storm summaries in flight were restarted")
 
     def close(self) -> None:
         """Stop: detach every BPF program, flush sinks, remove the socket. Idempotent."""

@@ -113,3 +113,28 @@ def test_daemon_destroyed_vm_is_retired_and_its_counters_forgotten():
     assert d.pipeline.host.guests == {}
     assert d.stats.vm_lost == {}
     assert 50 not in d._vm_fds
+
+
+def test_daemon_reload_swaps_the_policy_and_keeps_counts(tmp_path):
+    path = tmp_path / "h.yaml"
+    path.write_text("alerts:\n  stdout: false\n")
+    from hekitrace.config import load_config
+    config = load_config(str(path))
+    d = Daemon(config, str(path), load_config=load_config,
+               pipeline_factory=lambda cfg, applied: Pipeline(cfg, applied),
+               log=io.StringIO(), wall_ns=lambda: T0)
+    d.pipeline = Pipeline(config, False)
+    d.pipeline.policy.counts[(None, "wx_request", "critical")] = 4
+    old = d.pipeline.policy
+    path.write_text("alerts:\n  stdout: false\npolicy:\n  rules:\n    wx_request:\n"
+                    "      severity: warning\n")
+    assert d.reload() is True
+    assert d.pipeline.policy is not old
+    assert d.pipeline.policy.counts[(None, "wx_request", "critical")] == 4
+    assert d.stats.config_reload_success and d.stats.config_sha256 == d.config.sha256
+    assert "policy reloaded" in d._log.getvalue()
+    path.write_text("policy: [not, a, mapping]\n")
+    assert d.reload() is False
+    assert d.stats.config_reload_success is False
+    assert d.config.policy.rules["wx_request"].severity == "warning"
+    assert "config reload rejected" in d._log.getvalue()
