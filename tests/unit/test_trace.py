@@ -299,3 +299,32 @@ def test_unknown_kind_record_is_skipped_by_length(tmp_path):
     problems: list = []
     assert list(read_events(path, problems)) == [SAMPLE[3]]
     assert "unknown event kind 99" in problems[0].message
+
+
+@pytest.mark.parametrize("field, delta", [("length", 8), ("length", -8), ("length", 1 << 24),
+                                          ("crc", 1)])
+def test_damaged_block_header_loses_only_that_block(tmp_path, field, delta):
+    path = _binary(tmp_path, MANY)
+    blocks = _blocks(path)
+    off, size, records = blocks[1]
+    data = bytearray(path.read_bytes())
+    at = off + (8 if field == "length" else 16)
+    value = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at, (value + delta) % 2**32)
+    path.write_bytes(bytes(data))
+    problems: list = []
+    got = [ev.a0 for ev in read_events(path, problems)]
+    assert [p.offset for p in problems] == [off]
+    lost = set(range(blocks[0][2], blocks[0][2] + records))
+    assert got == [i for i in range(300) if i not in lost]
+
+
+def test_wrong_record_count_is_reported_but_loses_nothing(tmp_path):
+    path = _binary(tmp_path, MANY)
+    off = _blocks(path)[1][0]
+    data = bytearray(path.read_bytes())
+    data[off + 12] ^= 1
+    path.write_bytes(bytes(data))
+    problems: list = []
+    assert len(list(read_events(path, problems))) == 300
+    assert [p.offset for p in problems] == [off] and "records" in problems[0].message
