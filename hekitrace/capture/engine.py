@@ -35,6 +35,8 @@ HOOKS = ("hypercall", "attr_applied", "ioctl", "page_fault", "cr")
 ATTR_FUNCTION = "kvm_arch_post_set_memory_attributes"
 DEFAULT_REQUIRED = {"hypercall": True, "attr_applied": False, "ioctl": True,
                     "page_fault": False, "cr": False}
+#: how often read() looks at the kernel's drop counters (a syscall per counter key)
+LOSS_POLL_SECONDS = 0.1
 #: FaultAccess bits reported for a filtered page unless the caller says otherwise
 REPORT_WRITE_FETCH = int(FaultAccess.WRITE | FaultAccess.FETCH)
 
@@ -97,6 +99,7 @@ class Capture:
         self.decode_stats = records.DecodeStats()
         self._filter_keys: dict[int, list[int]] = {}
         self._next_storm_flush = 0.0
+        self._next_loss_poll = 0.0
 
     # -- start-up ---------------------------------------------------------------------
     def start(self) -> Capture:
@@ -213,12 +216,20 @@ class Capture:
             events.extend(records.decode_batch(buf, spans, offset, self._numbers, parts,
                                                self.decode_stats))
         events.extend(self._assembler.feed(parts))
-        events.extend(self._losses.update(self.bpf[b"hk_loss"], time.time_ns()))
         now = time.monotonic()
+        # reading the per-CPU loss map costs a syscall per key: at most every
+        # LOSS_POLL_SECONDS (poll_losses() forces it)
+        if now >= self._next_loss_poll:
+            self._next_loss_poll = now + LOSS_POLL_SECONDS
+            events.extend(self.poll_losses())
         if now >= self._next_storm_flush:
             self._next_storm_flush = now + self.settings.fault_report_interval_seconds
             events.extend(self.flush_storms(offset))
         return events
+
+    def poll_losses(self) -> list[Event]:
+        """Lost events for every drop counter that grew since the last poll."""
+        return list(self._losses.update(self.bpf[b"hk_loss"], time.time_ns()))
 
     def flush_storms(self, epoch_offset_ns: int | None = None) -> list[Event]:
         """Report fault counts still pending on pages whose storm stopped.

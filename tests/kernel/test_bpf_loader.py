@@ -117,7 +117,7 @@ def test_full_control_ring_flags_the_request_and_counts_the_loss():
             head = vm.write_heki_list([0x101000, 0x102000, 0x103000], entries)
             testrun.run_raw_tracepoint(cap.program_fd("hk_hypercall_raw"),
                                        [DEFAULT_PROFILE.protect_memory, head, 0, 0, 0])
-            evs = [e for e in cap.read() if e.tgid == os.getpid()]
+            evs = [e for e in cap.read() + cap.poll_losses() if e.tgid == os.getpid()]
         (req,) = [e for e in evs if isinstance(e, ProtectRequest)]
         assert req.pages == 3 and req.flags == ProtectFlags.LOST_PAGES
         assert len(req.entries) == 169 and req.declared_entries == 400
@@ -159,7 +159,7 @@ def test_a_flooding_guest_spends_only_its_own_budget():
             # another VMM (a forked child: another tgid) still gets its record through
             assert _run_in_child(lambda: testrun.run_raw_tracepoint(
                 hc, [lock_cr, 4, 1 << 20, 0, 0])) == 0
-            evs = cap.read()
+            evs = cap.read() + cap.poll_losses()
         mine = [e for e in evs if e.tgid == os.getpid()]
         (req,) = [e for e in mine if isinstance(e, ProtectRequest)]
         assert req.pages == 5 and req.flags == ProtectFlags.LOST_PAGES
