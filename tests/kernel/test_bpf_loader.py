@@ -171,3 +171,19 @@ def test_a_flooding_guest_spends_only_its_own_budget():
         assert [(e.cr, e.mask) for e in others] == [(4, 1 << 20)]
     finally:
         cap.close()
+
+
+def test_vendor_and_hz_detection(tmp_path):
+    said = []
+    (tmp_path / "kvm_amd").mkdir()
+    assert loader.detect_vendor("auto", str(tmp_path)) == loader.VENDOR_SVM
+    assert loader.detect_vendor("intel", str(tmp_path)) == loader.VENDOR_VMX
+    assert loader.detect_vendor("auto", str(tmp_path / "none"), say=said.append) == \
+        loader.VENDOR_VMX
+    assert len(said) == 1 and "neither kvm_intel nor kvm_amd" in said[0]
+    cfg = tmp_path / "config"
+    cfg.write_text("CONFIG_X=y\nCONFIG_HZ=300\n")
+    assert loader.kernel_hz((str(cfg),)) == 300
+    assert loader.kernel_hz((str(tmp_path / "missing"),), say=said.append) == 100
+    assert "assuming 100" in said[-1]
+    assert loader.kernel_hz() in (100, 250, 300, 1000)     # this kernel's own config
