@@ -86,7 +86,7 @@ def main() -> int:
     base_pipeline = Pipeline(config, False)
     feed = base_pipeline.feed
 
-    def callback(ctx, data, size):  # noqa: ARG001 - bcc's signature
+    def callback(ctx, data, size):
         r = table.event(data)
         feed(Hypercall(r.time_ns, r.tgid, r.tid, r.nr, r.a0, r.a1, r.a2, r.a3))
         return 0

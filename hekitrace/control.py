@@ -21,7 +21,6 @@ buffers, which is what they are for.
 
 from __future__ import annotations
 
-
 import json
 import os
 import selectors
@@ -29,7 +28,8 @@ import socket
 import stat
 import struct
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hekitrace.errors import ControlError, NoDaemonError, VmLookupError
 
@@ -95,7 +95,7 @@ def parse_request(line: bytes) -> dict:
 
 
 class _Conn:
-    __slots__ = ("sock", "inbuf", "outbuf", "deadline", "replied")
+    __slots__ = ("deadline", "inbuf", "outbuf", "replied", "sock")
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
@@ -283,7 +283,7 @@ class ControlServer:
         if not conn.outbuf:
             self._drop(conn)
             return
-        callback = lambda s, m, c=conn: self._on_conn(c, m)  # noqa: E731
+        callback = lambda s, m, c=conn: self._on_conn(c, m)
         try:
             self._selector.modify(conn.sock, selectors.EVENT_WRITE, callback)
         except KeyError:
@@ -351,7 +351,7 @@ class ControlClient:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the daemon may have refused us before reading; read its reply
             reply = self._read_reply(sock)
-        except socket.timeout:
+        except TimeoutError:
             raise ControlError(f"the daemon at {self.path} did not answer within "
                                f"{self.timeout:g} s") from None
         finally:

@@ -29,12 +29,13 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Iterable, TextIO
+from collections.abc import Callable, Iterable
+from typing import Any, TextIO
 
 from hekitrace import __version__
 from hekitrace.control import ControlServer, RequestError
 from hekitrace.errors import ConfigError, HekitraceError
-from hekitrace.events import NAME_OF, FaultAccess, Lost, VmCreated
+from hekitrace.events import FaultAccess, Lost, VmCreated
 from hekitrace.httpserver import Health, HttpServer
 from hekitrace.metrics import HekitraceCollector, LoopStats, PageCounts, build_info
 from hekitrace.sdnotify import Notifier
@@ -121,7 +122,7 @@ class Daemon:
         self.stats.config_sha256 = cfg.sha256
         self.stats.config_reload_ns = self._wall_ns()
         self.notifier.status("starting: metrics and control socket")
-        from prometheus_client.registry import CollectorRegistry  # noqa: PLC0415
+        from prometheus_client.registry import CollectorRegistry
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(HekitraceCollector(self._state_ref, self.stats, build_info(),
                                                   vm_label=cfg.metrics.vm_label,
@@ -444,8 +445,7 @@ class Daemon:
         lost = {("queue", "overflow"): 0}
         lost.update(pipeline.lost)
         self.stats.lost = lost
-        if pipeline.last_event_ns > self.stats.last_event_ns:
-            self.stats.last_event_ns = pipeline.last_event_ns
+        self.stats.last_event_ns = max(self.stats.last_event_ns, pipeline.last_event_ns)
 
     def _emit(self, findings: list) -> None:
         for finding in findings:
@@ -544,7 +544,7 @@ class Daemon:
         if op == "status":
             with self.stats.lock:
                 return self.status()
-        from hekitrace import views  # noqa: PLC0415 - lands separately; only needed here
+        from hekitrace import views
         abi = self.config.abi_profile()
         with self.stats.lock:
             if op == "vms":
@@ -623,7 +623,7 @@ class Daemon:
         exceptions, windows), keeping the findings counts so ``hekitrace_findings_total``
         stays monotonic. Pairing checks and storm summaries in flight start over: said
         in the log, never silently."""
-        from hekitrace.policy import Policy  # noqa: PLC0415 - wiring only, on reload
+        from hekitrace.policy import Policy
         old = self.pipeline.policy
         policy = Policy(new.policy, self.pipeline.abi, self.pipeline.clock,
                         applied_hook_active=old.applied_hook_active,

@@ -15,8 +15,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from socketserver import ThreadingMixIn
-from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
@@ -83,7 +83,7 @@ class _V6Server(_Server):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass  # one line per scrape would flood the journal
 
 

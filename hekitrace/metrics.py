@@ -21,9 +21,9 @@ disagree or when the collector emits a family missing from the table.
 from __future__ import annotations
 
 import platform
-
 import threading
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -150,10 +150,10 @@ class LoopStats:
 
     def forget_vm(self, vm: Any) -> None:
         """Drop the per-VM counters of a retired VM (its series disappear)."""
-        for key in [k for k in self.vm_lost if k[0] == vm]:
-            del self.vm_lost[key]
-        for key in [k for k in self.findings if k[0] == vm]:
-            del self.findings[key]
+        for lost_key in [k for k in self.vm_lost if k[0] == vm]:
+            del self.vm_lost[lost_key]
+        for finding_key in [k for k in self.findings if k[0] == vm]:
+            del self.findings[finding_key]
 
 
 class PageCounts:
@@ -207,7 +207,7 @@ def build_info(bcc_version: str | None = None) -> dict[str, str]:
     """Labels of ``hekitrace_build_info`` for this process (bcc imported only if asked)."""
     if bcc_version is None:
         try:
-            import bcc  # noqa: PLC0415 - the daemon has imported it already
+            import bcc
 
             bcc_version = str(getattr(bcc, "__version__", "unknown"))
         except ImportError:
@@ -291,7 +291,8 @@ class HekitraceCollector(Collector):
     def _collect_locked(self) -> list[Metric]:
         s = self._stats
         host, abi, policy = self._host_ref()
-        fams: dict[str, Metric] = {spec.name: self._family(spec.name) for spec in METRICS}
+        # Any: Counter/GaugeMetricFamily have add_metric, their base type Metric does not
+        fams: dict[str, Any] = {spec.name: self._family(spec.name) for spec in METRICS}
 
         b = self._build
         fams["hekitrace_build_info"].add_metric(

@@ -15,7 +15,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from hekitrace.metrics import METRICS  # noqa: E402
+from hekitrace.metrics import METRICS
 
 HEADER = """\
 # hekitrace metrics reference

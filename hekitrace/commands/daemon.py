@@ -13,7 +13,8 @@ import faulthandler
 import importlib
 import signal
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 EPILOG = """\
 examples:
@@ -43,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _optional(module: str, attr: str) -> Callable | None:
+def _optional(module: str, attr: str) -> Any:
     """``module.attr`` if that part of hekitrace is installed, else None (announced)."""
     try:
         return getattr(importlib.import_module(module), attr)
@@ -57,9 +58,9 @@ _HOOKS = ("hypercall", "attr_applied", "ioctl", "page_fault", "cr")
 
 
 def build_daemon(args: argparse.Namespace) -> Any:
-    from hekitrace.config import resolve_config  # noqa: PLC0415
-    from hekitrace.daemon import Daemon  # noqa: PLC0415
-    from hekitrace.pipeline import Pipeline  # noqa: PLC0415
+    from hekitrace.config import resolve_config
+    from hekitrace.daemon import Daemon
+    from hekitrace.pipeline import Pipeline
 
     config = resolve_config(args.config)
     capture_cls = _optional("hekitrace.capture.engine", "Capture")

@@ -69,7 +69,7 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
         self.stderr_path = self.dir / "stderr.log"
 
-    def start(self, timeout: float = 60.0) -> "DaemonProcess":
+    def start(self, timeout: float = 60.0) -> DaemonProcess:
         env = dict(os.environ, NOTIFY_SOCKET=self.notify_path,
                    WATCHDOG_USEC=str(self.watchdog_usec), PYTHONUNBUFFERED="1")
         env.pop("WATCHDOG_PID", None)
@@ -94,7 +94,7 @@ class DaemonProcess:
         while not self._closing:
             try:
                 msg = self.notify.recv(65536).decode()
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 continue
             except OSError:
                 return

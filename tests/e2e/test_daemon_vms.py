@@ -14,16 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vmm import Vmm  # noqa: E402
+from vmm import Vmm
 
-from hekitrace.abi import DEFAULT_PROFILE  # noqa: E402
-from hekitrace.capture.testrun import run_raw_tracepoint  # noqa: E402
-from hekitrace.control import ControlClient, ControlReplyError  # noqa: E402
-from hekitrace.errors import ControlError, VmLookupError  # noqa: E402
+from hekitrace.abi import DEFAULT_PROFILE
+from hekitrace.capture.testrun import run_raw_tracepoint
+from hekitrace.control import ControlClient, ControlReplyError
+from hekitrace.errors import ControlError, VmLookupError
 
 pytestmark = pytest.mark.e2e
 

@@ -19,8 +19,13 @@ import time
 
 import pytest
 
-from hekitrace.control import (MAX_REQUEST_BYTES, ControlClient, ControlReplyError,
-                               ControlServer, RequestError)
+from hekitrace.control import (
+    MAX_REQUEST_BYTES,
+    ControlClient,
+    ControlReplyError,
+    ControlServer,
+    RequestError,
+)
 from hekitrace.errors import ControlError, NoDaemonError, VmLookupError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="setuid(65534) needs root")

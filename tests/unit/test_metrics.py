@@ -19,11 +19,25 @@ from prometheus_client.registry import CollectorRegistry
 
 from hekitrace.abi import DEFAULT_PROFILE
 from hekitrace.changes import VmKey
-from hekitrace.events import (AttrApplied, CrPinRequest, Lost, Memslot, ProtectEntry,
-                              ProtectRequest, VmCreated, VmDestroyed)
+from hekitrace.events import (
+    AttrApplied,
+    CrPinRequest,
+    Lost,
+    Memslot,
+    ProtectEntry,
+    ProtectRequest,
+    VmCreated,
+    VmDestroyed,
+)
 from hekitrace.host import Host
-from hekitrace.metrics import (METRICS, SPEC_BY_NAME, HekitraceCollector, LoopStats,
-                               PageCounts, vm_labels)
+from hekitrace.metrics import (
+    METRICS,
+    SPEC_BY_NAME,
+    HekitraceCollector,
+    LoopStats,
+    PageCounts,
+    vm_labels,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "fixtures" / "metrics" / "scenario.prom"
@@ -35,7 +49,7 @@ BUILD = {"version": "0.0.0-test", "python_version": "3.11.2", "bcc_version": "0.
 def _scenario():
     abi = DEFAULT_PROFILE
     host = Host(abi, grace_period_ns=300 * 10**9)
-    r, w, x, imm = (abi.kvm_heki_mask & (1 << b) for b in (4, 5, 6, 7))
+    r, _w, x, imm = (abi.kvm_heki_mask & (1 << b) for b in (4, 5, 6, 7))
     events = [
         VmCreated(T0, 100, 100, name="web1", uuid="11111111-2222-3333-4444-555555555555",
                   vmm="qemu", source="uevent"),
@@ -128,7 +142,7 @@ def test_metrics_no_created_series_and_prefix():
 @pytest.mark.skipif(shutil.which("promtool") is None,
                     reason="promtool absent: scripts/setup.sh installs Debian's prometheus")
 def test_metrics_promtool_accepts_the_exposition():
-    proc = subprocess.run(["promtool", "check", "metrics"], input=_render(*_scenario()),
+    proc = subprocess.run(["promtool", "check", "metrics"], check=False, input=_render(*_scenario()),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -197,7 +211,7 @@ def test_metrics_names_match_the_contract():
 
 def test_metrics_doc_is_generated_and_current():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_metrics_doc.py"),
-                           "--check"], capture_output=True, text=True, timeout=60)
+                           "--check"], check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     doc = (ROOT / "docs" / "metrics.md").read_text()
     for spec in METRICS:
