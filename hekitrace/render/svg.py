@@ -5,10 +5,10 @@ full width on its own, so a 640 KiB low-memory slot and a 1 TiB slot are both re
 Inside a row, half the width is linear in size and half logarithmic (and every range
 gets at least ``MIN_PX``), so a 14 MiB kernel text in a 1 TiB guest stays visible while
 big regions stay the biggest; a range drawn at under ``COMPRESSED`` of its linear share
-is marked with a break (two white slashes) so nobody reads sizes off a compressed
+is marked with a break (two slashes) so nobody reads sizes off a compressed
 region, and sizes are written in every piece wide enough to hold them. With more ranges than fit at ``MIN_PX`` (a guest
-with 100k ranges), neighbouring ranges are merged into bins coloured by their majority
-class, and the legend says how many. Colour is per attribute class (the same bounded
+with 100k ranges), neighbouring ranges are merged into bins coloured by the largest
+attribute class they hold, and the legend says how many. Colour is per attribute class (the same bounded
 classes as the metrics); immutable ranges carry a hatch pattern on top of their colour.
 With both maps, each row shows requested above applied, on the same axis.
 """
@@ -29,6 +29,8 @@ BAR_PX = WIDTH_PX - LABEL_PX - 20
 BAR_H = 22
 MIN_PX = 2.0
 COMPRESSED = 0.8  # drawn/true share under which a range gets a break mark
+MAX_PIECES = 120  # per row; beyond, narrow neighbours are merged (min widths would eat it)
+BIN_PX = 4.0      # width a bin of merged narrow pieces grows to
 LOG_SHARE = 0.5   # share of each row's width laid out by log2(pages), the rest linear
 LABEL_MIN_PX = 64  # pieces at least this wide carry their size as text
 
@@ -84,22 +86,49 @@ def _pieces(snap: dict, maps: Sequence[str], lo: int, hi: int
     return out
 
 
-def _binned(pieces: list, limit: int) -> tuple[list, int]:
-    """At most ``limit`` pieces: neighbours merged, majority class (by pages) per map."""
-    if len(pieces) <= limit:
+def _binned(pieces: list, px: float = BAR_PX) -> tuple[list, int]:
+    """Pieces with runs of too-narrow neighbours merged into bins of about ``BIN_PX``.
+
+    Only pieces that would be drawn under ``BIN_PX`` are merged, never a wide one (a
+    1 TiB region keeps its own colour and label). A bin takes the largest class *with
+    an attribute* it holds (by pages), default only when it holds nothing else: ten
+    4 KiB immutable pages among untouched RAM must not vanish from the picture.
+    """
+    weights = _weights([e - s for s, e, _ in pieces])
+    if len(pieces) <= MAX_PIECES:
         return pieces, 0
-    per = -(-len(pieces) // limit)
-    out = []
-    for i in range(0, len(pieces), per):
-        group = pieces[i:i + per]
+    out: list = []
+    group: list = []
+    group_px = 0.0
+    merged = 0
+
+    def close() -> None:
+        nonlocal group, group_px, merged
+        if not group:
+            return
         classes = []
         for k in range(len(group[0][2])):
             weight: dict[str, int] = {}
             for s, e, cls in group:
                 weight[cls[k]] = weight.get(cls[k], 0) + e - s
-            classes.append(max(sorted(weight), key=weight.__getitem__))
+            marked = {c: n for c, n in weight.items() if c != "default"} or weight
+            classes.append(max(sorted(marked), key=marked.__getitem__))
         out.append((group[0][0], group[-1][1], tuple(classes)))
-    return out, len(pieces) - len(out)
+        merged += len(group) - 1
+        group, group_px = [], 0.0
+
+    for piece, weight in zip(pieces, weights):
+        wide = weight * px
+        if wide >= BIN_PX:
+            close()
+            out.append(piece)
+            continue
+        group.append(piece)
+        group_px += wide
+        if group_px >= BIN_PX:
+            close()
+    close()
+    return out, merged
 
 
 def _weights(pages: Sequence[int]) -> list[float]:
@@ -138,7 +167,7 @@ def render_svg(snap: dict, maps: Sequence[str] | None = None) -> str:
     seen: set[str] = set()
     row_h = BAR_H * len(maps) + 4 * (len(maps) - 1) + 34
     for label, lo, hi in _rows(snap):
-        pieces, merged = _binned(_pieces(snap, maps, lo, hi), int(BAR_PX / MIN_PX))
+        pieces, merged = _binned(_pieces(snap, maps, lo, hi))
         merged_total += merged
         widths = _widths(_weights([e - s for s, e, _ in pieces]), BAR_PX)
         body.append(f'<g class="memslot" data-gfn-start="{lo}" data-gfn-end="{hi}">')
@@ -164,10 +193,12 @@ def render_svg(snap: dict, maps: Sequence[str] | None = None) -> str:
                     body.append(f'<rect x="{x:.2f}" y="{by}" width="{w:.2f}" '
                                 f'height="{BAR_H}" fill="url(#hatch)"/>')
                 if w < COMPRESSED * true_w and w >= 14:
-                    cx = x + w / 2
-                    body.append(f'<path class="break" d="M{cx - 5:.1f},{by + BAR_H + 2} '
-                                f'l5,{-BAR_H - 4} M{cx:.1f},{by + BAR_H + 2} l5,{-BAR_H - 4}" '
-                                'stroke="#ffffff" stroke-width="2.5"/>')
+                    cx = x + w - 14  # off-centre: the size label sits in the middle
+                    d = (f"M{cx - 5:.1f},{by + BAR_H + 2} l5,{-BAR_H - 4} "
+                         f"M{cx:.1f},{by + BAR_H + 2} l5,{-BAR_H - 4}")
+                    body.append(f'<path class="break" d="{d}" stroke="#ffffff" '
+                                'stroke-width="4"/>')
+                    body.append(f'<path d="{d}" stroke="#444444" stroke-width="1.2"/>')
                 if w >= LABEL_MIN_PX:
                     dark = cls.endswith("_immutable") or cls in ("---", "unknown")
                     body.append(f'<text x="{x + w / 2:.1f}" y="{by + 15}" class="small" '
@@ -239,12 +270,12 @@ def _legend(snap: dict, maps: Sequence[str], seen: Iterable[str], y: int, merged
              "Axis: one row per memslot, each scaled on its own; within a row half the width "
              "is linear in size and half",
              f"logarithmic (log2 pages), at least {MIN_PX:g} px per range, so small ranges "
-             "stay visible. White slashes: a range",
+             "stay visible. Slashes (//): a range",
              f"drawn at under {COMPRESSED:.0%} of its linear width (compressed). Sizes: "
              "labels, legend, tooltips."]
     if merged:
         notes.append(f"{merged} ranges too small to draw were merged into neighbours "
-                     "(bins coloured by the majority class).")
+                     "(a bin shows the largest attribute class in it).")
     for note in notes:
         out.append(f'<text x="10" y="{y + 12}" class="small">{escape(note)}</text>')
         y += 16
