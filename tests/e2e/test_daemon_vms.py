@@ -9,6 +9,7 @@ import ctypes
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,9 @@ def test_daemon_sees_vm_and_hypercalls_through_its_programs(daemon, hypercall_fd
                              for l in daemon.metrics().splitlines()),
                  "a wx_request finding in hekitrace_findings_total", daemon)
         text = daemon.metrics()
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text, check=False,
+                              capture_output=True, text=True, timeout=60)
+        assert lint.returncode == 0, lint.stdout + lint.stderr   # with per-VM series too
         assert metric_value(text, 'hekitrace_events_total{kind="protect_request"}') >= 2
         assert metric_value(text, 'hekitrace_events_total{kind="memslot"}') >= 1
         assert metric_value(text, "hekitrace_last_event_timestamp_seconds") > 0
