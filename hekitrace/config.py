@@ -379,7 +379,11 @@ def parse_config(text: str, path: str = "<config>",
     warning``) applied on top of the file, the value parsed as YAML; errors in them name
     ``-O`` instead of a line.
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        # the constructor already scans for non-printable characters (ReaderError)
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"not valid YAML: {error}", path=path) from None
     try:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as error:
