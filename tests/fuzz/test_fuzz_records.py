@@ -37,9 +37,6 @@ def record(draw) -> bytes:
     size = SIZES.get(rtype, draw(st.integers(1, 128)))
     if rtype in SIZES and draw(st.booleans()):
         # structured: the header is plausible, the body is the guest's to choose
-        fields = records.STRUCTS[{1: "ioctl", 2: "hypercall", 3: "protect_page",
-                                  4: "protect_end", 5: "attr", 6: "fault",
-                                  7: "cr"}[rtype]]
         body = bytearray(draw(st.binary(min_size=size, max_size=size)))
         body[0] = rtype
         struct.pack_into("<I", body, 4, draw(st.sampled_from([1, 4242, 2**32 - 1])))
@@ -53,7 +50,6 @@ def record(draw) -> bytes:
         if rtype == records.REC_PROTECT_END:
             struct.pack_into("<Q", body, 24, draw(st.integers(0, 3)))
         data = bytes(body)
-        assert len(fields.format) > 0 and len(data) == fields.size or rtype == 3
     else:
         data = draw(st.binary(min_size=1, max_size=size))
         data = bytes([rtype]) + data[1:]
@@ -90,9 +86,9 @@ def test_decode_batch_accounts_for_every_span_and_pipeline_never_raises(
     ends = sum(1 for p in parts if isinstance(p, records.ProtectEnd))
     assert all(isinstance(r, ProtectRequest) for r in requests)
     assert len(requests) >= ends  # every end record is a request; orphan pages too
-    for r in requests:
-        assert len(r.entries) <= r.pages * records.HEKI_MAX_ENTRIES or r.pages == 0 or \
-            len(r.entries) <= sum(min(p, 169) for p in [r.declared_entries])
+    for p in parts:   # a page never yields more than a list page holds, whatever npages says
+        if isinstance(p, records.ProtectPage):
+            assert len(p.entries) <= records.HEKI_MAX_ENTRIES
 
     pipe = Pipeline(default_config(), clock=lambda: epoch)
     for ev in sorted(events + requests, key=lambda e: e.time_ns):
