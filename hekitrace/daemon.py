@@ -115,7 +115,7 @@ class Daemon:
 
         Order matters: the HTTP server first so /healthz answers during a slow compile;
         capture before discovery so a VM created in between is seen by the hooks rather
-        than missed (it may then be seen twice, which Host handles as one VM).
+        than missed (it may then be reported twice; :meth:`_is_duplicate_creation` merges).
         """
         cfg = self.config
         self._install_signals()
@@ -165,10 +165,10 @@ class Daemon:
             return
         try:
             self.capture = self._capture_factory(self.config, self.say)
-        except HekitraceError as error:
+        except Exception as error:  # noqa: BLE001 - bcc raises bare Exception too
             # e.g. the BPF programs do not compile on this kernel: keep serving metrics,
             # the control socket and uevents, and say loudly that nothing is attached.
-            self.say(f"ERROR: BPF capture failed to start: {error}")
+            self.say(f"ERROR: BPF capture failed to start ({type(error).__name__}): {error}")
             for hook, req in _hook_requirements(hooks_cfg):
                 self.hook_report.append((hook, "none", req, False,
                                          f"capture failed: {str(error)[:200]}"))
@@ -275,6 +275,11 @@ class Daemon:
                 guest = self.pipeline.host.by_tgid(event.tgid)
                 if guest is not None and guest.key in covered:
                     self._vm_fds[event.tgid] = (event.vm_fd, guest.key)
+                    continue
+                if self._is_duplicate_creation(event):
+                    # the hooks saw this VM being created after capture started: it is
+                    # monitored since birth, not "running before monitoring started"
+                    self.merged_creations += 1
                     continue
                 self._apply(event)
                 guest = self.pipeline.host.by_tgid(event.tgid)

@@ -81,6 +81,18 @@ def test_daemon_startup_discovery_marks_running_vms_degraded():
     assert "VMs running at start-up: 2: db(pid 60), web(pid 61)" in d._log.getvalue()
 
 
+def test_daemon_discovery_of_a_vm_the_hooks_saw_created_is_not_degraded():
+    found = [VmCreated(T0 + 9, 70, 70, vm_fd=4, name="fresh", source="discovery",
+                       preexisting=True)]
+    d = _daemon(discover=lambda: found)
+    d._enqueue([VmCreated(T0, 70, 70, vm_fd=4, source="ioctl")])  # between attach and
+    d._process(10)                                               # discovery
+    d._run_discovery()
+    guest = d.pipeline.host.by_tgid(70)
+    assert not guest.degraded and len(d.pipeline.host.guests) == 1
+    assert d.merged_creations == 1
+
+
 def test_daemon_recovery_seam_keeps_covered_vms_clean():
     found = [VmCreated(T0 + 9, 60, 60, vm_fd=5, name="db", source="discovery"),
              VmCreated(T0 + 9, 61, 61, vm_fd=6, name="new", source="discovery")]
