@@ -340,6 +340,32 @@ class Capture:
                               hook="page_fault", method="filter")
         return len(new)
 
+    def seed_memslots(self, tgid: int, slots: Iterable[tuple[int, int, int, int]]) -> int:
+        """Teach the kernel-side memslot table of VMM ``tgid`` its memslots, as
+        (slot, gpa, size_bytes, hva) tuples, replacing what it held.
+
+        The page-list walk translates GPAs through memslots it learnt from the ioctl hook;
+        for a VM that set them before this capture started (daemon restart) the daemon can
+        replay what its journal or state knows, so list pages are read again. Slots
+        beyond the table's capacity (max_memslots) are not written; returns how many were.
+        """
+        table = self.bpf[b"hk_memslots"]
+        value = table.Leaf()
+        n = 0
+        cap = self.settings.max_memslots
+        for slot, gpa, size, hva in slots:
+            if size <= 0:
+                continue
+            if n >= cap:
+                self._say(f"pid {tgid}: more than {cap} memslots to seed; the rest are "
+                          "not known to the page-list walk")
+                break
+            e = value.e[n]
+            e.slot, e.used, e.gpa, e.size, e.hva = int(slot), 1, int(gpa), int(size), int(hva)
+            n += 1
+        table[table.Key(tgid)] = value
+        return n
+
     def forget_vm(self, tgid: int) -> None:
         """Drop the kernel-side state of a destroyed VM (memslots, filter)."""
         self.protect_filter_update(tgid, [])

@@ -354,3 +354,17 @@ def test_batches_wakes_up_on_a_record(cap):
         if got:
             break
     assert [(e.cr, e.mask) for e in got] == [(0, 1 << 16)]
+
+
+def test_seeded_memslots_let_the_walk_read_a_vm_started_earlier(cap, vm):
+    head = vm.write_heki_list([BASE + 0x2000], _entries(3))
+    cap.forget_vm(os.getpid())                  # as if the ioctls happened before start
+    mine(cap)
+    hypercall(cap, PROTECT, head)
+    (r,) = mine(cap, ProtectRequest)
+    assert r.flags == ProtectFlags.OUTSIDE_MEMSLOT
+    s = vm.slots[0]
+    assert cap.seed_memslots(os.getpid(), [(s.slot, s.gpa, s.size_bytes, s.hva)]) == 1
+    hypercall(cap, PROTECT, head)
+    (r,) = mine(cap, ProtectRequest)
+    assert r.flags == 0 and [tuple(e) for e in r.entries] == _entries(3)
