@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
@@ -102,6 +103,8 @@ class Daemon:
         self._dirty_vms: set = set()
         self.filter_errors = 0
         self.merged_creations = 0
+        self.internal_errors = 0
+        self._last_error_log = float("-inf")
         self.page_counts = PageCounts()
         self._vm_fds: dict[int, tuple[int, Any]] = {}
 
@@ -390,22 +393,53 @@ class Daemon:
         queue = self.queue
         n = min(budget, len(queue))
         batch = [queue.popleft() for _ in range(n)]
-        feed_many = self.pipeline.feed_many
         special = (VmCreated, Lost)
         with self.stats.lock:
             start = 0
             for i, event in enumerate(batch):
                 if type(event) in special:
                     if start < i:
-                        self._emit(feed_many(batch[start:i]))
-                    self._apply_one(event)
+                        self._guarded(batch[start:i])
+                    self._guarded([event], one=True)
                     start = i + 1
             if start < n:
-                self._emit(feed_many(batch[start:] if start else batch))
+                self._guarded(batch[start:] if start else batch)
             self.stats.queue_depth = len(queue)
             self._publish_counts()
             if self._dirty_vms:
                 self._sync_fault_filter()
+
+    def _guarded(self, events: list, one: bool = False) -> None:
+        """Apply ``events``; a bug in the state machine costs these events, not the daemon.
+
+        Guest input is never supposed to raise (DESIGN.md principle 5); if it does
+        anyway, a guest that found the bug must not be able to stop the monitoring of
+        every VM (a crash, then systemd's start limit). The events are counted lost
+        (stage "pipeline", reason "internal_error"; some may have been applied before the
+        error), their VMs marked degraded, and the traceback logged (at most once a
+        minute; ``internal_errors`` in ``status`` counts them all).
+        """
+        try:
+            if one:
+                self._apply_one(events[0])
+            else:
+                self._emit(self.pipeline.feed_many(events))
+        except Exception:  # noqa: BLE001 - see the docstring
+            self.internal_errors += 1
+            now = self._mono()
+            if now - self._last_error_log >= 60.0:
+                self._last_error_log = now
+                self.say("ERROR: internal error while applying events (please report):\n"
+                         + traceback.format_exc().rstrip())
+            per_tgid: dict[int, int] = {}
+            for event in events:
+                per_tgid[event.tgid] = per_tgid.get(event.tgid, 0) + 1
+            for tgid, count in per_tgid.items():
+                try:
+                    self._apply_one(Lost(self._wall_ns(), tgid, 0, "pipeline",
+                                         "internal_error", count))
+                except Exception:  # noqa: BLE001 - already reported above
+                    self.internal_errors += 1
 
     def _apply(self, event: Any) -> None:
         """Apply one event outside a batch (start-up discovery); caller holds the lock."""
@@ -542,6 +576,7 @@ class Daemon:
             "control": dict(self.control.stats) if self.control is not None else {},
             "filter_errors": self.filter_errors,
             "merged_creations": self.merged_creations,
+            "internal_errors": self.internal_errors,
         }
 
     def _handle_request(self, request: dict) -> Any:

@@ -150,3 +150,26 @@ def test_daemon_reload_swaps_the_policy_and_keeps_counts(tmp_path):
     assert d.stats.config_reload_success is False
     assert d.config.policy.rules["wx_request"].severity == "warning"
     assert "config reload rejected" in d._log.getvalue()
+
+
+def test_daemon_survives_a_state_machine_bug_and_counts_the_events():
+    d = _daemon(queue_events=100)
+    d._enqueue([VmCreated(T0, 50, 50, vm_fd=7, name="web1")])
+    d._process(10)
+    real_feed_many = d.pipeline.feed_many
+
+    def broken(events):
+        raise RuntimeError("bug triggered by a guest")
+
+    d.pipeline.feed_many = broken
+    d._enqueue([Hypercall(T0 + i, 50, 50, 0x99, i, 0, 0, 0) for i in range(5)])
+    d._process(10)
+    assert d.internal_errors == 1
+    assert d.stats.lost[("pipeline", "internal_error")] == 5
+    guest = d.pipeline.host.by_tgid(50)
+    assert guest.degraded
+    assert "bug triggered by a guest" in d._log.getvalue()
+    d.pipeline.feed_many = real_feed_many
+    d._enqueue([Hypercall(T0 + 9, 50, 50, 0x99, 9, 0, 0, 0)])
+    d._process(10)
+    assert d.stats.events_by_kind["hypercall"] == 1
