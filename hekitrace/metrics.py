@@ -84,7 +84,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("hekitrace_events_total", "counter", ("kind",),
                "Events received from capture, by kind."),
     MetricSpec("hekitrace_events_lost_total", "counter", ("stage", "reason"),
-               "Events lost, by where (ring:control, ring:telemetry, queue, decode...) "
+               "Events lost, by where (ring:control, ring:telemetry, queue, decode, "
+               "pipeline...) "
                "and why."),
     MetricSpec("hekitrace_vm_events_lost_total", "counter", ("vm", "stage"),
                "Events lost that are known to belong to this VM."),

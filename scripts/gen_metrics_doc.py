@@ -33,7 +33,8 @@ disappear when it is retired, after `state.grace_period_seconds` (default 300 s)
 Label values: `map` is `requested` (what the guest asked for) or `applied` (what KVM
 set); `class` is an attribute class such as `r-x_immutable` (bounded set, see
 docs/internals.md "ABI"); `stage` is where an event was lost (`ring:control`,
-`ring:telemetry`, `queue`, `decode`); `hook` is one of `hypercall`, `attr_applied`,
+`ring:telemetry`, `queue`, `decode`, `pipeline` for events an internal error
+cost); `hook` is one of `hypercall`, `attr_applied`,
 `ioctl`, `page_fault`, `cr`; `rule` and `severity` are those of docs/findings.md.
 
 | metric | type | labels | meaning |
