@@ -19,11 +19,13 @@ import ipaddress
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
 from hekitrace import abi
+from hekitrace.abi import AbiProfile
 from hekitrace.errors import ConfigError
 
 class FrozenMap(dict):
@@ -45,7 +47,7 @@ class FrozenMap(dict):
     def __reduce__(self) -> tuple:
         return (FrozenMap, (dict(self),))
 
-    def __deepcopy__(self, memo: dict) -> "FrozenMap":
+    def __deepcopy__(self, memo: dict) -> FrozenMap:
         return self
 
 
@@ -312,7 +314,7 @@ class Config:
     sha256: str = field(default=EMPTY_SHA256, compare=False,
                         metadata={"internal": True})
 
-    def abi_profile(self) -> abi.AbiProfile:
+    def abi_profile(self) -> AbiProfile:
         """The effective ABI profile: the named built-in one with any numbers or bits
         given in ``abi`` replacing its own (then named ``custom``)."""
         return _build_profile(self.abi)
@@ -655,9 +657,9 @@ def _describe(node: yaml.Node) -> str:
     return f"{names.get(tag, tag)} {node.value!r}"
 
 
-def _build_profile(cfg: AbiConfig) -> abi.AbiProfile:
+def _build_profile(cfg: AbiConfig) -> AbiProfile:
     if cfg.profile == "custom":
-        base = abi.AbiProfile(name="custom", lock_cr_update=None, protect_memory=None)
+        base = AbiProfile(name="custom", lock_cr_update=None, protect_memory=None)
     else:
         base = abi.BUILTIN_PROFILES[cfg.profile]
     changes: dict[str, Any] = {}

@@ -23,7 +23,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from hekitrace.config import Config
 
@@ -271,8 +272,8 @@ def _captured_stderr() -> Iterator[list[str]]:
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
-            lines.extend(l.strip() for l in tmp.read().decode(errors="replace").splitlines()
-                         if l.strip())
+            text = tmp.read().decode(errors="replace")
+            lines.extend(line.strip() for line in text.splitlines() if line.strip())
 
 
 # ---------------------------------------------------------------------------------------
@@ -494,7 +495,8 @@ def _compile_probe_module() -> tuple[Any, Bcc]:
             module, error = None, exc
     seconds = round(time.monotonic() - start, 3)
     if module is None:
-        detail = next((l for l in lines if "error" in l.lower()), lines[-1] if lines else "")
+        detail = next((line for line in lines if "error" in line.lower()),
+                      lines[-1] if lines else "")
         return None, Bcc(True, version, False, seconds, f"{error}: {detail}".strip(": "))
     try:
         # load the three programs now so a verifier refusal is reported once, here

@@ -130,7 +130,8 @@ def test_required_hook_that_cannot_attach_exits_1_with_reason_on_its_line(tmp_pa
     config.write_text("hooks:\n  attr_applied: required\n")
     result = _check("--config", str(config))
     assert result.returncode == 1, result.stdout + result.stderr
-    line = next(l for l in result.stdout.splitlines() if l.startswith(probe.ATTR_FUNCTION))
+    line = next(text for text in result.stdout.splitlines()
+                if text.startswith(probe.ATTR_FUNCTION))
     assert "required  FAIL: absent from this kernel" in line
     data = json.loads(_check("--config", str(config), "-o", "json").stdout)
     assert data["ok"] is False
@@ -192,6 +193,6 @@ def test_unprivileged_check_fails_with_the_reason_on_the_hook_line():
     lines = result.stdout.splitlines()
     assert "cannot load BPF" in result.stdout
     for name in ("kvm:kvm_hypercall", "syscalls:sys_enter_ioctl/sys_exit_ioctl"):
-        line = next(l for l in lines if l.startswith(name))
+        line = next(text for text in lines if text.startswith(name))
         assert "required  FAIL: cannot attach: bcc" in line
     assert lines[-1].startswith("result: required hook(s) cannot attach: kvm:kvm_hypercall")
