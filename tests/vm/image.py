@@ -97,7 +97,7 @@ busybox poweroff -f
 """
 
 #: bump when the build steps change in a way the texts above do not show
-RECIPE_VERSION = "3"
+RECIPE_VERSION = "4"
 
 
 class ImageBuildError(RuntimeError):
@@ -344,7 +344,10 @@ def _build_kernel_image(cache: Path, apt: _Apt, flavour: str, abi: str, dest: Pa
         shutil.rmtree(busybox_root, ignore_errors=True)
         _log(f"assembling root for {abi}")
         _run("untar base", ["tar", "-C", str(stage), "-xf", str(base)])
-        shutil.rmtree(kroot / "boot", ignore_errors=True)
+        # keep /boot/config-<abi> as a real host has it (hekitrace reads CONFIG_HZ there)
+        for f in (kroot / "boot").iterdir():
+            if not f.name.startswith("config-"):
+                f.unlink()
         _merge_into(kroot, stage)
         headers = Path(tempfile.mkdtemp(prefix="headers-", dir=cache))
         try:
@@ -363,6 +366,20 @@ def _build_kernel_image(cache: Path, apt: _Apt, flavour: str, abi: str, dest: Pa
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         shutil.rmtree(kroot, ignore_errors=True)
+
+
+def _prune(cache: Path) -> None:
+    """Delete images and base roots of other recipes (each image is about 1.6 GB)."""
+    keep = recipe_hash()
+    for entry in cache.iterdir():
+        m = re.fullmatch(r"(?:base-)?.*?-?([0-9a-f]{12})(?:\.tar)?", entry.name)
+        if m and m.group(1) != keep and (entry.name.startswith("base-")
+                                         or (entry / "READY").exists()):
+            _log(f"pruning {entry} (another recipe)")
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
 
 
 def ensure_image(flavour: str, *, refresh: bool = False) -> L1Image:
@@ -392,6 +409,7 @@ def ensure_image(flavour: str, *, refresh: bool = False) -> L1Image:
                 _build_kernel_image(cache, apt, flavour, abi, dest)
                 built = True
             current.write_text(abi + "\n")
+            _prune(cache)
         dest = cache / f"{abi}-{recipe_hash()}"
         return L1Image(flavour, abi, dest, dest / "vmlinuz", dest / "initrd.gz",
                        dest / "root.img", built, time.monotonic() - start)
