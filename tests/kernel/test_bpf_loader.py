@@ -187,3 +187,17 @@ def test_vendor_and_hz_detection(tmp_path):
     assert loader.kernel_hz((str(tmp_path / "missing"),), say=said.append) == 100
     assert "assuming 100" in said[-1]
     assert loader.kernel_hz() in (100, 250, 300, 1000)     # this kernel's own config
+
+
+def test_the_largest_allowed_chain_bound_passes_the_verifier():
+    s = loader.CaptureSettings(max_list_pages=loader.MAX_LIST_PAGES_LIMIT,
+                               control_ring_bytes=65536, telemetry_ring_bytes=65536)
+    cap = Capture(settings=s, required={"hypercall": False, "ioctl": False}, attach=False,
+                  say=lambda m: None).start()
+    try:
+        assert cap.program_fd("hk_hypercall_raw") > 0
+    finally:
+        cap.close()
+    with pytest.raises(AttachError, match=f"1..{loader.MAX_LIST_PAGES_LIMIT}"):
+        loader.build_cflags(loader.CaptureSettings(
+            max_list_pages=loader.MAX_LIST_PAGES_LIMIT + 1), DEFAULT_PROFILE, {}, 1)
