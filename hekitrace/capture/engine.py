@@ -92,7 +92,6 @@ class Capture:
         self.bpf: Any = None
         self.cflags: list[str] = []
         self._readers: list[Any] = []
-        self._bcc_buffers: list[list[bytes]] | None = None
         self._numbers = records.HypercallNumbers.from_profile(self.abi)
         self._assembler = ProtectAssembler()
         self._losses = LossTracker()
@@ -184,28 +183,15 @@ class Capture:
                          ("tracepoint", tp("kvm", "kvm_cr", "hk_cr_tp"))])
 
     def _open_rings(self) -> None:
-        try:
-            from hekitrace.capture import ringbuf
-        except ImportError as exc:
-            self._say(f"ring reader unavailable ({exc}); using bcc's ring_buffer callbacks")
-        else:
-            self._readers = [ringbuf.RingReader(self.bpf[name].map_fd)
-                             for name in (b"hk_control", b"hk_telemetry")]
-            return
-        self._bcc_buffers = [[], []]
-        for i, name in enumerate((b"hk_control", b"hk_telemetry")):
-            sink = self._bcc_buffers[i]
-            import ctypes
-            self.bpf[name].open_ring_buffer(
-                lambda _ctx, data, size, sink=sink: sink.append(ctypes.string_at(data, size)))
+        """Readers of the two rings' mmap'd pages (ringbuf.py), control first."""
+        from hekitrace.capture import ringbuf
+        self._readers = [ringbuf.RingReader(self.bpf[name].map_fd)
+                         for name in (b"hk_control", b"hk_telemetry")]
 
     # -- reading ----------------------------------------------------------------------
     def fds(self) -> list[int]:
-        """File descriptors to poll (epoll on the ring maps)."""
-        if self._readers:
-            return [r.fileno() for r in self._readers]
-        return [self.bpf.ring_buffer.epoll_fd] if self.bpf is not None and \
-            getattr(self.bpf, "_ringbuf_manager", None) else []
+        """File descriptors to poll (the two ring maps; readable when data is ready)."""
+        return [r.fileno() for r in self._readers]
 
     def read(self, max_records: int | None = None) -> list[Event]:
         """Drain both rings (control first) and the loss counters into one event batch."""
@@ -265,20 +251,8 @@ class Capture:
                 pass
         return out
 
-    def _drain(self, max_records: int | None):
-        if self._readers:
-            return [r.drain(max_records) for r in self._readers]
-        self.bpf.ring_buffer_consume()
-        out = []
-        for sink in self._bcc_buffers or []:
-            buf = b"".join(sink)
-            spans, pos = [], 0
-            for rec in sink:
-                spans.append((pos, len(rec)))
-                pos += len(rec)
-            sink.clear()
-            out.append((buf, spans))
-        return out
+    def _drain(self, max_records: int | None) -> list[tuple[bytes, list[tuple[int, int]]]]:
+        return [r.drain(max_records) for r in self._readers]
 
     def batches(self, timeout_seconds: float | None = None):
         """Yield event batches as the rings fill (epoll on both rings, plus one read per
