@@ -339,20 +339,20 @@ class _Prober:
 
     def raw_tracepoint(self, name: str) -> MethodResult:
         def go() -> None:
-            self.bpf.attach_raw_tracepoint(tp=name, fn_name="hk_probe_raw_tracepoint")
-            self.bpf.detach_raw_tracepoint(tp=name)
+            self.bpf.attach_raw_tracepoint(tp=name.encode(), fn_name=b"hk_probe_raw_tracepoint")
+            self.bpf.detach_raw_tracepoint(tp=name.encode())
         return self._attempt("raw_tracepoint", name, go)
 
     def tracepoint(self, tp: str) -> MethodResult:
         def go() -> None:
-            self.bpf.attach_tracepoint(tp=tp, fn_name="hk_probe_tracepoint")
-            self.bpf.detach_tracepoint(tp=tp)
+            self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=b"hk_probe_tracepoint")
+            self.bpf.detach_tracepoint(tp=tp.encode())
         return self._attempt("tracepoint", tp, go)
 
     def kprobe(self, function: str, stand_in: bool) -> MethodResult:
         def go() -> None:
-            self.bpf.attach_kprobe(event=function, fn_name="hk_probe_kprobe")
-            self.bpf.detach_kprobe(event=function, fn_name="hk_probe_kprobe")
+            self.bpf.attach_kprobe(event=function.encode(), fn_name=b"hk_probe_kprobe")
+            self.bpf.detach_kprobe(event=function.encode(), fn_name=b"hk_probe_kprobe")
 
         def explain(err: int, lines: list[str]) -> str:
             if not os.path.exists(KPROBE_PMU) and not (
@@ -369,7 +369,7 @@ class _Prober:
 
         def go() -> None:
             # bcc loads and attaches KFUNC_PROBE programs while building the module
-            module = BPF(src_file=str(bpf_dir() / "probe_fentry.c"),
+            module = BPF(src_file=str(bpf_dir() / "probe_fentry.c").encode(),
                          cflags=[f"-DHK_PROBE_FN={function}"])
             holder.append(module)
 
@@ -489,7 +489,7 @@ def _compile_probe_module() -> tuple[Any, Bcc]:
     start = time.monotonic()
     with _captured_stderr() as lines:
         try:
-            module = BPF(src_file=str(source))
+            module = BPF(src_file=str(source).encode())
             error = None
         except Exception as exc:  # bcc raises bare Exception on compile failure
             module, error = None, exc
@@ -501,9 +501,9 @@ def _compile_probe_module() -> tuple[Any, Bcc]:
     try:
         # load the three programs now so a verifier refusal is reported once, here
         with _captured_stderr():
-            module.load_func("hk_probe_raw_tracepoint", BPF.RAW_TRACEPOINT)
-            module.load_func("hk_probe_tracepoint", BPF.TRACEPOINT)
-            module.load_func("hk_probe_kprobe", BPF.KPROBE)
+            module.load_func(b"hk_probe_raw_tracepoint", BPF.RAW_TRACEPOINT)
+            module.load_func(b"hk_probe_tracepoint", BPF.TRACEPOINT)
+            module.load_func(b"hk_probe_kprobe", BPF.KPROBE)
     except Exception as exc:  # bcc raises bare Exception on load failure
         module.cleanup()
         return None, Bcc(True, version, True, seconds, f"cannot load probes: {exc}")
