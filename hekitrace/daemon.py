@@ -33,10 +33,11 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
-from hekitrace import __version__
-from hekitrace.control import ControlServer, RequestError
+from hekitrace import __version__, controlops
+from hekitrace.control import ControlServer
 from hekitrace.errors import ConfigError, HekitraceError
-from hekitrace.events import FaultAccess, Lost, VmCreated
+from hekitrace.events import Lost, VmCreated
+from hekitrace.faultfilter import protected_ranges
 from hekitrace.httpserver import Health, HttpServer
 from hekitrace.metrics import HekitraceCollector, LoopStats, PageCounts, build_info
 from hekitrace.sdnotify import Notifier
@@ -224,19 +225,12 @@ class Daemon:
         dirty = list(self._dirty_vms)
         self._dirty_vms.clear()  # the observer holds this set object: clear, never rebind
         abi = self.config.abi_profile()
-        heki, w_bit, x_bit = abi.kvm_heki_mask, 1 << abi.kvm_write, 1 << abi.kvm_exec
         use_applied = self._applied_hook_active()
         for key in dirty:
             guest = self.pipeline.host.guests.get(key)
             if guest is None or guest.destroyed_ns is not None:
                 continue
-            ranges = []
-            for start, end, value in (guest.applied if use_applied else guest.requested):
-                if value & heki:
-                    access = (0 if value & w_bit else int(FaultAccess.WRITE)) | \
-                             (0 if value & x_bit else int(FaultAccess.FETCH))
-                    if access:
-                        ranges.append((start, end, access))
+            ranges = protected_ranges(guest.applied if use_applied else guest.requested, abi)
             try:
                 self.capture.protect_filter_update(key.tgid, ranges)
             except (OSError, KeyError, HekitraceError) as error:
@@ -580,50 +574,15 @@ class Daemon:
         }
 
     def _handle_request(self, request: dict) -> Any:
-        op = request["op"]
-        if op == "status":
-            with self.stats.lock:
-                return self.status()
-        from hekitrace import views
-        abi = self.config.abi_profile()
+        """Answer one control request (in the loop thread, under the state lock)."""
         with self.stats.lock:
-            if op == "vms":
-                rows = [views.vm_summary(g, abi, self._findings_count(g))
-                        for g in self.pipeline.host.guests.values()]
-                return {"vms": rows}
-            if op == "snapshot":
-                guest = self._find_vm(request.get("vm"))
-                maps = request.get("maps", ["requested", "applied"])
-                if not isinstance(maps, list) or not set(maps) <= {"requested", "applied"}:
-                    raise RequestError("bad_request",
-                                       f'"maps" must be a subset of ["requested", "applied"], '
-                                       f"got {maps!r}")
-                findings = list(self.recent_findings.get(guest.key, ()))
-                return views.vm_snapshot(guest, abi, findings, maps=tuple(maps))
-        raise RequestError("bad_request", f"unknown op {op!r}; expected status, vms or snapshot")
-
-    def _findings_count(self, guest: Any) -> int:
-        policy = getattr(self.pipeline, "policy", None)
-        counts = getattr(policy, "counts", None)
-        source = counts if counts is not None else self.stats.findings
-        return sum(n for (vm, _r, _s), n in source.items()
-                   if vm == guest.key or vm == guest.name)
-
-    def _find_vm(self, selector: Any) -> Any:
-        if not isinstance(selector, (str, int)) or selector == "":
-            raise RequestError("bad_request", '"vm" must be a VM name, UUID or pid')
-        text = str(selector)
-        guests = list(self.pipeline.host.guests.values())
-        matches = [g for g in guests if text in (g.name, g.uuid, str(g.pid))]
-        live = [g for g in matches if g.destroyed_ns is None]
-        if len(live) == 1 or (len(matches) == 1):
-            return live[0] if live else matches[0]
-        describe = [f"{g.name or '?'} (pid {g.pid}, uuid {g.uuid or '-'})" for g in
-                    (matches or guests)]
-        if not matches:
-            raise RequestError("unknown_vm", f"no VM named {text!r}", describe)
-        raise RequestError("ambiguous_vm", f"{len(matches)} VMs match {text!r}; "
-                           "name one by UUID or pid", describe)
+            if request["op"] == "status":
+                return self.status()
+            policy = getattr(self.pipeline, "policy", None)
+            counts = getattr(policy, "counts", None)
+            return controlops.answer(request, self.pipeline.host, self.config.abi_profile(),
+                                     counts if counts is not None else self.stats.findings,
+                                     self.recent_findings)
 
     # -- reload and shutdown -----------------------------------------------------------
     def reload(self) -> bool:

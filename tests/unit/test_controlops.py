@@ -1,0 +1,75 @@
+"""hekitrace.controlops: control replies built from a real Host (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hekitrace.abi import DEFAULT_PROFILE
+from hekitrace.control import RequestError
+from hekitrace.controlops import answer, find_vm, findings_count
+from hekitrace.events import AttrApplied, Memslot, VmCreated, VmDestroyed
+from hekitrace.host import Host
+
+T0 = 1_795_000_000_000_000_000
+
+
+def _host():
+    h = Host(DEFAULT_PROFILE)
+    h.apply(VmCreated(T0, 10, 10, vm_fd=3, name="web", uuid="u-web"))
+    h.apply(Memslot(T0, 10, 10, 0, 0, 0, 1 << 30, 0))
+    h.apply(AttrApplied(T0 + 1, 10, 10, 0x1000, 0x1800, DEFAULT_PROFILE.guest_to_kvm(0b1101)))
+    h.apply(VmCreated(T0, 20, 20, vm_fd=3, name="db", uuid="u-db"))
+    h.apply(VmCreated(T0, 30, 30, vm_fd=3, name="twin"))
+    h.apply(VmCreated(T0, 31, 31, vm_fd=3, name="twin"))
+    return h
+
+
+@pytest.mark.parametrize("selector,pid", [("web", 10), ("u-db", 20), ("20", 20), (10, 10)])
+def test_controlops_find_vm_by_name_uuid_pid(selector, pid):
+    assert find_vm(_host().guests.values(), selector).pid == pid
+
+
+def test_controlops_find_vm_errors():
+    guests = _host().guests.values()
+    with pytest.raises(RequestError) as info:
+        find_vm(guests, "nope")
+    assert info.value.code == "unknown_vm" and len(info.value.choices) == 4
+    with pytest.raises(RequestError) as info:
+        find_vm(guests, "twin")
+    assert info.value.code == "ambiguous_vm" and len(info.value.choices) == 2
+    for bad in (None, "", True, ["web"], {"a": 1}):
+        with pytest.raises(RequestError) as info:
+            find_vm(guests, bad)
+        assert info.value.code == "bad_request"
+
+
+def test_controlops_live_vm_wins_over_one_in_grace():
+    h = _host()
+    h.apply(VmDestroyed(T0 + 5, 10, 10))
+    h.apply(VmCreated(T0 + 6, 11, 11, vm_fd=3, name="web"))
+    assert find_vm(h.guests.values(), "web").pid == 11
+
+
+def test_controlops_vms_and_snapshot():
+    h = _host()
+    web = h.by_tgid(10)
+    counts = {(web.key, "wx_request", "critical"): 2, (None, "x", "info"): 1}
+    rows = answer({"op": "vms"}, h, DEFAULT_PROFILE, counts, {})["vms"]
+    assert len(rows) == 4
+    assert findings_count(counts, web) == 2
+    snap = answer({"op": "snapshot", "vm": "web", "maps": ["applied"]}, h, DEFAULT_PROFILE,
+                  counts, {web.key: []})
+    assert isinstance(snap, dict) and snap
+
+
+@pytest.mark.parametrize("request_", [
+    {"op": "snapshot", "vm": "web", "maps": ["bogus"]},
+    {"op": "snapshot", "vm": "web", "maps": "applied"},
+    {"op": "snapshot", "vm": "web", "maps": []},
+    {"op": "snapshot", "vm": "web", "maps": [1]},
+    {"op": "frobnicate"},
+])
+def test_controlops_bad_requests(request_):
+    with pytest.raises(RequestError) as info:
+        answer(request_, _host(), DEFAULT_PROFILE, {}, {})
+    assert info.value.code == "bad_request"
