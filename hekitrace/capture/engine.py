@@ -126,9 +126,13 @@ class Capture:
                                               tuple(extra))
             self.bpf = loader.compile_bpf(self.cflags, self._dump)
             want_fentry = False
-        if self._attach:
-            self._attach_all(want_fentry, fentry_error)
-        self._open_rings()
+        try:
+            if self._attach:
+                self._attach_all(want_fentry, fentry_error)
+            self._open_rings()
+        except BaseException:
+            self.close()     # detach what did attach: a failed start leaves nothing behind
+            raise
         return self
 
     def _try(self, hook: str, chain: list[tuple[str, Callable[[], None]]]) -> None:
