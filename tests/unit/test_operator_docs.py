@@ -1,0 +1,118 @@
+"""The operator kit stays in step with the code: the man page renders and has its
+sections, every rule id is documented (docs/findings.md) and every alerted rule has a
+runbook entry, every documented metric is in docs/metrics.md, and packaging/install.sh
+lays out the files docs/install.md promises."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hekitrace import config
+
+ROOT = Path(__file__).resolve().parents[2]
+MAN = ROOT / "docs" / "man" / "hekitrace.8"
+SECTIONS = ("NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "OPTIONS", "EXAMPLES", "FILES",
+            "EXIT STATUS", "OVERHEAD", "CAVEATS", "SEE ALSO")
+
+
+def test_man_page_has_every_section_in_order():
+    text = MAN.read_text()
+    found = [m.strip('"') for m in re.findall(r"^\.SH (.+)$", text, re.M)]
+    assert found == list(SECTIONS)
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff missing (Debian: groff-base)")
+def test_man_page_renders_without_warnings():
+    result = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(MAN)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    shown = subprocess.run(["groff", "-man", "-Tascii", str(MAN)], capture_output=True,
+                           text=True, timeout=60).stdout
+    assert "hekitrace snapshot web1 --diff web1.baseline.json" in re.sub(r".\x08", "", shown)
+
+
+def test_man_page_exit_statuses_match_cli():
+    from hekitrace import cli
+
+    text = MAN.read_text().split(".SH EXIT STATUS", 1)[1].split(".SH", 1)[0]
+    codes = {int(c) for c in re.findall(r"^\.B (\d+)$", text, re.M)}
+    assert codes == {cli.EXIT_OK, cli.EXIT_FINDINGS, cli.EXIT_USAGE, cli.EXIT_CONFIG,
+                     cli.EXIT_DATA, cli.EXIT_FAILURE, cli.EXIT_INTERRUPTED}
+
+
+def test_man_page_overhead_cites_benchmarks():
+    """The OVERHEAD figures are measured ones: each appears in BENCHMARKS.md."""
+    overhead = MAN.read_text().split(".SH OVERHEAD", 1)[1].split(".SH", 1)[0]
+    bench = (ROOT / "BENCHMARKS.md").read_text()
+    figures = re.findall(r"\b(\d+) ns\b", overhead)
+    assert len(figures) >= 6
+    for ns in figures:
+        assert re.search(rf"\b{ns}\b", bench), f"{ns} ns is not in BENCHMARKS.md"
+
+
+def test_every_rule_id_is_documented():
+    text = (ROOT / "docs" / "findings.md").read_text()
+    headings = " ".join(re.findall(r"^###? (.+)$", text, re.M))
+    for rule in config.RULE_IDS:
+        if re.search(rf"\b{rule}\b", headings):
+            continue
+        # rules hekitrace cannot evaluate are documented in the rule table, saying so
+        row = re.search(rf"^\|\s*`{rule}`.*$", text, re.M)
+        assert row and "not evaluated" in row.group(0), \
+            f"docs/findings.md has no section for rule {rule}"
+
+
+def test_every_alerted_rule_has_a_runbook_entry():
+    rules = yaml.safe_load((ROOT / "packaging/prometheus/hekitrace-alerts.yml").read_text())
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    alerted: set[str] = set()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            for alt in re.findall(r'rule=~"([^"]+)"', rule["expr"]):
+                alerted |= set(alt.split("|"))
+    assert alerted, "no rule-specific alerts found"
+    assert alerted <= set(config.RULE_IDS), alerted - set(config.RULE_IDS)
+    for rule in alerted:
+        assert f"`{rule}`" in runbook, f"docs/runbook.md does not mention {rule}"
+
+
+def test_every_documented_metric_is_in_the_metrics_reference():
+    internals = (ROOT / "docs" / "internals.md").read_text()
+    section = internals.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"\b(hekitrace_[a-z_]+)", section))
+    reference = (ROOT / "docs" / "metrics.md").read_text()
+    missing = sorted(n for n in names if n not in reference)
+    assert not missing, f"docs/metrics.md lacks {missing}"
+
+
+def test_install_sh_stages_the_documented_layout(tmp_path):
+    result = subprocess.run([str(ROOT / "packaging" / "install.sh"), "--root", str(tmp_path),
+                             "--no-packages", "--no-python"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    for rel in ("etc/hekitrace/hekitrace.yaml", "etc/systemd/system/hekitrace.service",
+                "etc/systemd/system/hekitrace.service.d/install.conf",
+                "usr/share/hekitrace/bpf/hekitrace.h",
+                "usr/share/hekitrace/prometheus/hekitrace-alerts.yml",
+                "usr/share/hekitrace/grafana/hekitrace.json",
+                "usr/local/share/man/man8/hekitrace.8", "usr/share/doc/hekitrace/runbook.md"):
+        assert (tmp_path / rel).is_file(), rel
+    assert (tmp_path / "var/lib/hekitrace").stat().st_mode & 0o777 == 0o700
+    dropin = (tmp_path / "etc/systemd/system/hekitrace.service.d/install.conf").read_text()
+    assert "HEKITRACE_BPF_DIR=/usr/share/hekitrace/bpf" in dropin
+    # a second run keeps an edited configuration
+    (tmp_path / "etc/hekitrace/hekitrace.yaml").write_text("# mine\n")
+    subprocess.run([str(ROOT / "packaging" / "install.sh"), "--root", str(tmp_path),
+                    "--no-packages", "--no-python"], check=True, capture_output=True)
+    assert (tmp_path / "etc/hekitrace/hekitrace.yaml").read_text() == "# mine\n"
+    assert (tmp_path / "etc/hekitrace/hekitrace.yaml.dist").is_file()
+    install_md = (ROOT / "docs" / "install.md").read_text()
+    for rel in ("/etc/hekitrace/hekitrace.yaml", "/var/lib/hekitrace", "hekitrace check",
+                "localhost:9864/metrics", "CAP_BPF", "linux-headers"):
+        assert rel in install_md, rel
