@@ -574,7 +574,15 @@ class TraceReader:
     def __init__(self, path: str | os.PathLike, errors: ErrorSink = None) -> None:
         self.path = os.fspath(path)
         self._report = _sink(errors)
-        self._file = open(self.path, "rb")
+        try:
+            self._file = open(self.path, "rb")  # noqa: SIM115 - closed by iteration/close()
+        except OSError as error:
+            raise TraceFormatError(f"cannot read the file: {error.strerror or error}",
+                                   path=self.path) from None
+        #: bytes already read but not yet consumed (never seek: pipes work too)
+        self._pushback = b""
+        self._header_size = 0
+        self._line_source: Iterator[bytes] = iter(())
         try:
             head = self._file.read(_FILE_HEAD.size)
             if head[:len(MAGIC)] == MAGIC:
@@ -584,7 +592,8 @@ class TraceReader:
                 raise TraceFormatError("truncated trace header", path=self.path, offset=0)
             else:
                 self.encoding = "jsonl"
-                self._file.seek(0)
+                first = (head + self._file.readline()).splitlines(keepends=True)
+                self._line_source = itertools.chain(first, self._file)
                 self.header = self._jsonl_header()
         except BaseException:
             self._file.close()
@@ -601,6 +610,7 @@ class TraceReader:
             raise TraceFormatError(f"header length {size} exceeds {MAX_HEADER_BYTES}",
                                    path=self.path, offset=12)
         blob = self._file.read(size)
+        self._header_size = size
         if len(blob) != size or zlib.crc32(blob) != crc:
             raise TraceFormatError("trace header is truncated or fails its checksum",
                                    path=self.path, offset=_FILE_HEAD.size)
@@ -613,7 +623,9 @@ class TraceReader:
     def _jsonl_header(self) -> TraceHeader:
         """Decide that the file is JSON Lines: its first content line must be a JSON
         object (a header line or an event); anything else is not a trace."""
-        for number, raw in enumerate(self._file, 1):
+        seen: list[bytes] = []
+        for number, raw in enumerate(self._line_source, 1):
+            seen.append(raw)
             text = raw.strip()
             if not text or text.startswith(b"#"):
                 continue
@@ -625,7 +637,7 @@ class TraceReader:
                 raise TraceFormatError("not a hekitrace trace: neither the binary magic nor "
                                        "a JSON object on the first line", path=self.path,
                                        line=number)
-            self._file.seek(0)
+            self._line_source = itertools.chain(seen, self._line_source)
             if first.get("kind") == "header":
                 try:
                     return TraceHeader.from_dict(first)
@@ -668,12 +680,22 @@ class TraceReader:
                  line: int | None = None) -> None:
         self._report(TraceProblem(self.path, offset, line, message))
 
+    def _read(self, size: int) -> bytes:
+        """``size`` bytes (fewer at end of file), pushed-back bytes first."""
+        if self._pushback:
+            data = self._pushback[:size]
+            self._pushback = self._pushback[size:]
+            if len(data) < size:
+                data += self._file.read(size - len(data))
+            return data
+        return self._file.read(size)
+
     def _blocks(self) -> Iterator[list[Event]]:
-        f = self._file
-        pos = f.tell()
+        read = self._read
+        pos = _FILE_HEAD.size + self._header_size
         report = self._report_offset
         while True:
-            head = f.read(_BLOCK_HEAD.size)
+            head = read(_BLOCK_HEAD.size)
             if not head:
                 return
             if len(head) < _BLOCK_HEAD.size:
@@ -682,28 +704,29 @@ class TraceReader:
                 return
             sync, size, records, crc = _BLOCK_HEAD.unpack(head)
             if sync != SYNC:
-                pos = self._resync(pos, "no block sync marker")
+                pos = self._resync(pos, "no block sync marker", head)
                 if pos < 0:
                     return
                 continue
             if size > MAX_BLOCK_BYTES:
-                pos = self._resync(pos, f"block length {size} exceeds {MAX_BLOCK_BYTES}")
+                pos = self._resync(pos, f"block length {size} exceeds {MAX_BLOCK_BYTES}",
+                                   head)
                 if pos < 0:
                     return
                 continue
-            payload = f.read(size)
+            payload = read(size)
             if len(payload) < size:
                 self._problem(f"truncated block: {size} payload bytes announced, the file "
                               f"ends after {len(payload)} ({records} records lost)",
                               offset=pos)
                 # a torn block may be followed by appended blocks: look for them
-                pos = self._resync(pos, None)
+                pos = self._resync(pos, None, head + payload)
                 if pos < 0:
                     return
                 continue
             if zlib.crc32(payload) != crc:
                 pos = self._resync(pos, f"block checksum mismatch ({records} records "
-                                        "announced, skipped)")
+                                        "announced, skipped)", head + payload)
                 if pos < 0:
                     return
                 continue
@@ -717,42 +740,42 @@ class TraceReader:
     def _report_offset(self, message: str, offset: int) -> None:
         self._problem(message, offset=offset)
 
-    def _resync(self, bad: int, message: str | None) -> int:
-        """Report the damage at ``bad`` and seek to the next sync marker after it.
+    def _resync(self, bad: int, message: str | None, consumed: bytes) -> int:
+        """Report the damage at ``bad`` and move to the next sync marker after it.
 
-        Returns the new position, or -1 at end of file. Scans in 1 MiB chunks so memory
-        stays bounded whatever the size of the damaged region.
+        ``consumed`` are the bytes already read from ``bad`` on; the scan starts at their
+        second byte and goes on reading 1 MiB at a time, so memory stays bounded however
+        large the damaged region, and nothing is read twice (no seek: pipes work).
+        Returns the marker's offset (its bytes pushed back for the next read), or -1 at
+        end of file.
         """
-        f = self._file
-        start = bad + 1
-        f.seek(start)
-        carry = b""
-        base = start
+        keep = len(SYNC) - 1
+        data = consumed[1:]
+        base = bad + 1
         while True:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                if message:
-                    self._problem(f"{message}; no further block found", offset=bad)
-                return -1
-            data = carry + chunk
             hit = data.find(SYNC)
             if hit >= 0:
                 found = base + hit
                 if message:
                     self._problem(f"{message}; skipped {found - bad} bytes to the next block "
                                   f"at byte {found}", offset=bad)
-                f.seek(found)
+                self._pushback = data[hit:] + self._pushback
                 return found
-            keep = len(SYNC) - 1
-            carry = data[-keep:]
+            carry = data[-keep:] if len(data) >= keep else data
             base += len(data) - len(carry)
+            chunk = self._read(1 << 20)
+            if not chunk:
+                if message:
+                    self._problem(f"{message}; no further block found", offset=bad)
+                return -1
+            data = carry + chunk
 
     def _lines(self) -> Iterator[Event]:
         start_ns = self.header.start_time_ns
         last_ns = start_ns
         loads = json.loads
         from_dict = event_from_dict
-        for number, raw in enumerate(self._file, 1):
+        for number, raw in enumerate(self._line_source, 1):
             text = raw.strip()
             if not text or text[:1] == b"#":
                 continue

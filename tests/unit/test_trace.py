@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -328,3 +329,36 @@ def test_wrong_record_count_is_reported_but_loses_nothing(tmp_path):
     problems: list = []
     assert len(list(read_events(path, problems))) == 300
     assert [p.offset for p in problems] == [off] and "records" in problems[0].message
+
+
+@pytest.mark.parametrize("encoding", ["binary", "jsonl"])
+def test_reads_from_a_pipe_including_resync(tmp_path, encoding):
+    """No seeking: `hekitrace simulate -o - | hekitrace replay /dev/stdin` works, and a
+    damaged block in a pipe is still skipped with everything after it read."""
+    import threading
+
+    path = tmp_path / "p"
+    with TraceWriter(path, TraceHeader(hostname="p"), encoding=encoding,
+                     block_bytes=256) as writer:
+        writer.write_all(MANY)
+    data = bytearray(path.read_bytes())
+    if encoding == "binary":
+        off, size, records = _blocks(path)[2]
+        data[off + 20 + size // 2] ^= 0x10
+        expected_lost = records
+    else:
+        data[data.index(b'"a0":"0x7"')] = ord("!")
+        expected_lost = 1
+    r, w = os.pipe()
+    feeder = threading.Thread(target=lambda: (os.write(w, bytes(data)), os.close(w)))
+    feeder.start()
+    try:
+        problems: list = []
+        reader = open_trace(f"/dev/fd/{r}", problems)
+        assert reader.header.hostname == "p"
+        got = list(reader)
+    finally:
+        feeder.join()
+        os.close(r)
+    assert len(problems) == 1
+    assert len(got) == 300 - expected_lost
