@@ -99,6 +99,7 @@ class Daemon:
         self._reload_requested = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._timers: dict[str, float] = {}
+        self._old_handlers: dict[int, Any] = {}
         self.hook_report: list[tuple[str, str, bool, bool, str]] = []
         self.discovery_done = False
         self._dirty_vms: set = set()
@@ -282,9 +283,28 @@ class Daemon:
                 guest = self.pipeline.host.by_tgid(event.tgid)
                 if guest is not None and PREEXISTING_REASON not in guest.degraded_reasons:
                     self.pipeline.host.mark_degraded(guest.key, PREEXISTING_REASON)
+            self._seed_memslots()
         self.discovery_done = True
         names = ", ".join(f"{e.name or '?'}(pid {e.tgid})" for e in found) or "none"
         self.say(f"VMs running at start-up: {len(found)}: {names}")
+
+    def _seed_memslots(self) -> None:
+        """Teach the kernel's page-list walk the memslots of VMs known before capture
+        started (restored by the journal's recovery): without them their PROTECT_MEMORY
+        page lists could not be read until the VMM changed a memslot again."""
+        seed = getattr(self.capture, "seed_memslots", None)
+        if seed is None:
+            return
+        for guest in self.pipeline.host.guests.values():
+            if guest.destroyed_ns is None and guest.memslots:
+                slots = [(slot, m.gpa, m.size_bytes, m.hva)
+                         for slot, m in sorted(guest.memslots.items())]
+                try:
+                    seed(guest.pid, slots)
+                except Exception as error:  # noqa: BLE001 - one VM's table, not the daemon
+                    self.say(f"WARNING: cannot seed the memslots of pid {guest.pid} into the "
+                             f"kernel ({error}); its page lists are unreadable until its "
+                             "VMM changes a memslot")
 
     def _arm_timers(self) -> None:
         now = self._mono()
@@ -296,7 +316,7 @@ class Daemon:
         self._wake_w.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -657,6 +677,9 @@ class Daemon:
                 self.say(f"WARNING: closing {what} failed: {error}")
         self.capture = self.uevents = self.control = self.http = None
         signal.set_wakeup_fd(-1)
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)  # embedding processes (tests, benches) get theirs back
+        self._old_handlers.clear()
         self.selector.close()
         self.notifier.close()
         self.say("stopped: " + (f"{sum(self.stats.events_by_kind.values())} events, "
