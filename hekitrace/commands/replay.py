@@ -37,6 +37,7 @@ EPILOG = """examples:
   hekitrace replay -o json examples/multi-vm.htrace | jq '.findings[].rule'
   hekitrace replay --until +2.5 examples/clean-guest.htrace
   hekitrace replay --metrics-port 9865 examples/attack.jsonl   # then curl :9865/metrics
+  hekitrace replay --metrics-file - examples/attack.jsonl      # summary, then /metrics text
 
 exit status: 1 a critical finding (wins), 4 the trace had problems, 0 otherwise;
 2 bad arguments, 3 bad config, 4 also when a file is not a trace at all.
@@ -58,6 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="stop before the first event after TIME: RFC 3339 "
                              "(2026-11-25T15:00:03Z) or +SECONDS after the first event "
                              "(default: replay everything)")
+    parser.add_argument("--metrics-file", metavar="FILE",
+                        help="after the replay, write the /metrics text of the replayed state "
+                             "to FILE ('-': stdout, after the summary) (default: off)")
     parser.add_argument("--metrics-port", type=int, metavar="N",
                         help="after the replay, serve /metrics for the replayed state on "
                              "127.0.0.1:N until interrupted (default: off)")
@@ -273,13 +277,12 @@ def exit_status(result: ReplayResult) -> int:
     return 0
 
 
-def serve_metrics(result: ReplayResult, port: int) -> None:
-    """Serve /metrics for the replayed state on 127.0.0.1:``port`` until interrupted."""
-    import threading
-
+def metrics_registry(result: ReplayResult) -> tuple[Any, Any]:
+    """A registry exposing the replayed state exactly as the daemon's /metrics would,
+    and the health object the HTTP server reports."""
     from prometheus_client.registry import CollectorRegistry
 
-    from hekitrace.httpserver import Health, HttpServer
+    from hekitrace.httpserver import Health
     from hekitrace.metrics import HekitraceCollector, LoopStats, build_info
 
     pipeline = result.pipeline
@@ -293,11 +296,37 @@ def serve_metrics(result: ReplayResult, port: int) -> None:
     health.ready = True
     health.not_ready_reasons = ()
     registry = CollectorRegistry(auto_describe=False)
+
     def state() -> Any:
         return pipeline.host, pipeline.abi, pipeline.policy
 
     registry.register(HekitraceCollector(state, stats, build_info(),
                                          vm_label=pipeline.config.metrics.vm_label))
+    return registry, health
+
+
+def write_metrics(result: ReplayResult, destination: str) -> None:
+    """Write the /metrics text of the replayed state once, to a file or ``-`` (stdout)."""
+    from prometheus_client.exposition import generate_latest
+
+    registry, _ = metrics_registry(result)
+    text = generate_latest(registry).decode()
+    if destination == "-":
+        sys.stdout.write("\n# /metrics of the replayed state\n")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        with open(destination, "w", encoding="utf-8") as out:
+            out.write(text)
+
+
+def serve_metrics(result: ReplayResult, port: int) -> None:
+    """Serve /metrics for the replayed state on 127.0.0.1:``port`` until interrupted."""
+    import threading
+
+    from hekitrace.httpserver import HttpServer
+
+    registry, health = metrics_registry(result)
     server = HttpServer(f"127.0.0.1:{port}", registry, health)
     server.start()
     print(f"serving the replayed state on http://127.0.0.1:{server.port}/metrics "
@@ -326,6 +355,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(render_text(result))
     sys.stdout.flush()
     status = exit_status(result)
+    if args.metrics_file is not None:
+        write_metrics(result, args.metrics_file)
     if args.metrics_port is not None:
         try:
             serve_metrics(result, args.metrics_port)
