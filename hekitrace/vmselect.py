@@ -11,7 +11,7 @@ worse than a second command.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from hekitrace.errors import VmLookupError
 

@@ -19,7 +19,8 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from hekitrace import config as config_mod
 from hekitrace import views, vmselect
@@ -119,7 +120,7 @@ class Rebuilt:
     """State rebuilt from files: summaries, and snapshots on demand."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from hekitrace.commands import replay as replay_cmd  # noqa: PLC0415 - heavy
+        from hekitrace.commands import replay as replay_cmd
 
         if args.socket:
             raise UsageError("--socket and --from exclude each other")
@@ -156,7 +157,7 @@ def dump(doc: Any, fmt: str) -> str:
     """JSON (2-space indent, key order of views) or YAML (block style, same order)."""
     if fmt == "json":
         return json.dumps(doc, indent=2) + "\n"
-    import yaml  # noqa: PLC0415 - only for -o yaml
+    import yaml
 
     return str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False,
                               allow_unicode=True, width=1000))
@@ -203,8 +204,8 @@ def read_saved(path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hekitrace.render import diff as diff_mod  # noqa: PLC0415
-    from hekitrace.render import snapshot_text, svg  # noqa: PLC0415
+    from hekitrace.render import diff as diff_mod
+    from hekitrace.render import snapshot_text, svg
 
     maps = ("requested", "applied") if args.map == "both" else (args.map,)
     if args.at and not args.from_files:

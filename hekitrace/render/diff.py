@@ -9,7 +9,9 @@ additions.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import itertools
+from collections.abc import Iterator
+from typing import Any
 
 from hekitrace.errors import UsageError
 from hekitrace.render.table import WIDTH, cut, human_size
@@ -46,7 +48,7 @@ def map_changes(old: list[tuple[int, int, str]], new: list[tuple[int, int, str]]
             yield segs[i][2] if i < len(segs) and segs[i][0] <= lo else "rwx"
 
     out: list[tuple[int, int, str, str]] = []
-    for (lo, hi), a, b in zip(zip(bounds, bounds[1:]), sweep(old), sweep(new)):
+    for (lo, hi), a, b in zip(itertools.pairwise(bounds), sweep(old), sweep(new)):
         if a == b:
             continue
         if out and out[-1][1] == lo and out[-1][2:] == (a, b):

@@ -10,7 +10,8 @@ cost memory only for the dicts already held).
 from __future__ import annotations
 
 import textwrap
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from hekitrace.render.table import WIDTH, Column, Table, cut, human_duration, human_size
 

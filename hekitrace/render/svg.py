@@ -16,7 +16,7 @@ With both maps, each row shows requested above applied, on the same axis.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from xml.sax.saxutils import escape, quoteattr
 
 from hekitrace.render.snapshot_text import class_label, class_sort_key
@@ -223,13 +223,13 @@ def render_svg(snap: dict, maps: Sequence[str] | None = None) -> str:
     pins = " ".join(b for cr in vm["pinned_cr"].values() for b in cr["bits"]) or "none"
     head = [
         '<?xml version="1.0" encoding="UTF-8"?>',
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH_PX}" height="{height}" '
-        f'viewBox="0 0 {WIDTH_PX} {height}" font-family="DejaVu Sans, sans-serif">',
-        "<defs><pattern id=\"hatch\" patternUnits=\"userSpaceOnUse\" width=\"6\" height=\"6\" "
-        "patternTransform=\"rotate(45)\"><line x1=\"0\" y1=\"0\" x2=\"0\" y2=\"6\" "
-        "stroke=\"#ffffff\" stroke-width=\"2\" stroke-opacity=\"0.7\"/></pattern>"
-        "<style>.slot{font-size:13px;font-weight:bold}.small{font-size:11px}"
-        ".title{font-size:16px;font-weight:bold}.legend{font-size:12px}</style></defs>",
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH_PX}" height="{height}" '
+         f'viewBox="0 0 {WIDTH_PX} {height}" font-family="DejaVu Sans, sans-serif">'),
+        ('<defs><pattern id="hatch" patternUnits="userSpaceOnUse" width="6" height="6" '
+         'patternTransform="rotate(45)"><line x1="0" y1="0" x2="0" y2="6" '
+         'stroke="#ffffff" stroke-width="2" stroke-opacity="0.7"/></pattern>'
+         "<style>.slot{font-size:13px;font-weight:bold}.small{font-size:11px}"
+         ".title{font-size:16px;font-weight:bold}.legend{font-size:12px}</style></defs>"),
         f'<rect width="{WIDTH_PX}" height="{height}" fill="#ffffff"/>',
         f'<text x="10" y="24" class="title">{escape(title)}</text>',
         f'<text x="10" y="46" class="small">{escape(lock)}; pinned: {escape(pins)}'
@@ -244,8 +244,8 @@ def _legend(snap: dict, maps: Sequence[str], seen: Iterable[str], y: int, merged
     vm = snap["vm"]
     total = vm.get("guest_memory_bytes") or 0
     out = ['<g class="legend">',
-           f'<text x="10" y="{y + 12}" class="slot">Legend (size per class: '
-           f'{" / ".join(maps)})</text>']
+           (f'<text x="10" y="{y + 12}" class="slot">Legend (size per class: '
+            f'{" / ".join(maps)})</text>')]
     y += 22
     for i, cls in enumerate(sorted(set(seen), key=class_sort_key)):
         col, row = i % 2, i // 2
@@ -267,12 +267,12 @@ def _legend(snap: dict, maps: Sequence[str], seen: Iterable[str], y: int, merged
                    f'{escape(class_label(cls))}: {escape(" / ".join(sizes))}</text></g>')
     y += ((len(set(seen)) + 1) // 2) * 22 + 8
     notes = ["Hatched: immutable (cannot be changed until the guest reboots).",
-             "Axis: one row per memslot, each scaled on its own; within a row half the width "
-             "is linear in size and half",
-             f"logarithmic (log2 pages), at least {MIN_PX:g} px per range, so small ranges "
-             "stay visible. Slashes (//): a range",
-             f"drawn at under {COMPRESSED:.0%} of its linear width (compressed). Sizes: "
-             "labels, legend, tooltips."]
+             ("Axis: one row per memslot, each scaled on its own; within a row half the "
+              "width is linear in size and half"),
+             (f"logarithmic (log2 pages), at least {MIN_PX:g} px per range, so small ranges "
+              "stay visible. Slashes (//): a range"),
+             (f"drawn at under {COMPRESSED:.0%} of its linear width (compressed). Sizes: "
+              "labels, legend, tooltips.")]
     if merged:
         notes.append(f"{merged} ranges too small to draw were merged into neighbours "
                      "(a bin shows the largest attribute class in it).")

@@ -8,8 +8,8 @@ wrapped), so one row stays one line and ``grep``/``sort`` keep working.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 WIDTH = 80
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")

@@ -26,7 +26,7 @@ ATTACK = str(ROOT / "examples" / "attack.jsonl")
 
 def cli(*args: str, cwd: Path = ROOT, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hekitrace.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120, **kw)
+                          check=False, capture_output=True, text=True, timeout=120, **kw)
 
 
 @pytest.fixture(scope="module")
