@@ -4,7 +4,8 @@ Operators name guests the way they know them: the libvirt/QEMU name, the UUID fr
 management plane, or the QEMU pid from ``ps``. One string is tried as all three, in
 the order least likely to collide: UUID (unique by construction), pid (unique among
 live processes), name (two guests may share one, e.g. a destroyed guest still in its
-grace period and its restarted successor). A name that matches several VMs is an
+grace period and its restarted successor), then a UUID prefix of at least 8
+characters (the UUID column of ``hekitrace vms``). A name that matches several VMs is an
 error listing them, never a guess: a snapshot of the wrong guest during an incident is
 worse than a second command.
 """
@@ -14,6 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hekitrace.errors import VmLookupError
+
+#: shortest UUID prefix accepted (what 'hekitrace vms' shows); shorter ones look like names
+UUID_PREFIX_MIN = 8
 
 
 def describe(vm: dict, full: bool = False) -> str:
@@ -45,6 +49,9 @@ def resolve(query: str, vms: Sequence[dict]) -> dict:
             matches = [v for v in vms if v.get("pid") == int(text)]
         if not matches:
             matches = [v for v in vms if v.get("name") == text]
+        if not matches and len(text) >= UUID_PREFIX_MIN:
+            # the 8-character UUID column of 'hekitrace vms'
+            matches = [v for v in vms if str(v.get("uuid") or "").lower().startswith(lowered)]
     if len(matches) == 1:
         return matches[0]
     if not matches:

@@ -52,3 +52,11 @@ def test_no_vms_and_empty_query():
         resolve("web1", [])
     with pytest.raises(VmLookupError, match="no VM given"):
         resolve("  ", VMS)
+
+
+def test_uuid_prefix_from_the_vms_table():
+    assert resolve("7f0c0000-0000-0000-0000-00000000000", VMS[:1] + VMS[2:])["pid"] == 100
+    with pytest.raises(VmLookupError, match="ambiguous"):
+        resolve("7f0c0000", VMS)          # both web1 UUIDs start so
+    with pytest.raises(VmLookupError, match="unknown"):
+        resolve("7f0c", VMS)              # too short to be taken as a UUID prefix
