@@ -7,6 +7,7 @@ for the attack example's victims (a counter that first appears above zero still 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -122,3 +123,83 @@ def test_prometheus_scrapes_replay_and_alert_fires(replay_and_prometheus):
     assert ("HekitraceImmutableRelaxed", "victim-ro") in names
     # a healthy replay is ready: the not-ready alert stays quiet
     assert not [n for n in names if n[0] == "HekitraceNotReady"]
+
+
+# -- a running daemon --------------------------------------------------------------------
+
+def test_prometheus_scrapes_daemon_and_cli_reads_it(tmp_path):
+    """The real daemon watches this process as a VMM (a real KVM VM from tests/vmm.py);
+    a guest protection hypercall is driven through the daemon's own program
+    (BPF_PROG_TEST_RUN). Prometheus scrapes the daemon; `hekitrace vms` and
+    `hekitrace snapshot PID` (the real CLI) read it over the control socket."""
+    sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value
+    from test_daemon_vms import prog_fd_by_id
+    from vmm import Vmm
+
+    from hekitrace.abi import DEFAULT_PROFILE
+    from hekitrace.capture.testrun import run_raw_tracepoint
+
+    if shutil.which("prometheus") is None:
+        pytest.fail("prometheus missing: scripts/setup.sh installs Debian's prometheus")
+    daemon = DaemonProcess().start()
+    prom_port = free_port()
+    (tmp_path / "prometheus.yml").write_text(f"""
+global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+rule_files: [{RULES}]
+scrape_configs:
+  - job_name: hekitrace
+    static_configs: [{{targets: ["127.0.0.1:{daemon.port}"]}}]
+""")
+    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{prom_port}"
+    me = str(os.getpid())
+    ids = bpf_prog_ids_of(daemon.proc.pid)
+    names = bpf_progs()
+    fd = prog_fd_by_id(next(i for i in ids if names.get(i) == "hk_hypercall_raw"))
+    try:
+        with Vmm() as vm:
+            vm.add_memslot(0x0, 64 << 20)
+            wait_for("the VM in hekitrace_vm_info", lambda: f'pid="{me}"' in daemon.metrics())
+            # kernel text r-x immutable, 16..24 MiB (guest bits R|X|IMMUTABLE = 1|4|8)
+            head = vm.write_heki_list([0x100000], [(0x1000000, 0x1800000, 13)])
+            run_raw_tracepoint(fd, [DEFAULT_PROFILE.protect_memory, head, 0, 0, 0])
+            wait_for("2048 requested pages", lambda: any(
+                metric_value(daemon.metrics(), line.split(" ")[0]) == 2048.0
+                for line in daemon.metrics().splitlines()
+                if line.startswith("hekitrace_vm_protected_pages")
+                and 'class="r-x_immutable"' in line and 'map="requested"' in line))
+
+            series = wait_for("the daemon's series in Prometheus", lambda: query(
+                base, f'hekitrace_vm_protected_pages{{map="requested",class="r-x_immutable"}}'
+                      f' == 2048 and on (vm) hekitrace_vm_info{{pid="{me}"}}'))
+            assert series[0]["metric"]["job"] == "hekitrace"
+            assert query(base, "hekitrace_ready == 1")
+            assert query(base, 'hekitrace_hook_attached{hook="hypercall"} == 1')
+
+            cli = [sys.executable, "-m", "hekitrace.cli"]
+            vms = subprocess.run([*cli, "vms", "-o", "json", "--socket", daemon.socket_path],
+                                 check=False, capture_output=True, text=True, timeout=60)
+            assert vms.returncode == 0, vms.stderr
+            assert any(str(v["pid"]) == me for v in json.loads(vms.stdout))
+            snap = subprocess.run([*cli, "snapshot", me, "--socket", daemon.socket_path],
+                                  check=False, capture_output=True, text=True, timeout=60)
+            assert snap.returncode == 0, snap.stderr
+            assert "r-x immutable" in snap.stdout and "8.0 MiB" in snap.stdout
+            table = subprocess.run([*cli, "snapshot", me, "--ranges", "--map", "requested",
+                                    "--socket", daemon.socket_path], check=False,
+                                   capture_output=True, text=True, timeout=60)
+            assert "0x000001000000  0x000001800000     8.0 MiB  r-x I" in table.stdout
+    finally:
+        os.close(fd)
+        prom.send_signal(signal.SIGINT)
+        try:
+            prom.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait()
+        daemon.close()
