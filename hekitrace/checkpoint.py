@@ -1,0 +1,194 @@
+"""Checkpoints: the whole state of a :class:`~hekitrace.pipeline.Pipeline` as one checked blob.
+
+A checkpoint lets a restarted daemon skip replaying months of journal: it holds every
+guest of the :class:`~hekitrace.host.Host` (both attribute maps, memslots, CR pins,
+counters, degraded reasons), the pipeline's event and loss counters and the policy's
+findings counts, i.e. everything that metrics, ``vms`` and ``snapshot`` show. It does not
+hold the policy's in-flight pairing windows and storm summaries (seconds long; they
+restart after recovery, as the log says) nor the recent-findings list of snapshots.
+
+Layout (integers little-endian)::
+
+    magic "\\x89HKCKPT\\n" | u16 version | u16 reserved | u32 payload_len | u32 crc32(payload)
+    | payload = zlib(JSON)
+
+The CRC covers the compressed payload, so a flipped byte or a torn write anywhere after
+the header is caught before anything is decoded; :class:`~hekitrace.errors.TraceFormatError`
+then names the file and the byte offset, and recovery falls back to an older checkpoint.
+Why JSON: checkpoints are rare (every few minutes), must stay readable across versions
+(``version`` gates it) and debuggable with ``zcat``-like tools; a 100-VM x 10k-range
+state encodes in well under a second (bench/bench_journal.py).
+
+The restore writes into a freshly built pipeline; it touches ``Host._live`` and
+``Pipeline._by_type`` because neither class has a public way to add state that did not
+come from events. tests/unit/test_checkpoint.py fails if Guest grows a field this module
+does not carry.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from typing import Any
+
+from hekitrace.attrmap import AttrMap
+from hekitrace.changes import Change, MapChange, VmKey
+from hekitrace.errors import TraceFormatError
+from hekitrace.events import CLASS_BY_NAME
+from hekitrace.host import Guest, MemslotInfo
+
+MAGIC = b"\x89HKCKPT\n"
+VERSION = 1
+_HEAD = struct.Struct("<8sHHII")
+#: every Guest slot this module saves (checked against Guest.__slots__ by the tests);
+#: ``_slot_gfns`` is derived from memslots and rebuilt.
+GUEST_FIELDS = frozenset({"key", "name", "uuid", "vmm", "pid", "created_ns", "destroyed_ns",
+                          "requested", "applied", "memslots", "pinned_cr", "lockdown_ns",
+                          "counters", "degraded_reasons", "preexisting", "heki_applied_seen",
+                          "_slot_gfns"})
+
+
+class Checkpoint:
+    """A decoded checkpoint: ``segment`` is the first journal segment to replay after it,
+    ``time_ns`` when it was taken (Unix-epoch ns), ``state`` the JSON-ready dict."""
+
+    __slots__ = ("segment", "time_ns", "state")
+
+    def __init__(self, segment: int, time_ns: int, state: dict) -> None:
+        self.segment = segment
+        self.time_ns = time_ns
+        self.state = state
+
+
+# -- capture ------------------------------------------------------------------------------
+
+def _guest_to_dict(g: Guest) -> dict:
+    return {"key": [g.key.tgid, g.key.created_ns], "name": g.name, "uuid": g.uuid,
+            "vmm": g.vmm, "pid": g.pid, "created_ns": g.created_ns,
+            "destroyed_ns": g.destroyed_ns,
+            "requested": [list(t) for t in g.requested.to_list()],
+            "applied": [list(t) for t in g.applied.to_list()],
+            "memslots": [[slot, m.gpa, m.size_bytes, m.hva, m.flags]
+                         for slot, m in sorted(g.memslots.items())],
+            "pinned_cr": [[cr, mask] for cr, mask in sorted(g.pinned_cr.items())],
+            "lockdown_ns": g.lockdown_ns, "counters": dict(g.counters),
+            "degraded_reasons": list(g.degraded_reasons), "preexisting": g.preexisting,
+            "heki_applied_seen": g.heki_applied_seen}
+
+
+def capture_state(pipeline: Any) -> dict:
+    """The pipeline's state as a JSON-ready dict (no I/O; caller holds the state lock)."""
+    host = pipeline.host
+    counts = []
+    for (vm, rule, severity), n in pipeline.policy.counts.items():
+        counts.append([list(vm) if vm is not None else None, rule, severity, n])
+    return {"abi_profile": getattr(pipeline.abi, "name", ""),
+            "host": {"counters": dict(host.counters),
+                     "guests": [_guest_to_dict(g) for g in host.guests.values()]},
+            "pipeline": {"events": pipeline.events_by_kind,
+                         "lost": [[s, r, n] for (s, r), n in sorted(pipeline.lost.items())],
+                         "findings_emitted": pipeline.findings_emitted,
+                         "last_event_ns": pipeline.last_event_ns},
+            "policy_counts": counts}
+
+
+def encode(segment: int, time_ns: int, state: dict) -> bytes:
+    """The file bytes of a checkpoint that precedes journal segment ``segment``."""
+    doc = {"format": VERSION, "segment": segment, "time_ns": time_ns, "state": state}
+    payload = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
+    return _HEAD.pack(MAGIC, VERSION, 0, len(payload), zlib.crc32(payload)) + payload
+
+
+def decode(data: bytes, path: str = "<checkpoint>") -> Checkpoint:
+    """Check and decode checkpoint bytes; TraceFormatError names what and where."""
+    if len(data) < _HEAD.size:
+        raise TraceFormatError(f"truncated checkpoint header ({len(data)} bytes)",
+                               path=path, offset=0)
+    magic, version, _, size, crc = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise TraceFormatError("not a hekitrace checkpoint (bad magic)", path=path, offset=0)
+    if version != VERSION:
+        raise TraceFormatError(f"checkpoint version {version}; this hekitrace reads "
+                               f"version {VERSION}", path=path, offset=8)
+    payload = data[_HEAD.size:]
+    if len(payload) != size:
+        raise TraceFormatError(f"checkpoint payload is {len(payload)} bytes, header says "
+                               f"{size} (truncated?)", path=path, offset=_HEAD.size)
+    if zlib.crc32(payload) != crc:
+        raise TraceFormatError("checkpoint payload fails its CRC32 (corrupt)", path=path,
+                               offset=_HEAD.size)
+    try:
+        doc = json.loads(zlib.decompress(payload))
+        return Checkpoint(int(doc["segment"]), int(doc["time_ns"]), dict(doc["state"]))
+    except (ValueError, KeyError, TypeError, zlib.error) as error:
+        raise TraceFormatError(f"checkpoint content unreadable: {error}", path=path,
+                               offset=_HEAD.size) from None
+
+
+# -- restore ------------------------------------------------------------------------------
+
+def _guest_from_dict(d: dict) -> Guest:
+    key = VmKey(int(d["key"][0]), int(d["key"][1]))
+    g = Guest(key, name=str(d["name"]), uuid=str(d["uuid"]), vmm=str(d["vmm"]),
+              preexisting=bool(d["preexisting"]))
+    g.pid = int(d["pid"])
+    g.created_ns = int(d["created_ns"])
+    g.destroyed_ns = None if d["destroyed_ns"] is None else int(d["destroyed_ns"])
+    g.requested = AttrMap.from_list(tuple(t) for t in d["requested"])
+    g.applied = AttrMap.from_list(tuple(t) for t in d["applied"])
+    g.memslots = {int(s): MemslotInfo(int(gpa), int(size), int(hva), int(flags))
+                  for s, gpa, size, hva, flags in d["memslots"]}
+    g._rebuild_slot_gfns()
+    g.pinned_cr = {int(cr): int(mask) for cr, mask in d["pinned_cr"]}
+    g.lockdown_ns = None if d["lockdown_ns"] is None else int(d["lockdown_ns"])
+    g.counters.update({str(k): int(v) for k, v in d["counters"].items()})
+    g.degraded_reasons = [str(r) for r in d["degraded_reasons"]]
+    g.heki_applied_seen = bool(d["heki_applied_seen"])
+    return g
+
+
+def restore(pipeline: Any, state: dict, path: str = "<checkpoint>") -> int:
+    """Load ``state`` into an empty ``pipeline``; returns the number of guests.
+
+    Observers are told about every restored range as a change from 0 (so page counts
+    for metrics and the kernel fault filter start right). A state that does not decode
+    raises TraceFormatError and leaves the pipeline untouched.
+    """
+    try:
+        guests = [_guest_from_dict(d) for d in state["host"]["guests"]]
+        host_counters = {str(k): int(v) for k, v in state["host"]["counters"].items()}
+        p = state["pipeline"]
+        events = {CLASS_BY_NAME[k]: int(v) for k, v in p["events"].items()
+                  if k in CLASS_BY_NAME}
+        lost = {(str(s), str(r)): int(n) for s, r, n in p["lost"]}
+        counts = {(VmKey(int(vm[0]), int(vm[1])) if vm is not None else None, str(rule),
+                   str(sev)): int(n) for vm, rule, sev, n in state["policy_counts"]}
+        findings_emitted = int(p["findings_emitted"])
+        last_event_ns = int(p["last_event_ns"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise TraceFormatError(f"checkpoint state does not decode: "
+                               f"{type(error).__name__}: {error}", path=path) from None
+    host = pipeline.host
+    host.guests.clear()
+    host._live.clear()
+    for g in guests:
+        host.guests[g.key] = g
+        live = host._live.get(g.key.tgid)
+        if g.destroyed_ns is None and (live is None or live.created_ns < g.created_ns):
+            host._live[g.key.tgid] = g
+    host.counters.update(host_counters)
+    pipeline._by_type.update(events)
+    pipeline.lost.clear()
+    pipeline.lost.update(lost)
+    pipeline.findings_emitted = findings_emitted
+    pipeline.last_event_ns = last_event_ns
+    pipeline.policy.counts.clear()
+    pipeline.policy.counts.update(counts)
+    for observer in list(pipeline._observers):
+        for g in guests:
+            changes = tuple(MapChange(which, s, e, 0, v) for which in ("requested", "applied")
+                            for s, e, v in getattr(g, which))
+            if changes:
+                observer(Change(event=None, vm=g.key, map_changes=changes), [])
+    return len(guests)
