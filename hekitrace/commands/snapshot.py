@@ -98,11 +98,8 @@ def socket_path(args: argparse.Namespace) -> str:
     return str(config_mod.resolve_config(args.config).control.socket)
 
 
-def client(args: argparse.Namespace, command: str) -> ControlClient:
-    return ControlClient(socket_path(args))
-
-
-def no_daemon(command: str, path: str) -> NoDaemonError:
+def no_daemon(path: str) -> NoDaemonError:
+    """The one-line 'no daemon' error, with the two ways forward."""
     return NoDaemonError(f"no daemon is running (control socket {path} not found); start it "
                          "with 'systemctl start hekitrace' or use --from FILE")
 
@@ -113,7 +110,7 @@ def ask(args: argparse.Namespace, command: str, op: str, **request: Any) -> Any:
     try:
         return ControlClient(path).request(op, **request)
     except NoDaemonError:
-        raise no_daemon(command, path) from None
+        raise no_daemon(path) from None
 
 
 class Rebuilt:
