@@ -105,7 +105,7 @@ def no_daemon(path: str) -> NoDaemonError:
 
 
 def ask(args: argparse.Namespace, command: str, op: str, **request: Any) -> Any:
-    """One control request; 'no daemon' becomes the one-line hint of docs/snapshot.md."""
+    """One control request; 'no daemon' becomes one line saying how to start it or use --from."""
     path = socket_path(args)
     try:
         return ControlClient(path).request(op, **request)
