@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from typing import Sequence
 
@@ -47,8 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMANDS:
-        if importlib.util.find_spec(f"hekitrace.commands.{name}") is None:
-            continue  # TEMPORARY while subcommands land in parallel; removed before release
         module = importlib.import_module(f"hekitrace.commands.{name}")
         sub = module.add_parser(subparsers)
         sub.set_defaults(_run=module.run)
