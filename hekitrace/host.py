@@ -57,6 +57,8 @@ MAX_DEGRADED_REASONS = 32
 REASON_PREEXISTING = "running before monitoring started"
 
 _PAGE_MASK = (1 << PAGE_SHIFT) - 1
+#: tuple.__new__ skips the NamedTuple's Python-level __new__; every field is passed
+_new = tuple.__new__
 
 #: walker flag -> (anomaly kind, does the model diverge from the host?)
 _FLAG_ANOMALIES: tuple[tuple[int, str, bool], ...] = (
@@ -185,6 +187,8 @@ class Host:
         self.max_entries_per_request = int(max_entries_per_request)
         self.guests: dict[VmKey, Guest] = {}
         self._live: dict[int, Guest] = {}
+        #: the same dict, read-only for the pipeline's fast path: tgid -> live guest
+        self.live_by_tgid = self._live
         #: events that belonged to no guest (tgid 0 losses, destroy of an unknown VM)
         self.counters: dict[str, int] = {"unattributed_events": 0, "internal_errors": 0}
         self.last_internal_error: str | None = None
@@ -196,6 +200,10 @@ class Host:
         self._kvm_immutable = 1 << abi.kvm_immutable
         #: guest permission bits -> KVM attribute value (at most 16 valid inputs)
         self._to_kvm: dict[int, int] = {}
+        #: kinds that only bump a counter of their live guest -> that counter's name
+        #: (read by the pipeline's fast path, which must build the Change apply would)
+        self.counted_kinds = {cls: NAME_OF[cls] for cls in (Hypercall, Fault, CrWrite)}
+        self._counted = self.counted_kinds
         self._dispatch = {
             VmCreated: self._vm_created,
             VmDestroyed: self._vm_destroyed,
@@ -218,7 +226,19 @@ class Host:
         ``counters["internal_errors"]``, marks the guest degraded, and is returned as an
         ``internal_error`` anomaly rather than killing the daemon.
         """
-        handler = self._dispatch.get(type(event))
+        etype = type(event)
+        try:
+            # fast path: the kinds that only count, from a known live VM (most of the
+            # stream); the same Change _count_only returns, built without its calls
+            name = self._counted.get(etype)
+            if name is not None:
+                guest = self._live.get(event.tgid)
+                if guest is not None:
+                    guest.counters[name] += 1
+                    return _new(Change, (event, guest.key, (), None, (), (), None, ()))
+        except Exception:  # noqa: BLE001 - e.g. an unhashable tgid: the slow path reports it
+            pass
+        handler = self._dispatch.get(etype)
         if handler is None:
             self.counters["unattributed_events"] += 1
             return Change(event=event, vm=None, anomalies=(Anomaly(
@@ -228,7 +248,8 @@ class Host:
         except Exception as error:  # noqa: BLE001 - the boundary: guest input must not kill us
             self.counters["internal_errors"] += 1
             self.last_internal_error = f"{type(error).__name__}: {error}"
-            guest = self._live.get(getattr(event, "tgid", 0))
+            tgid = getattr(event, "tgid", 0)
+            guest = self._live.get(tgid) if isinstance(tgid, int) else None
             degraded: tuple[str, ...] = ()
             if guest is not None and guest.add_degraded("internal error applying an event"):
                 degraded = ("internal error applying an event",)

@@ -79,25 +79,60 @@ class Pipeline:
         return findings
 
     def feed_many(self, events: Iterable[Event]) -> list[Finding]:
-        """Apply a batch; the same as ``feed`` on each, with the lookups hoisted."""
+        """Apply a batch; the same as ``feed`` on each, with the lookups hoisted.
+
+        Events of the kinds that only count (hypercalls, CR writes, faults) from a VM
+        that host and policy already know take a fast path: the counter bump and the
+        ``Change`` of ``Host.apply``'s count-only case, then only that kind's rule
+        (``Policy.evaluate``'s own fast path, inlined). Anything else, or anything that
+        does not look like such an event, goes through ``Host.apply`` and
+        ``Policy.evaluate``; tests/unit/test_pipeline.py checks both give the same.
+        """
         by_type = self._by_type
         lost = self.lost
-        apply = self.host.apply
         host = self.host
+        apply = host.apply
         policy = self.policy
         evaluate = policy.evaluate
         observers = self._observers
+        counted = host.counted_kinds
+        live = host.live_by_tgid
+        states = policy.vm_states
+        rules = policy.rules_by_kind
+        rule_failed = policy.rule_failed
+        new = tuple.__new__
         out: list[Finding] = []
         last = self.last_event_ns
         for event in events:
             etype = type(event)
             if etype in by_type:
                 by_type[etype] += 1
-            if etype is Lost:
-                key = (event.stage, event.reason)
-                lost[key] = lost.get(key, 0) + (event.count if event.count > 0 else 0)
-            change = apply(event)
-            findings = evaluate(change, host)
+            change = None
+            name = counted.get(etype)
+            if name is not None:
+                try:
+                    guest = live.get(event.tgid)
+                except TypeError:  # unhashable: Host.apply reports it
+                    guest = None
+                if guest is not None:
+                    key = guest.key
+                    st = states.get(key)
+                    if st is not None:
+                        guest.counters[name] += 1
+                        change = new(Change, (event, key, (), None, (), (), None, ()))
+                        rule = rules.get(etype)
+                        findings = []
+                        if rule is not None:
+                            try:
+                                rule(change, event, st, guest, findings)
+                            except Exception as error:  # noqa: BLE001 - as Policy.evaluate
+                                rule_failed(error)
+            if change is None:
+                if etype is Lost:
+                    key = (event.stage, event.reason)
+                    lost[key] = lost.get(key, 0) + (event.count if event.count > 0 else 0)
+                change = apply(event)
+                findings = evaluate(change, host)
             now = event.time_ns
             if now > last:
                 last = now

@@ -199,6 +199,8 @@ class Policy:
                                       "dedup_overflow": 0, "internal_errors": 0}
         self.last_internal_error: str | None = None
         self._vms: dict[VmKey, _VmState] = {}
+        #: the same dict, read-only for the pipeline's fast path (VMs with policy state)
+        self.vm_states = self._vms
         self._pending: deque[tuple[int, VmKey, str, int, int]] = deque()
         self._dedup_expiry: deque[tuple[int, VmKey, tuple]] = deque()
         self._limited_vms: set[VmKey] = set()
@@ -219,6 +221,10 @@ class Policy:
             CrWrite: self._on_cr_write,
             Fault: self._on_fault,
         }
+        #: event class -> its rule ``(change, event, state, guest, out)``, for callers
+        #: that do :meth:`evaluate`'s fast path themselves (the pipeline); a rule that
+        #: raises must be reported with :meth:`rule_failed`
+        self.rules_by_kind = self._handlers
 
     # -- public API ------------------------------------------------------------------
     def status(self) -> dict:
@@ -245,9 +251,22 @@ class Policy:
         vm = change.vm
         if vm is None:
             return []
-        out: list[Finding] = []
         st = self._vms.get(vm)
         guest = host.guests.get(vm)
+        if st is not None and guest is not None and change.lifecycle is None \
+                and not change.degraded:
+            # fast path (most events): a known VM, nothing but the kind's own rule to run
+            event = change.event
+            handler = self._handlers.get(type(event))
+            if handler is None:
+                return []
+            out: list[Finding] = []
+            try:
+                handler(change, event, st, guest, out)
+            except Exception as error:  # noqa: BLE001 - a rule bug must not stop the daemon
+                self.rule_failed(error)
+            return out
+        out = []
         if change.lifecycle == "retired" or guest is None:
             if st is not None:
                 self._flush_vm(st, out, change.event.time_ns if change.event else -1)
@@ -270,9 +289,14 @@ class Policy:
             try:
                 handler(change, event, st, guest, out)
             except Exception as error:  # noqa: BLE001 - a rule bug must not stop the daemon
-                self.stats["internal_errors"] += 1
-                self.last_internal_error = f"{type(error).__name__}: {error}"
+                self.rule_failed(error)
         return out
+
+    def rule_failed(self, error: Exception) -> None:
+        """Count a rule that raised (a bug, never guest input): the event loses its
+        findings, the daemon keeps running, ``status`` shows the last error."""
+        self.stats["internal_errors"] += 1
+        self.last_internal_error = f"{type(error).__name__}: {error}"
 
     def tick(self, now_ns: int | None = None) -> list[Finding]:
         """Findings due at ``now_ns``: pairing checks, storm summaries, rate-limit summaries."""
@@ -378,18 +402,19 @@ class Policy:
         if rule in st.excepted:
             self.stats["excepted"] += count
             return False
-        severity = self._severity[rule]
-        ckey = (st.key, rule, severity)
-        self.counts[ckey] = self.counts.get(ckey, 0) + count
+        ckey = (st.key, rule, self._severity[rule])
+        counts = self.counts
+        counts[ckey] = counts.get(ckey, 0) + count
         dkey = (rule, key)
-        entry = st.dedup.get(dkey)
+        dedup = st.dedup
+        entry = dedup.get(dkey)
         if entry is not None:
             if time_ns - entry.first_ns < self._dedup_ns:
                 entry.extra += count
                 entry.last_ns = time_ns
                 self.stats["deduplicated"] += count
                 return False
-            del st.dedup[dkey]
+            del dedup[dkey]
             if entry.extra:
                 out.append(self._summary(entry))
         if st.rate_start < 0 or time_ns - st.rate_start >= self._rate_ns:
@@ -648,37 +673,42 @@ class Policy:
 
     def _on_fault(self, change: Change, event: Fault, st: _VmState, guest: Guest,
                   out: list[Finding]) -> None:
-        gfn = event.gpa >> PAGE_SHIFT
+        # hot during a fault storm: fields unpacked once, no attribute chains
+        time_ns, _tgid, _tid, _vcpu, gpa, _ec, rip, access, count, first_ns = event
+        gfn = gpa >> PAGE_SHIFT
         source = guest.applied if self.applied_hook_active else guest.requested
         value = source.get(gfn) if 0 <= gfn < (1 << 52) else 0
         if not value & self._heki:
             return
-        access = event.access
-        count = event.count if isinstance(event.count, int) and event.count > 0 else 1
-        when = event.first_ns or event.time_ns
-        abi = self.abi
+        if not (isinstance(count, int) and count > 0):
+            count = 1
         if access & _WRITE and not value & self._kw and self._enabled["protected_write"]:
             recent = st.recent_writable
-            # announcements far older than any fault could refer to are dropped
-            horizon = event.time_ns - _ANNOUNCE_KEEP_WINDOWS * self._window_ns
-            while recent and recent[0][0] < horizon:
-                recent.popleft()
-            for t, s, e in recent:
-                if s <= gfn < e and when - t <= self._window_ns:
-                    self.stats["announced_writes"] += count
-                    break
-            else:
-                if self._admit(out, st, "protected_write", event.time_ns, (gfn, "w"), count):
-                    self._record(out, st, "protected_write", event.time_ns,
-                                 f"write to protected gpa {event.gpa:#x} "
-                                 f"({abi.attr_flags(value)}) x{count} at rip {event.rip:#x}",
-                                 self._fault_evidence(event, gfn, value), (gfn, "w"), count)
+            announced = False
+            if recent:
+                # announcements far older than any fault could refer to are dropped
+                window = self._window_ns
+                horizon = time_ns - _ANNOUNCE_KEEP_WINDOWS * window
+                while recent and recent[0][0] < horizon:
+                    recent.popleft()
+                when = first_ns or time_ns
+                for t, s, e in recent:
+                    if s <= gfn < e and when - t <= window:
+                        self.stats["announced_writes"] += count
+                        announced = True
+                        break
+            if not announced and self._admit(out, st, "protected_write", time_ns,
+                                             (gfn, "w"), count):
+                self._record(out, st, "protected_write", time_ns,
+                             f"write to protected gpa {gpa:#x} "
+                             f"({self.abi.attr_flags(value)}) x{count} at rip {rip:#x}",
+                             self._fault_evidence(event, gfn, value), (gfn, "w"), count)
         if access & _FETCH and not value & self._kx \
                 and self._enabled["protected_fetch"] \
-                and self._admit(out, st, "protected_fetch", event.time_ns, (gfn, "x"), count):
-            self._record(out, st, "protected_fetch", event.time_ns,
-                         f"kernel fetch from non-executable gpa {event.gpa:#x} "
-                         f"({abi.attr_flags(value)}) x{count} at rip {event.rip:#x}",
+                and self._admit(out, st, "protected_fetch", time_ns, (gfn, "x"), count):
+            self._record(out, st, "protected_fetch", time_ns,
+                         f"kernel fetch from non-executable gpa {gpa:#x} "
+                         f"({self.abi.attr_flags(value)}) x{count} at rip {rip:#x}",
                          self._fault_evidence(event, gfn, value), (gfn, "x"), count)
 
     def _fault_evidence(self, event: Fault, gfn: int, value: int) -> dict:
