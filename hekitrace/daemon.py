@@ -109,6 +109,8 @@ class Daemon:
         self._last_error_log = float("-inf")
         self.page_counts = PageCounts()
         self._vm_fds: dict[int, tuple[int, Any]] = {}
+        #: the state journal (hekitrace/journal.py), set by a journal-backed recovery
+        self.journal: Any = None
 
     # -- output -----------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -268,6 +270,10 @@ class Daemon:
             # and returns their keys; those keep their maps and are not "running before
             # monitoring started" (the recovery marks its own gaps).
             covered = set(self._recovery(self.pipeline, found))
+            # journal wiring (issue 9): a journal-backed recovery leaves its Journal here
+            self.journal = getattr(self._recovery, "journal", None)
+            if self.journal is not None:
+                self.stats.journal = self.journal.health
         with self.stats.lock:
             for event in found:
                 guest = self.pipeline.host.by_tgid(event.tgid)
@@ -284,6 +290,8 @@ class Daemon:
                 if guest is not None and PREEXISTING_REASON not in guest.degraded_reasons:
                     self.pipeline.host.mark_degraded(guest.key, PREEXISTING_REASON)
             self._seed_memslots()
+            if self.journal is not None:
+                self.journal.after_batch()  # discovery's creations reach the journal file
         self.discovery_done = True
         names = ", ".join(f"{e.name or '?'}(pid {e.tgid})" for e in found) or "none"
         self.say(f"VMs running at start-up: {len(found)}: {names}")
@@ -422,6 +430,9 @@ class Daemon:
             self._publish_counts()
             if self._dirty_vms:
                 self._sync_fault_filter()
+            if self.journal is not None:
+                # hand the batch to the OS: a kill -9 then loses nothing applied
+                self.journal.after_batch()
 
     def _guarded(self, events: list, one: bool = False) -> None:
         """Apply ``events``; a bug in the state machine costs these events, not the daemon.
@@ -591,6 +602,7 @@ class Daemon:
             "filter_errors": self.filter_errors,
             "merged_creations": self.merged_creations,
             "internal_errors": self.internal_errors,
+            "journal": self.journal.status() if self.journal is not None else None,
         }
 
     def _handle_request(self, request: dict) -> Any:
@@ -660,6 +672,8 @@ class Daemon:
         if self.queue and self.pipeline is not None:
             self._process(len(self.queue))  # what was read is applied, not dropped
         steps: list[tuple[str, Callable[[], Any]]] = []
+        if self.journal is not None:
+            steps.append(("journal", self.journal.close))  # last checkpoint: nothing to replay
         if self.capture is not None:
             steps.append(("capture", self.capture.close))
         if self.uevents is not None and hasattr(self.uevents, "close"):

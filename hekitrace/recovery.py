@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -50,6 +51,10 @@ def gap_reason(down_ns: int, up_ns: int) -> str:
 def gone_reason(down_ns: int, up_ns: int) -> str:
     return (f"destroyed while the daemon was down (between {_iso(down_ns)} and "
             f"{_iso(up_ns)})")
+
+
+def _stderr_say(message: str) -> None:
+    print(f"hekitrace: {message}", file=sys.stderr, flush=True)
 
 
 def _iso(ns: int) -> str:
@@ -158,11 +163,11 @@ class JournalRecovery:
     after each batch and exports its health) and ``report`` says what was recovered.
     """
 
-    def __init__(self, config: Any, say: Callable[[str], None] = print, *,
+    def __init__(self, config: Any, say: Callable[[str], None] | None = None, *,
                  wall_ns: Callable[[], int] = time.time_ns,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self._say = say
+        self._say = say or _stderr_say
         self._wall_ns = wall_ns
         self._mono = monotonic
         self.journal: Journal | None = None

@@ -73,6 +73,9 @@ def build_daemon(args: argparse.Namespace) -> Any:
 
     uevents_cls = _optional("hekitrace.capture.uevents", "UeventSource")
     discover_fn = _optional("hekitrace.capture.discovery", "discover_vms")
+    # the state journal (issue 9): checkpoint + replay at start, then every event journaled
+    recovery_cls = (_optional("hekitrace.recovery", "JournalRecovery")
+                    if config.journal.enabled else None)
     alerts_cls = _optional("hekitrace.alerts", "AlertSink")
     alert_sink = alerts_cls.from_config(config.alerts) if alerts_cls is not None else None
     return Daemon(
@@ -81,6 +84,7 @@ def build_daemon(args: argparse.Namespace) -> Any:
         capture_factory=capture_factory if capture_cls is not None else None,
         uevents_factory=uevents_cls,
         discover=discover_fn,
+        recovery=recovery_cls(config) if recovery_cls is not None else None,
         alert_sink=alert_sink,
         foreground_status=args.foreground_status)
 
