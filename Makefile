@@ -8,7 +8,7 @@ PYTHON := .venv/bin/python
 HEKITRACE := .venv/bin/hekitrace
 CONFIG := configs/hekitrace.yaml
 
-.PHONY: setup test demo check
+.PHONY: setup test demo check fuzz soak
 
 setup:
 	bash scripts/setup.sh
@@ -29,3 +29,23 @@ demo: setup
 
 check: setup
 	$(HEKITRACE) check --config $(CONFIG)
+
+# Long fuzzing (docs/robustness.md): hypothesis targets x100 examples, then each atheris
+# target for FUZZ_SECONDS if atheris is installed. Not part of `make test`.
+FUZZ_SECONDS ?= 120
+FUZZ_DIR ?= /tmp/hekitrace-fuzz
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q tests/fuzz tests/kernel/test_adversarial_guest.py
+	@if $(PYTHON) -c 'import atheris' 2>/dev/null; then \
+	  for t in records trace config control; do \
+	    mkdir -p $(FUZZ_DIR)/$$t && cp -n tests/fuzz/corpus/seed* $(FUZZ_DIR)/$$t/; \
+	    $(PYTHON) tests/fuzz/atheris_targets.py $$t -max_total_time=$(FUZZ_SECONDS) \
+	      -artifact_prefix=$(FUZZ_DIR)/crash-$$t- $(FUZZ_DIR)/$$t \
+	      || { echo "make fuzz: crash input in $(FUZZ_DIR)/crash-$$t-*"; exit 1; }; \
+	  done; \
+	else echo "make fuzz: atheris not installed (pip install -e '.[fuzz]'): skipped the coverage-guided targets"; fi
+
+# Soak (minutes): many VMs created and destroyed under a real daemon; SOAK_VMS=2000 for longer.
+SOAK_VMS ?= 300
+soak: setup
+	HEKITRACE_SOAK=1 HEKITRACE_SOAK_VMS=$(SOAK_VMS) $(PYTHON) -m pytest -q -s tests/soak
