@@ -22,6 +22,7 @@ import os
 import random
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ from hekitrace.capture.engine import Capture  # noqa: E402
 from hekitrace.config import default_config  # noqa: E402
 from hekitrace.events import (  # noqa: E402
     CrPinRequest,
+    Fault,
     Hypercall,
     Lost,
     ProtectFlags,
@@ -205,6 +207,33 @@ def test_hypercall_storm_with_random_arguments_is_all_events_or_counted_losses(c
     assert calls + lost == sent, (calls, lost)
     feed([VmCreated(events[0].time_ns - 1, os.getpid(), os.getpid(), 3, "", source="ioctl"),
           *events])
+
+
+def test_guest_spinning_on_a_protected_page_gets_one_record_per_interval(cap):
+    """A vCPU hammering a write-protected text page: the fault program counts in the
+    kernel and emits at most one record per report interval; the counts (plus the storm
+    flush) add up to every fault."""
+    pid = os.getpid()
+    gfn = 0x23456
+    cap.protect_filter_update(pid, [(gfn, gfn + 1)])
+    fd = cap.program_fd("hk_fault_raw")
+    interval = cap.settings.fault_report_interval_seconds
+    try:
+        mine(cap)
+        spins = 0
+        start = time.monotonic()
+        while time.monotonic() - start < 2.5 * interval:
+            for _ in range(500):
+                testrun.run_raw_tracepoint(fd, [0, gfn << 12, 0x1AA])   # VMX write fault
+            spins += 500
+        elapsed = time.monotonic() - start
+        faults = [e for e in mine(cap, Fault) if e.gpa >> 12 == gfn]
+        time.sleep(interval + 0.1)
+        faults += [e for e in cap.flush_storms() if e.tgid == pid and e.gpa >> 12 == gfn]
+        assert sum(f.count for f in faults) == spins
+        assert len(faults) <= elapsed / interval + 2, (len(faults), spins)
+    finally:
+        cap.protect_filter_update(pid, [])
 
 
 @pytest.mark.xfail(strict=True, reason="known bug reported to the lead (issue 11 report): "
