@@ -349,3 +349,21 @@ def _unlink(path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """``paths`` with each journal directory replaced by its segments, oldest first.
+
+    For ``hekitrace replay DIR`` and ``snapshot --from DIR``: a segment is an ordinary
+    trace, so replaying every segment in order rebuilds the state with its full history
+    (findings and ``--at`` included) as long as retention has kept the first segment. A
+    directory without segments stays as given (the reader then reports it).
+    """
+    out: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            segments = [p for _, p in scan(path).segments]
+            out.extend(segments or [path])
+        else:
+            out.append(path)
+    return out
