@@ -32,6 +32,7 @@ short or of unknown type is counted in :class:`DecodeStats`, never raised.
 from __future__ import annotations
 
 import struct
+from itertools import repeat
 from typing import NamedTuple
 
 from hekitrace import kvmuapi
@@ -194,6 +195,53 @@ def _page(v: tuple, buf, off: int, epoch: int) -> ProtectPage:
     return ProtectPage(v[6] + epoch, v[3], v[4], v[7], v[8], v[9], v[10], v[12], v[13], entries)
 
 
+#: kinds decoded a run at a time (runs of equal records are the ring's common case)
+_RUN_KINDS = frozenset({REC_HYPERCALL, REC_FAULT, REC_CR, REC_ATTR})
+#: shortest run worth an ``iter_unpack`` (its setup costs about two records)
+_MIN_RUN = 4
+#: spans checked per run attempt: grows x4 while runs fill it, shrinks when they do not,
+#: so a mixed batch costs a few comparisons per record, never a quadratic scan
+_MIN_PROBE = 8
+_MAX_PROBE = 4096
+#: after a failed run attempt, the next one waits 2, 4 ... this many records (a mixed
+#: batch then pays almost nothing for run detection; a run found resets it)
+_MAX_BACKOFF = 64
+
+
+def _run_struct(rtype: int, step: int, cache: dict) -> struct.Struct | None:
+    """Struct of one record of ``rtype`` padded to ``step`` bytes (None if it cannot be)."""
+    key = (rtype, step)
+    st = cache.get(key)
+    if st is None and key not in cache:
+        base = {REC_HYPERCALL: _HYPERCALL, REC_FAULT: _FAULT, REC_CR: _CR,
+                REC_ATTR: _ATTR}[rtype]
+        st = struct.Struct(base.format + f"{step - base.size}x") if step >= base.size else None
+        cache[key] = st
+    return st
+
+
+def _decode_run(rtype: int, values, e: int, lock_cr: int) -> list:
+    """Events of a run of ``rtype`` records (``values``: their unpacked field tuples).
+
+    Comprehensions name every field, so each event is one tuple build plus a
+    ``tuple.__new__``; the layouts are the LAYOUTS field lists (header first).
+    """
+    new = tuple.__new__
+    if rtype == REC_HYPERCALL:
+        return [new(CrPinRequest, (t + e, tgid, tid, a0, a1, a2)) if nr == lock_cr else
+                new(Hypercall, (t + e, tgid, tid, nr, a0, a1, a2, a3))
+                for _ty, _ve, _re, tgid, tid, _cpu, t, nr, a0, a1, a2, a3 in values]
+    if rtype == REC_FAULT:
+        return [new(Fault, (t + e, tgid, tid, vcpu, gpa, ec, rip, access, count, first + e))
+                for _ty, _ve, _re, tgid, tid, _cpu, t, vcpu, access, gpa, ec, rip, count, first
+                in values]
+    if rtype == REC_CR:
+        return [new(CrWrite, (t + e, tgid, tid, cr, value))
+                for _ty, _ve, _re, tgid, tid, _cpu, t, cr, _res, value in values]
+    return [new(AttrApplied, (t + e, tgid, tid, gs, ge, attrs))
+            for _ty, _ve, _re, tgid, tid, _cpu, t, gs, ge, attrs in values]
+
+
 def decode_batch(buf, spans, epoch_offset_ns: int, numbers: HypercallNumbers,
                  protect_parts: list | None = None,
                  stats: DecodeStats | None = None) -> list[Event]:
@@ -202,7 +250,13 @@ def decode_batch(buf, spans, epoch_offset_ns: int, numbers: HypercallNumbers,
     ``epoch_offset_ns`` is added to every kernel boot-time stamp (computed once per
     batch). Page-list records (:class:`ProtectPage`, :class:`ProtectEnd`) go to
     ``protect_parts`` for decode.py to assemble (dropped when None). Short records and
-    unknown types are counted in ``stats``. One ``unpack_from`` per record.
+    unknown types are counted in ``stats``.
+
+    Runs of equal records (same type and length, evenly spaced: what the ring walker
+    returns for a burst of one hook's records) are checked as a whole at C speed (the
+    spans compared with the expected ones, the type bytes counted in one strided slice)
+    and decoded with one ``iter_unpack``; anything else takes one ``unpack_from`` per
+    record. Both give the same events (tests/unit/test_records.py).
     """
     out: list[Event] = []
     append = out.append
@@ -213,10 +267,21 @@ def decode_batch(buf, spans, epoch_offset_ns: int, numbers: HypercallNumbers,
                                     _FAULT.unpack_from, _CR.unpack_from)
     attr_u, end_u, page_u = _ATTR.unpack_from, _END.unpack_from, _PAGE_HEAD.unpack_from
     sizes = RECORD_SIZES
+    run_kinds = _RUN_KINDS
+    run_structs: dict = {}
+    view = None
+    nbuf = len(buf)
+    nspans = len(spans)
     # tuple.__new__ skips the NamedTuple's Python-level __new__ (3-4x cheaper); every
     # field is passed, so the result equals the normal construction (tests check it)
     new = tuple.__new__
-    for off, length in spans:
+    probe = _MIN_PROBE
+    no_run_before = 0
+    backoff = 1
+    i = 0
+    while i < nspans:
+        off, length = spans[i]
+        i += 1
         rtype = buf[off]
         need = sizes.get(rtype)
         if need is None or length < need:
@@ -226,6 +291,45 @@ def decode_batch(buf, spans, epoch_offset_ns: int, numbers: HypercallNumbers,
                 else:
                     stats.short += 1
             continue
+        if i >= no_run_before and rtype in run_kinds and i + _MIN_RUN - 1 <= nspans:
+            # a run starting here? stride from the next span; every span of the run is
+            # compared with the one a run would have, and every record's type byte read
+            step = spans[i][0] - off
+            k = min(nspans - i + 1, (nbuf - off) // step, probe) if step > 0 else 0
+            # cheap rejection first (mixed batches): the record _MIN_RUN - 1 further on
+            if k >= _MIN_RUN and (spans[i + _MIN_RUN - 2] != (off + (_MIN_RUN - 1) * step,
+                                                             length)
+                                  or buf[off + (_MIN_RUN - 1) * step] != rtype):
+                k = 0
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+                no_run_before = i + backoff
+            if k >= _MIN_RUN:
+                expect = list(zip(range(off, off + k * step, step), repeat(length, k)))
+                got = spans[i - 1:i - 1 + k]
+                if got == expect:
+                    probe = min(probe * 4, _MAX_PROBE)
+                else:
+                    m = 0
+                    for one, other in zip(got, expect):
+                        if one != other:
+                            break
+                        m += 1
+                    k = m
+                    probe = max(_MIN_PROBE, 2 * m)
+                types = bytes(buf[off:off + k * step:step])
+                k -= len(types.lstrip(types[:1]))   # cut at the first record of another type
+                st = _run_struct(rtype, step, run_structs) if k >= _MIN_RUN else None
+                if st is not None:
+                    backoff = 1
+                    if view is None:
+                        view = memoryview(buf)
+                    out += _decode_run(rtype, st.iter_unpack(view[off:off + k * step]),
+                                       epoch_offset_ns, lock_cr)
+                    i += k - 1
+                    continue
+                # too short: these records go one by one; try again after them
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+                no_run_before = i + max(k, backoff)
         if rtype == REC_FAULT:
             v = fault_u(buf, off)
             append(new(Fault, (v[6] + epoch_offset_ns, v[3], v[4], v[7], v[9], v[10], v[11],
