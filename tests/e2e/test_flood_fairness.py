@@ -32,16 +32,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
-from vmm import Vmm  # noqa: E402
+from vmm import Vmm
 
-from hekitrace.abi import DEFAULT_PROFILE  # noqa: E402
-from hekitrace.capture.testrun import run_raw_tracepoint  # noqa: E402
-from hekitrace.control import ControlClient  # noqa: E402
+from hekitrace.abi import DEFAULT_PROFILE
+from hekitrace.capture.testrun import run_raw_tracepoint
+from hekitrace.control import ControlClient
 
 pytestmark = pytest.mark.e2e
 

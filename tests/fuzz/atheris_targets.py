@@ -88,10 +88,10 @@ def main() -> int:
         return 2
     target = TARGETS[sys.argv[1]]
     with atheris.instrument_imports():
-        import hekitrace.capture.decode  # noqa: F401
-        import hekitrace.capture.records  # noqa: F401
-        import hekitrace.config  # noqa: F401
-        import hekitrace.control  # noqa: F401
+        import hekitrace.capture.decode
+        import hekitrace.capture.records
+        import hekitrace.config
+        import hekitrace.control
         import hekitrace.trace  # noqa: F401
     atheris.Setup([sys.argv[0]] + sys.argv[2:], target)
     atheris.Fuzz()

@@ -23,9 +23,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from daemon_proc import DaemonProcess  # noqa: E402
+from daemon_proc import DaemonProcess
 
-from hekitrace.control import ControlClient  # noqa: E402
+from hekitrace.control import ControlClient
 
 pytestmark = pytest.mark.e2e
 
@@ -63,9 +63,8 @@ def exchange(path: str, payload: bytes) -> bytes:
 
 
 def check_reply(payload: bytes, data: bytes) -> None:
-    if b"\n" not in payload:
-        if not data:
-            return      # no complete request: the server may just hang up
+    if b"\n" not in payload and not data:
+        return      # no complete request: the server may just hang up
     assert data.endswith(b"\n") and data.count(b"\n") == 1, data[:200]
     reply = json.loads(data)
     assert isinstance(reply, dict) and reply.get("ok") in (True, False), reply

@@ -27,7 +27,12 @@ from hekitrace.pipeline import Pipeline
 
 SIZES = records.RECORD_SIZES
 NUMBERS = records.HypercallNumbers.from_profile(DEFAULT_PROFILE)
-U64 = st.integers(0, 2**64 - 1)
+OFF = records.OFFSETS
+
+
+def put(body: bytearray, rec: str, field: str, value: int) -> None:
+    """Write one u64 field of record layout ``rec`` (offsets from records.OFFSETS)."""
+    struct.pack_into("<Q", body, OFF[rec][field][0], value)
 
 
 @st.composite
@@ -40,15 +45,14 @@ def record(draw) -> bytes:
         body = bytearray(draw(st.binary(min_size=size, max_size=size)))
         body[0] = rtype
         struct.pack_into("<I", body, 4, draw(st.sampled_from([1, 4242, 2**32 - 1])))
-        if rtype == records.REC_HYPERCALL:  # sometimes the lock-CR number
-            if draw(st.booleans()):
-                struct.pack_into("<Q", body, 24, DEFAULT_PROFILE.lock_cr_update)
+        if rtype == records.REC_HYPERCALL and draw(st.booleans()):  # the lock-CR number
+            put(body, "hypercall", "nr", DEFAULT_PROFILE.lock_cr_update)
         if rtype == records.REC_PROTECT_PAGE:  # npages near and far above 169
-            struct.pack_into("<Q", body, 72, draw(st.sampled_from(
+            put(body, "protect_page", "npages", draw(st.sampled_from(
                 [0, 1, 168, 169, 170, 100000, 2**64 - 1])))
-            struct.pack_into("<Q", body, 24, draw(st.integers(0, 3)))  # call_id collide
+            put(body, "protect_page", "call_id", draw(st.integers(0, 3)))  # ids collide
         if rtype == records.REC_PROTECT_END:
-            struct.pack_into("<Q", body, 24, draw(st.integers(0, 3)))
+            put(body, "protect_end", "call_id", draw(st.integers(0, 3)))
         data = bytes(body)
     else:
         data = draw(st.binary(min_size=1, max_size=size))

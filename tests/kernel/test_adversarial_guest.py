@@ -32,14 +32,14 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
 
-from fuzzbudget import budget  # noqa: E402
-from vmm import PAGE, Vmm  # noqa: E402
+from fuzzbudget import budget
+from vmm import PAGE, Vmm
 
-from hekitrace.abi import DEFAULT_PROFILE  # noqa: E402
-from hekitrace.capture import loader, testrun  # noqa: E402
-from hekitrace.capture.engine import Capture  # noqa: E402
-from hekitrace.config import default_config  # noqa: E402
-from hekitrace.events import (  # noqa: E402
+from hekitrace.abi import DEFAULT_PROFILE
+from hekitrace.capture import loader, testrun
+from hekitrace.capture.engine import Capture
+from hekitrace.config import default_config
+from hekitrace.events import (
     CrPinRequest,
     Fault,
     Hypercall,
@@ -48,7 +48,7 @@ from hekitrace.events import (  # noqa: E402
     ProtectRequest,
     VmCreated,
 )
-from hekitrace.pipeline import Pipeline  # noqa: E402
+from hekitrace.pipeline import Pipeline
 
 pytestmark = pytest.mark.kernel
 
@@ -252,7 +252,7 @@ def test_regression_forget_vm_removes_the_vms_loss_entries():
                    if isinstance(e, Lost) and e.tgid == os.getpid())
         assert lost > 0
         c.forget_vm(os.getpid())
-        keys = [k.tgid for k in c.bpf[b"hk_loss"].keys()]
+        keys = [k.tgid for k in c.bpf[b"hk_loss"]]
         assert os.getpid() not in keys, "the dead VM's loss entries stay in hk_loss"
     finally:
         c.close()
