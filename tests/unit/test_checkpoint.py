@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from hekitrace import checkpoint
+from hekitrace.attrmap import AttrMap
 from hekitrace.config import parse_config
 from hekitrace.errors import TraceFormatError
 from hekitrace.events import VmDestroyed
@@ -95,8 +96,19 @@ def test_checkpoint_state_that_does_not_decode_leaves_the_pipeline_untouched():
     source = _pipeline()
     source.feed_many(_events())
     state = checkpoint.capture_state(source)
-    state["host"]["guests"][-1]["requested"] = [[5, 1, 3]]   # end before start
+    # end before start, packed like a real map
+    state["host"]["guests"][-1]["requested"] = checkpoint._pack(AttrMap()) + __import__("base64").b64encode(__import__("zlib").compress(bytes.fromhex("050000000000000001000000000000000300000000000000"))).decode()
     target = _pipeline()
     with pytest.raises(TraceFormatError, match="does not decode"):
         checkpoint.restore(target, state, "ck")
     assert target.host.guests == {} and sum(target.events_by_kind.values()) == 0
+
+
+def test_checkpoint_packed_map_that_is_not_whole_triples_or_not_base64_is_refused():
+    source = _pipeline()
+    source.feed_many(_events())
+    for bad in ("eJxjBQAABgAG", "not base64!", "BQAAAAAAAAAB"):
+        state = checkpoint.capture_state(source)
+        state["host"]["guests"][0]["applied"] = bad
+        with pytest.raises(TraceFormatError, match="does not decode"):
+            checkpoint.restore(_pipeline(), state, "ck")
