@@ -1,0 +1,231 @@
+"""The rules: what each kind of change record means for a Heki guest.
+
+Every rule looks only at the :class:`~hekitrace.changes.Change` that ``Host.apply``
+returned (the event, the changed ranges, rejections and anomalies) or at one page / one
+range of a map, never at whole maps. Rule ids and meanings are documented in
+docs/findings.md; the background is reference/heki-kvm.md 1.8-1.11 and 5.
+
+:class:`Rules` is a mixin of :class:`hekitrace.policy.Policy`: one method per event kind,
+``(change, event, state, guest, out)``, appending findings to ``out`` through storm
+control (``_emit``, or ``_admit`` + ``_record`` when evidence is costly to build).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hekitrace.abi import cr_bit_names
+from hekitrace.changes import Change
+from hekitrace.events import (
+    PAGE_SHIFT,
+    CrPinRequest,
+    CrWrite,
+    Event,
+    Fault,
+    FaultAccess,
+    ProtectRequest,
+)
+from hekitrace.policy.findings import Finding, event_json
+from hekitrace.policy.pairing import Pairing, _clip
+from hekitrace.policy.storm import _VmState
+
+#: anomaly kinds that are not the guest's malformed input (handled elsewhere or benign)
+_NOT_MALFORMED = frozenset({"vm_replaced", "internal_error", "unknown_event"})
+#: announcements kept for this many pairing windows (faults are reported up to
+#: capture.fault_report_interval_seconds after their first occurrence)
+_ANNOUNCE_KEEP_WINDOWS = 4
+#: plain ints: IntFlag arithmetic costs microseconds per fault on the hot path
+_WRITE = int(FaultAccess.WRITE)
+_FETCH = int(FaultAccess.FETCH)
+
+
+class Rules(Pairing):
+    """One rule method per event kind (see module docstring); a mixin."""
+
+    # set by Policy.__init__ (declared here for the type checker)
+    applied_hook_active: bool
+    max_entries_inspected: int
+    _pairing: bool
+    _kw: int
+    _kx: int
+    _ki: int
+    _gw: int
+    _gx: int
+    _gvalid: int
+
+    def _on_protect(self, change: Change, event: ProtectRequest, st: _VmState, guest: Any,
+                    out: list[Finding]) -> None:
+        abi = self.abi
+        time_ns = event.time_ns
+        enabled = self._enabled
+        entries = event.entries
+        if len(entries) > 1:
+            entries = entries[::-1][:self.max_entries_inspected]  # host order
+        rejected = None
+        bad: list = []
+        einval: list = []
+        if change.rejections or change.anomalies:
+            rejected = change.rejections[0].entry if change.rejections else None
+            bad = [a for a in change.anomalies if a.kind not in _NOT_MALFORMED]
+            einval = [r for r in change.rejections if r.errno != "EPERM"]
+        if (bad or einval) and enabled["malformed_request"]:
+            kinds = sorted({a.kind for a in bad} | {"rejected_" + r.errno for r in einval})
+            self._emit(out, st, "malformed_request", time_ns,
+                       f"malformed protect request at gpa {event.list_gpa:#x}: "
+                       + ", ".join(kinds),
+                       {"event": event_json(event), "kinds": kinds,
+                        "anomalies": [{"kind": a.kind, "message": a.message,
+                                       "detail": a.detail} for a in bad[:16]],
+                        "rejections": [{"entry": list(r.entry), "errno": r.errno,
+                                        "reason": r.reason} for r in einval[:16]]},
+                       ("request", tuple(kinds)))
+        gw, gx, valid = self._gw, self._gx, self._gvalid
+        for entry in entries:
+            perms = entry.permissions
+            if perms & gw and perms & gx and not perms & ~valid and enabled["wx_request"]:
+                s, e = entry.gpa >> PAGE_SHIFT, entry.end_gpa >> PAGE_SHIFT
+                self._emit(out, st, "wx_request", time_ns,
+                           f"guest requested write+execute on gfns {s:#x}-{e:#x}",
+                           {"event": event_json(event), "entry": list(entry),
+                            "gfn_start": s, "gfn_end": e,
+                            "new": abi.attr_flags(abi.guest_to_kvm(perms))}, (s, e))
+            if entry is rejected:
+                break
+        # "make writable" announcements: a protected, non-writable range became writable
+        # (text_poke's first request); a later write fault there is expected, not an attack
+        kw, heki = self._kw, self._heki
+        for mc in change.map_changes:
+            if mc.new & kw and not mc.old & kw and mc.old & heki:
+                st.recent_writable.append((time_ns, mc.gfn_start, mc.gfn_end))
+        for rejection in change.rejections:
+            if rejection.errno == "EPERM":
+                self._on_eperm(rejection.entry, event, st, guest, out)
+        if self._pairing and not guest.preexisting:
+            slots = guest.memslot_gfn_ranges()
+            for mc in change.map_changes:
+                if (mc.old ^ mc.new) & heki:
+                    if slots:
+                        for s, e in _clip(mc.gfn_start, mc.gfn_end, slots):
+                            self._expect(st, guest, "requested", s, e, time_ns)
+                    else:
+                        self._expect(st, guest, "requested", mc.gfn_start, mc.gfn_end, time_ns)
+
+    def _on_eperm(self, entry: Any, event: ProtectRequest, st: _VmState, guest: Any,
+                  out: list[Finding]) -> None:
+        abi = self.abi
+        s, e = entry.gpa >> PAGE_SHIFT, entry.end_gpa >> PAGE_SHIFT
+        perms = entry.permissions
+        olds = sorted(guest.requested.values_in(s, e))
+        relax = False
+        for old in olds:
+            if old & self._ki:
+                if perms & self._gw and not old & self._kw:
+                    relax = True
+                if abi.mbec and perms & self._gx and not old & self._kx:
+                    relax = True
+        evidence = {"event": event_json(event), "entry": list(entry), "gfn_start": s,
+                    "gfn_end": e, "old": [abi.attr_flags(v) for v in olds],
+                    "new": abi.attr_flags(abi.guest_to_kvm(perms)), "errno": "EPERM",
+                    "lockdown_ns": guest.lockdown_ns}
+        if relax and guest.lockdown_ns is not None and self._enabled["relax_after_lockdown"]:
+            self._emit(out, st, "relax_after_lockdown", event.time_ns,
+                       f"after lockdown the guest asked to make immutable gfns {s:#x}-{e:#x} "
+                       f"{evidence['new']} (host refused: EPERM)", evidence, (s, e))
+        elif self._enabled["immutable_change"]:
+            self._emit(out, st, "immutable_change", event.time_ns,
+                       f"request to change immutable gfns {s:#x}-{e:#x} to {evidence['new']} "
+                       "(host refused: EPERM)", evidence, (s, e))
+
+    def _on_applied(self, change: Change, event: Event, st: _VmState, guest: Any,
+                    out: list[Finding]) -> None:
+        abi = self.abi
+        ki, kw, kx, heki = self._ki, self._kw, self._kx, self._heki
+        pairing = self._pairing and not guest.preexisting
+        for mc in change.map_changes:
+            old, new = mc.old, mc.new
+            if old & ki:
+                relaxed = (not new & ki or not new & heki or (new & kw and not old & kw)
+                           or (new & kx and not old & kx))
+                rule = "immutable_relaxed" if relaxed else "immutable_change"
+                if self._enabled[rule]:
+                    what = "lost protection" if relaxed else "changed"
+                    self._emit(out, st, rule, event.time_ns,
+                               f"applied map: immutable gfns {mc.gfn_start:#x}-{mc.gfn_end:#x} "
+                               f"{what}: {abi.attr_flags(old)} -> {abi.attr_flags(new)}",
+                               {"event": event_json(event), "gfn_start": mc.gfn_start,
+                                "gfn_end": mc.gfn_end, "old": abi.attr_flags(old),
+                                "new": abi.attr_flags(new)}, (mc.gfn_start, mc.gfn_end))
+            if pairing and (old ^ new) & heki:
+                self._expect(st, guest, "applied", mc.gfn_start, mc.gfn_end, event.time_ns)
+
+    def _on_cr_pin(self, change: Change, event: CrPinRequest, st: _VmState, guest: Any,
+                   out: list[Finding]) -> None:
+        if change.anomalies and self._enabled["malformed_request"]:
+            kinds = sorted({a.kind for a in change.anomalies})
+            self._emit(out, st, "malformed_request", event.time_ns,
+                       f"malformed CR pin request (CR{event.cr}): " + ", ".join(kinds),
+                       {"event": event_json(event), "kinds": kinds,
+                        "anomalies": [{"kind": a.kind, "message": a.message,
+                                       "detail": a.detail} for a in change.anomalies]},
+                       ("cr_pin", event.cr, tuple(kinds)))
+
+    def _on_cr_write(self, change: Change, event: CrWrite, st: _VmState, guest: Any,
+                     out: list[Finding]) -> None:
+        pinned = guest.pinned_cr.get(event.cr)
+        if not pinned or not self._enabled["cr_pin_violation"]:
+            return
+        cleared = pinned & ~event.value
+        if cleared:
+            names = cr_bit_names(event.cr, cleared)
+            self._emit(out, st, "cr_pin_violation", event.time_ns,
+                       f"guest wrote CR{event.cr}={event.value:#x}, clearing pinned "
+                       + ", ".join(names),
+                       {"event": event_json(event), "cr": event.cr, "value": event.value,
+                        "pinned": pinned, "cleared": names}, (event.cr, cleared))
+
+    def _on_fault(self, change: Change, event: Fault, st: _VmState, guest: Any,
+                  out: list[Finding]) -> None:
+        # hot during a fault storm: fields unpacked once, no attribute chains
+        time_ns, _tgid, _tid, _vcpu, gpa, _ec, rip, access, count, first_ns = event
+        gfn = gpa >> PAGE_SHIFT
+        source = guest.applied if self.applied_hook_active else guest.requested
+        value = source.get(gfn) if 0 <= gfn < (1 << 52) else 0
+        if not value & self._heki:
+            return
+        if not (isinstance(count, int) and count > 0):
+            count = 1
+        if access & _WRITE and not value & self._kw and self._enabled["protected_write"]:
+            recent = st.recent_writable
+            announced = False
+            if recent:
+                # announcements far older than any fault could refer to are dropped
+                window = self._window_ns
+                horizon = time_ns - _ANNOUNCE_KEEP_WINDOWS * window
+                while recent and recent[0][0] < horizon:
+                    recent.popleft()
+                when = first_ns or time_ns
+                for t, s, e in recent:
+                    if s <= gfn < e and when - t <= window:
+                        self.stats["announced_writes"] += count
+                        announced = True
+                        break
+            if not announced and self._admit(out, st, "protected_write", time_ns,
+                                             (gfn, "w"), count):
+                self._record(out, st, "protected_write", time_ns,
+                             f"write to protected gpa {gpa:#x} "
+                             f"({self.abi.attr_flags(value)}) x{count} at rip {rip:#x}",
+                             self._fault_evidence(event, gfn, value), (gfn, "w"), count)
+        if access & _FETCH and not value & self._kx \
+                and self._enabled["protected_fetch"] \
+                and self._admit(out, st, "protected_fetch", time_ns, (gfn, "x"), count):
+            self._record(out, st, "protected_fetch", time_ns,
+                         f"kernel fetch from non-executable gpa {gpa:#x} "
+                         f"({self.abi.attr_flags(value)}) x{count} at rip {rip:#x}",
+                         self._fault_evidence(event, gfn, value), (gfn, "x"), count)
+
+    def _fault_evidence(self, event: Fault, gfn: int, value: int) -> dict:
+        return {"event": event_json(event), "gfn_start": gfn, "gfn_end": gfn + 1,
+                "gpa": event.gpa, "rip": event.rip, "count": event.count,
+                "attributes": self.abi.attr_flags(value),
+                "map": "applied" if self.applied_hook_active else "requested"}
+
