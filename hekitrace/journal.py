@@ -100,7 +100,12 @@ def write_atomic(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
-    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
     finally:
@@ -152,15 +157,9 @@ class Journal:
 
         Failing here is like failing later: reported, retried, never fatal.
         """
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        listing = scan(self.directory)
-        last = max([s for s, _ in listing.segments] + [s for s, _ in listing.checkpoints]
-                   + [0])
-        self.segment = last  # _roll() opens last + 1
-        if not self._roll(checkpoint=True):
-            self._next_retry = self._mono() + RETRY_SECONDS
-        self.retain()
         pipeline.add_observer(self.observe)
+        if self._roll(checkpoint=True):
+            self.retain()
 
     def close(self) -> None:
         """Clean stop: a last checkpoint, so the next start replays nothing."""
@@ -250,6 +249,10 @@ class Journal:
         self._close_writer()
         seq = self.segment + 1
         try:
+            # never reuse a number: a previous run (or a failed start) may have used it
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            listing = scan(self.directory)
+            seq = max([seq] + [n + 1 for n, _ in listing.segments + listing.checkpoints])
             if checkpoint:
                 data = self._make_checkpoint(seq, self._wall_ns())
                 write_atomic(os.path.join(self.directory, checkpoint_name(seq)), data)
@@ -258,6 +261,7 @@ class Journal:
             self.segment = seq
             self._writer = writer
             writer.fsync()
+            fsync_dir(self.directory)  # the new segment's name survives a power failure
         except OSError as error:
             self.segment = seq
             self._fail(error, "checkpoint" if checkpoint else "rotate")
@@ -314,10 +318,9 @@ class Journal:
         for seq, path, size, mtime in sizes:
             if seq >= needed_from or seq >= self.segment:
                 break
-            if mtime < horizon or total > int(self.cfg.max_bytes):
-                if _unlink(path):
-                    removed.append(path)
-                    total -= size
+            if (mtime < horizon or total > int(self.cfg.max_bytes)) and _unlink(path):
+                removed.append(path)
+                total -= size
         self._update_bytes()
         return removed
 

@@ -217,12 +217,9 @@ class JournalRecovery:
         def make_checkpoint(segment: int, time_ns: int) -> bytes:
             return checkpoint.encode(segment, time_ns, checkpoint.capture_state(pipeline))
 
+        # a directory that cannot be written is reported by the journal itself
+        # (unhealthy, errors counted, retried every second), never fatal
         self.journal = Journal(cfg, make_checkpoint, header=header, say=say,
                                wall_ns=self._wall_ns, monotonic=self._mono)
-        try:
-            self.journal.start(pipeline)
-        except OSError as error:
-            say(f"ERROR: journal: cannot start in {directory}: {error}; running without "
-                "a journal")
-            self.journal = None
+        self.journal.start(pipeline)
         return covered

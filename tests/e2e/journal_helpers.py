@@ -14,10 +14,10 @@ from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
-from vmm import Vmm  # noqa: E402
+from vmm import Vmm
 
-from hekitrace.abi import DEFAULT_PROFILE  # noqa: E402
-from hekitrace.capture.testrun import run_raw_tracepoint  # noqa: E402
+from hekitrace.abi import DEFAULT_PROFILE
+from hekitrace.capture.testrun import run_raw_tracepoint
 
 READ, WRITE, EXEC = 1, 2, 4
 LIST_BASE = 0x100000

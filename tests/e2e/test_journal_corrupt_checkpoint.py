@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
-
 from journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect, wait_for
+
 from hekitrace.control import ControlClient
 from hekitrace.journal import scan
 
@@ -36,9 +37,9 @@ def test_flipped_byte_in_newest_checkpoint_falls_back_to_the_previous(tmp_path):
         checkpoints = scan(str(state)).checkpoints
         assert len(checkpoints) >= 2
         newest, previous = checkpoints[-1][1], checkpoints[-2][1]
-        data = bytearray(open(newest, "rb").read())
+        data = bytearray(Path(newest).read_bytes())
         data[len(data) // 2] ^= 0x10
-        open(newest, "wb").write(bytes(data))
+        Path(newest).write_bytes(bytes(data))
         daemon.close()
 
         daemon = journal_daemon(state).start()

@@ -12,9 +12,9 @@ import os
 import subprocess
 
 import pytest
-
 from daemon_proc import metric_value
 from journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect, wait_for
+
 from hekitrace.control import ControlClient
 
 pytestmark = pytest.mark.e2e

@@ -30,10 +30,18 @@ import threading
 import time
 
 import pytest
-
 from daemon_proc import metric_value
-from journal_helpers import (CHILD_VMM, TESTS, hypercall_prog_fd, journal_daemon, k_of,
-                             new_vm, send_protect, wait_for)
+from journal_helpers import (
+    CHILD_VMM,
+    TESTS,
+    hypercall_prog_fd,
+    journal_daemon,
+    k_of,
+    new_vm,
+    send_protect,
+    wait_for,
+)
+
 from hekitrace.config import load_config
 from hekitrace.control import ControlClient
 from hekitrace.events import ProtectRequest
@@ -101,11 +109,11 @@ def test_kill9_at_random_points_restart_keeps_maps_and_counters(tmp_path):
                 send_protect(vm, fd, k)
                 k += 1
             applied += n
-            wait_for(lambda: _count(daemon, me) == applied, f"{applied} requests", daemon)
+            wait_for(lambda d=daemon, n=applied: _count(d, me) == n, f"{applied} requests", daemon)
             last = run == runs - 1
             if last:
                 children.append(_child())     # will exit while the daemon is down
-                wait_for(lambda: children[0].pid in _vms(daemon), "child VM", daemon)
+                wait_for(lambda d=daemon: children[0].pid in _vms(d), "child VM", daemon)
             before = _snap(daemon, me)
             findings = _findings(daemon.metrics(), before["vm"]["name"])
             time.sleep(rng.uniform(0.0, 1.2))  # anywhere in the checkpoint/fsync periods

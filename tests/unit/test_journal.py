@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from hekitrace import checkpoint
 from hekitrace.config import parse_config
@@ -15,6 +16,7 @@ from hekitrace.journal import Journal, checkpoint_name, scan, segment_name
 from hekitrace.pipeline import Pipeline
 from hekitrace.sim import simulate
 from hekitrace.trace import read_events
+
 
 def _config(tmp_path, **journal):
     lines = "".join(f"  {k}: {v}\n" for k, v in journal.items())
@@ -82,7 +84,7 @@ def test_journal_checkpoint_interval_starts_a_new_segment_with_the_state(tmp_pat
     clock.t += 11
     p.tick(events[499].time_ns)                  # timer run: observers get NO_CHANGE
     assert j.segment == 2
-    ckpt = checkpoint.decode(open(os.path.join(tmp_path, checkpoint_name(2)), "rb").read())
+    ckpt = checkpoint.decode((tmp_path / checkpoint_name(2)).read_bytes())
     assert ckpt.segment == 2
     assert ckpt.state == checkpoint.capture_state(p)
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
@@ -162,6 +164,35 @@ def test_journal_close_leaves_a_checkpoint_of_the_final_state(tmp_path):
     j.after_batch()
     j.close()
     listing = scan(str(tmp_path))
-    newest = checkpoint.decode(open(listing.checkpoints[-1][1], "rb").read())
+    newest = checkpoint.decode(Path(listing.checkpoints[-1][1]).read_bytes())
     assert newest.state == checkpoint.capture_state(p)
     assert newest.segment == listing.segments[-1][0]
+
+
+def test_journal_that_cannot_write_reports_counts_and_resumes_with_a_checkpoint(tmp_path):
+    blocked = tmp_path / "journal"
+    blocked.write_text("a file where the directory should be")
+    config = _config(blocked)
+    p = Pipeline(config, True)
+    clock = Clock()
+    messages = []
+    j = _journal(config, p, clock, messages)
+    assert not j.healthy and j.write_errors and j.health()[0] is False
+    assert "ERROR: journal checkpoint failed" in messages[0]
+    events = _events()
+    p.feed_many(events[:300])
+    j.after_batch()
+    assert j.events_not_journaled == 300
+    blocked.unlink()                       # the operator fixes it
+    clock.t += 0.5
+    p.tick(events[299].time_ns)            # too early: retried once a second
+    assert not j.healthy
+    clock.t += 1
+    p.tick(events[299].time_ns)
+    assert j.healthy and any("writing again" in m for m in messages)
+    listing = scan(str(blocked))
+    ckpt = checkpoint.decode(Path(listing.checkpoints[-1][1]).read_bytes())
+    assert ckpt.state == checkpoint.capture_state(p)   # holds the unjournaled events
+    p.feed_many(events[300:])
+    j.after_batch()
+    assert list(read_events(listing.segments[-1][1])) == events[300:]

@@ -7,6 +7,7 @@ its last end-of-batch flush: what a kill -9 leaves on disk.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from hekitrace import checkpoint
 from hekitrace.config import parse_config
@@ -112,9 +113,9 @@ def test_recovery_falls_back_past_a_corrupt_newest_checkpoint_and_says_so(tmp_pa
     crashed, _, _ = _run(config, events, Clock())
     listing = scan(str(tmp_path))
     newest = listing.checkpoints[-1][1]
-    data = bytearray(open(newest, "rb").read())
+    data = bytearray(Path(newest).read_bytes())
     data[len(data) // 2] ^= 0x01                            # one flipped bit
-    open(newest, "wb").write(bytes(data))
+    Path(newest).write_bytes(bytes(data))
     messages = []
     again = Pipeline(config, True)
     rec = JournalRecovery(config, messages.append, monotonic=Clock(), wall_ns=lambda: T_UP)
@@ -129,7 +130,7 @@ def test_recovery_falls_back_past_a_corrupt_newest_checkpoint_and_says_so(tmp_pa
 def test_recovery_skips_a_damaged_block_reports_its_offset_and_reads_on(tmp_path):
     config = _config(tmp_path, "  segment_bytes: 200000\n")
     events = _events()
-    crashed, rec, _ = _run(config, events, Clock(), batches=30, checkpoint_every=1000)
+    _run(config, events, Clock(), batches=30, checkpoint_every=1000)
     seg = scan(str(tmp_path)).segments[-1][1]
     size = os.path.getsize(seg)
     with open(seg, "r+b") as f:
