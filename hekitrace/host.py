@@ -6,49 +6,40 @@ content: everything in an event may come from a hostile guest (page lists, CR ma
 malformed input becomes :class:`~hekitrace.changes.Rejection` and
 :class:`~hekitrace.changes.Anomaly` records that the rules read.
 
-A ``ProtectRequest`` is interpreted exactly as a Heki v2 host would
-(reference/heki-kvm.md 1.6-1.8, ``heki_protect_memory()`` / ``kvm_permissions_set()``):
-
-* entries are applied in reverse order of reading (the host reverses the chain);
-* per entry: misaligned ``gpa``/``end_gpa`` -> EINVAL; permissions 0 or outside
-  ``MEM_ATTR_PROT`` -> EINVAL; EXEC silently re-added when the profile has no MBEC;
-  ``end <= start`` -> EINVAL; a range that overlaps an IMMUTABLE page of the requested
-  map -> EPERM, rejected as a whole without touching the map;
-* processing stops at the first error and earlier entries stay applied;
-* the set uses ``mask = profile.kvm_heki_mask`` and ``value = guest_to_kvm(perms)``.
-
-Entries outside every known memslot are still applied to the requested map, because
-``kvm_vm_set_mem_attributes`` stores into the attribute xarray without consulting
-memslots (only the arch hooks are per memslot, heki-kvm.md 2.2-2.3); they are reported
-as an ``outside_memslots`` anomaly. A guest with no known memslot (found running) is not
-checked. ``AttrApplied`` sets the full value it reports (the hook's ``arg.attributes`` is
-the new value, heki-kvm.md 2.2); on a Heki host that also ran private memory this would
-clear PRIVATE where Heki bits were set (not a combination any Heki build supported). A
-request with more entries than ``max_entries_per_request`` is cut to the first
-ones the host would apply and the guest is marked degraded, since the model then
-diverges from the host.
+What the Heki host would do with a guest's requests (PROTECT_MEMORY page lists,
+LOCK_CR_UPDATE) is modelled in :mod:`hekitrace.hekimodel`; this module routes events to
+guests and keeps their bookkeeping (lifecycle, memslots, counters, degraded reasons).
+``AttrApplied`` sets the full value it reports (the hook's ``arg.attributes`` is the new
+value, heki-kvm.md 2.2); on a Heki host that also ran private memory this would clear
+PRIVATE where Heki bits were set (not a combination any Heki build supported).
 """
 
 from __future__ import annotations
 
 from hekitrace.abi import AbiProfile
 from hekitrace.attrmap import AttrMap
-from hekitrace.changes import Anomaly, Change, MapChange, PinChange, Rejection, VmKey
-from hekitrace.events import (NAME_OF, PAGE_SHIFT, AttrApplied, AttrIoctl, CrPinRequest,
-                              CrWrite, Event, Fault, Hypercall, Lost, Memslot,
-                              ProtectFlags, ProtectRequest, VmCreated, VmDestroyed)
+from hekitrace.changes import Anomaly, Change, MapChange, VmKey
+from hekitrace.events import (
+    NAME_OF,
+    PAGE_SHIFT,
+    AttrApplied,
+    AttrIoctl,
+    CrPinRequest,
+    CrWrite,
+    Event,
+    Fault,
+    Hypercall,
+    Lost,
+    Memslot,
+    ProtectRequest,
+    VmCreated,
+    VmDestroyed,
+)
+from hekitrace.hekimodel import LOCK_CR_UPDATE_VERSION, MAX_GFN, PINNABLE_CR_BITS, HekiModel
 
-#: x86 CR bits Heki v2 accepts for pinning (heki-kvm.md 1.11): CR0.WP; CR4 SMEP, SMAP,
-#: UMIP, FSGSBASE, CET (and FRED, added in v3's base).
-PINNABLE_CR_BITS: dict[int, int] = {
-    0: 1 << 16,
-    4: (1 << 20) | (1 << 21) | (1 << 11) | (1 << 16) | (1 << 23) | (1 << 32),
-}
-#: ``KVM_LOCK_CR_UPDATE_VERSION``: with cr=mask=0 the call is a version query (1.5)
-LOCK_CR_UPDATE_VERSION = 1 << 0
+__all__ = ["ALL_BITS", "LOCK_CR_UPDATE_VERSION", "MAX_DEGRADED_REASONS", "MAX_GFN",
+           "PINNABLE_CR_BITS", "REASON_PREEXISTING", "Guest", "Host", "MemslotInfo"]
 
-#: largest gfn an AttrMap holds (52-bit guest-physical address space)
-MAX_GFN = 1 << 52
 #: every attribute bit: ``kvm_arch_post_set_memory_attributes`` reports the full value
 ALL_BITS = (1 << 64) - 1
 #: bound on the degraded reasons kept per guest (a hostile stream must not grow it)
@@ -59,18 +50,6 @@ REASON_PREEXISTING = "running before monitoring started"
 _PAGE_MASK = (1 << PAGE_SHIFT) - 1
 #: tuple.__new__ skips the NamedTuple's Python-level __new__; every field is passed
 _new = tuple.__new__
-
-#: walker flag -> (anomaly kind, does the model diverge from the host?)
-_FLAG_ANOMALIES: tuple[tuple[int, str, bool], ...] = (
-    (ProtectFlags.TRUNCATED, "list_truncated", True),
-    (ProtectFlags.LOOP, "list_loop", True),
-    (ProtectFlags.OUTSIDE_MEMSLOT, "list_outside_memslot", True),
-    (ProtectFlags.NPAGES_OVERSIZE, "npages_oversize", True),
-    (ProtectFlags.READ_FAULT, "list_read_fault", True),
-    (ProtectFlags.MISALIGNED_LIST, "list_misaligned", True),
-    (ProtectFlags.LOST_PAGES, "list_pages_lost", True),
-)
-_KNOWN_FLAGS = sum(int(f) for f, _, _ in _FLAG_ANOMALIES)
 
 
 class MemslotInfo:
@@ -195,11 +174,7 @@ class Host:
         # derived constants, computed once (hot path)
         self._heki_mask = abi.kvm_heki_mask
         self._private_mask = abi.kvm_private_mask
-        self._valid_guest = abi.guest_valid_mask
-        self._guest_exec = 1 << abi.guest_exec
-        self._kvm_immutable = 1 << abi.kvm_immutable
-        #: guest permission bits -> KVM attribute value (at most 16 valid inputs)
-        self._to_kvm: dict[int, int] = {}
+        self._heki = HekiModel(abi, self.max_entries_per_request)
         #: kinds that only bump a counter of their live guest -> that counter's name
         #: (read by the pipeline's fast path, which must build the Change apply would)
         self.counted_kinds = {cls: NAME_OF[cls] for cls in (Hypercall, Fault, CrWrite)}
@@ -360,133 +335,18 @@ class Host:
         return Change(event, guest.key, lifecycle=lifecycle, degraded=degraded)
 
     # -- protection ----------------------------------------------------------------------
+    # -- protection (the Heki host's side is modelled in hekimodel) ----------------------
     def _protect_request(self, event: ProtectRequest) -> Change:
         guest, degraded, lifecycle = self._guest_for(event)
-        anomalies: list[Anomaly] = []
-        rejections: list[Rejection] = []
-        map_changes: list[MapChange] = []
-
-        flags = event.flags if isinstance(event.flags, int) else 0
-        if flags:
-            for flag, kind, diverges in _FLAG_ANOMALIES:
-                if flags & flag:
-                    anomalies.append(Anomaly(kind, f"page-list walk: {kind.replace('_', ' ')}",
-                                             {"list_gpa": event.list_gpa, "flags": flags,
-                                              "pages": event.pages}))
-                    if diverges:
-                        reason = f"incomplete protect request ({kind})"
-                        if guest.add_degraded(reason):
-                            degraded = degraded + (reason,)
-            if flags & ~_KNOWN_FLAGS:
-                anomalies.append(Anomaly("unknown_flags", "unknown page-list walker flags",
-                                         {"flags": hex(flags)}))
-
-        entries = event.entries
-        limit = self.max_entries_per_request
-        # the host applies entries in reverse order of reading (heki-kvm.md 1.7)
-        order = entries[::-1]
-        if len(order) > limit:
-            anomalies.append(Anomaly(
-                "too_many_entries",
-                f"request has {len(entries)} entries; modelled only the first {limit} "
-                "the host applies", {"entries": len(entries), "limit": limit,
-                                     "declared_entries": event.declared_entries}))
-            order = order[:limit]
-            reason = "incomplete protect request (too_many_entries)"
-            if guest.add_degraded(reason):
-                degraded = degraded + (reason,)
-
-        requested = guest.requested
-        heki_mask = self._heki_mask
-        valid = self._valid_guest
-        exec_bit = self._guest_exec
-        immutable = self._kvm_immutable
-        mbec = self.abi.mbec
-        check_slots = bool(guest._slot_gfns)
-        to_kvm = self._to_kvm
-        time_ns = event.time_ns
-        for index, entry in enumerate(order):
-            gpa, end_gpa, perms = entry
-            if (gpa & _PAGE_MASK) or (end_gpa & _PAGE_MASK):
-                rejections.append(Rejection(entry, "EINVAL", "gpa or end_gpa not page aligned"))
-                anomalies.append(Anomaly("entry_misaligned", "entry not page aligned",
-                                         {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
-                break
-            if perms == 0 or perms & ~valid:
-                kind = "zero_permissions" if perms == 0 else "unknown_bits"
-                rejections.append(Rejection(entry, "EINVAL",
-                                            "permissions zero" if perms == 0 else
-                                            f"unknown permission bits {perms & ~valid:#x}"))
-                anomalies.append(Anomaly(kind, "invalid permissions",
-                                         {"permissions": perms, "index": index}))
-                break
-            start = gpa >> PAGE_SHIFT
-            end = end_gpa >> PAGE_SHIFT
-            if end <= start:
-                rejections.append(Rejection(entry, "EINVAL", "end_gpa <= gpa"))
-                anomalies.append(Anomaly("end_before_start", "range ends before it starts",
-                                         {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
-                break
-            if start < 0 or end > MAX_GFN:
-                # cannot happen with u64 guest values; a corrupt trace could carry it
-                rejections.append(Rejection(entry, "EINVAL", "gfn outside 52-bit space"))
-                anomalies.append(Anomaly("gfn_overflow", "range outside the 52-bit space",
-                                         {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
-                break
-            if not mbec and not perms & exec_bit:
-                perms |= exec_bit  # "Clearing kernel exec depends on MBEC" (1.8 step 4)
-            if requested.any_bits(start, end, immutable):
-                rejections.append(Rejection(entry, "EPERM",
-                                            "range overlaps an immutable page"))
-                break
-            if check_slots and not guest.covered_by_memslots(start, end):
-                anomalies.append(Anomaly("outside_memslots",
-                                         "range not (fully) backed by a memslot",
-                                         {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
-            value = to_kvm.get(perms)
-            if value is None:
-                value = to_kvm[perms] = self.abi.guest_to_kvm(perms)
-            for seg_start, seg_end, old, new in requested.set(start, end, value, heki_mask):
-                map_changes.append(MapChange("requested", seg_start, seg_end, old, new))
-            if value & immutable and guest.lockdown_ns is None:
-                guest.lockdown_ns = time_ns
-
-        if rejections:
-            guest.counters["rejected_entries"] += len(rejections)
-        if anomalies:
-            guest.counters["anomalies"] += len(anomalies)
-        return Change(event, guest.key, tuple(map_changes), None, tuple(rejections),
-                      tuple(anomalies), lifecycle, degraded)
+        map_changes, rejections, anomalies, degraded = self._heki.protect(guest, event,
+                                                                          degraded)
+        return _new(Change, (event, guest.key, map_changes, None, rejections, anomalies,
+                             lifecycle, degraded))
 
     def _cr_pin_request(self, event: CrPinRequest) -> Change:
         guest, degraded, lifecycle = self._guest_for(event)
-        cr, mask, flags = event.cr, event.mask, event.flags
-        if flags & LOCK_CR_UPDATE_VERSION and cr == 0 and mask == 0:
-            return Change(event, guest.key, lifecycle=lifecycle, degraded=degraded)
-        anomalies: list[Anomaly] = []
-        allowed = PINNABLE_CR_BITS.get(cr)
-        if allowed is None:
-            anomalies.append(Anomaly("cr_pin_invalid", f"cannot pin CR{cr} (host: -EINVAL)",
-                                     {"cr": cr, "mask": mask, "flags": flags}))
-            guest.counters["anomalies"] += 1
-            return Change(event, guest.key, anomalies=tuple(anomalies), lifecycle=lifecycle,
-                          degraded=degraded)
-        if mask & ~allowed:
-            anomalies.append(Anomaly("cr_pin_unknown_bits", "bits that cannot be pinned",
-                                     {"cr": cr, "bits": hex(mask & ~allowed)}))
-        if flags & ~LOCK_CR_UPDATE_VERSION:
-            anomalies.append(Anomaly("cr_pin_unknown_flags", "unknown LOCK_CR_UPDATE flags",
-                                     {"flags": hex(flags)}))
-        guest.counters["anomalies"] += len(anomalies)
-        old = guest.pinned_cr.get(cr, 0)
-        new = old | (mask & allowed)
-        pin = None
-        if new != old:
-            guest.pinned_cr[cr] = new
-            pin = PinChange(cr, old, new)
-            if guest.lockdown_ns is None:
-                guest.lockdown_ns = event.time_ns
-        return Change(event, guest.key, pin_change=pin, anomalies=tuple(anomalies),
+        pin, anomalies = self._heki.pin_cr(guest, event)
+        return Change(event, guest.key, pin_change=pin, anomalies=anomalies,
                       lifecycle=lifecycle, degraded=degraded)
 
     def _attr_applied(self, event: AttrApplied) -> Change:
