@@ -177,7 +177,8 @@ class Host:
         self._heki = HekiModel(abi, self.max_entries_per_request)
         #: kinds that only bump a counter of their live guest -> that counter's name
         #: (read by the pipeline's fast path, which must build the Change apply would)
-        self.counted_kinds = {cls: NAME_OF[cls] for cls in (Hypercall, Fault, CrWrite)}
+        self.counted_kinds: dict[type, str] = {
+            cls: NAME_OF[cls] for cls in (Hypercall, Fault, CrWrite)}
         self._counted = self.counted_kinds
         self._dispatch = {
             VmCreated: self._vm_created,
@@ -360,7 +361,7 @@ class Host:
         attributes = event.attributes
         if attributes & self._heki_mask:
             guest.heki_applied_seen = True
-        changes = tuple([MapChange("applied", s, e, old, new)
+        changes = tuple([_new(MapChange, ("applied", s, e, old, new))
                          for s, e, old, new in guest.applied.set(start, end, attributes,
                                                                  ALL_BITS)])
         return Change(event, guest.key, changes, lifecycle=lifecycle, degraded=degraded)
