@@ -95,21 +95,25 @@ class Pipeline:
         policy = self.policy
         evaluate = policy.evaluate
         observers = self._observers
-        counted = host.counted_kinds
         live = host.live_by_tgid
         states = policy.vm_states
         rules = policy.rules_by_kind
+        # kind -> (its counter name, its rule or None): one lookup per event
+        fast = {cls: (name, rules.get(cls)) for cls, name in host.counted_kinds.items()}
         rule_failed = policy.rule_failed
         new = tuple.__new__
         out: list[Finding] = []
         last = self.last_event_ns
         for event in events:
             etype = type(event)
-            if etype in by_type:
+            try:
                 by_type[etype] += 1
+            except KeyError:   # not an event class: Host.apply reports it
+                pass
             change = None
-            name = counted.get(etype)
-            if name is not None:
+            kind = fast.get(etype)
+            if kind is not None:
+                name, rule = kind
                 try:
                     guest = live.get(event.tgid)
                 except TypeError:  # unhashable: Host.apply reports it
@@ -120,7 +124,6 @@ class Pipeline:
                     if st is not None:
                         guest.counters[name] += 1
                         change = new(Change, (event, key, (), None, (), (), None, ()))
-                        rule = rules.get(etype)
                         findings = []
                         if rule is not None:
                             try:
