@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hekitrace import checkpoint
 from hekitrace.config import parse_config
-from hekitrace.journal import Journal, checkpoint_name, scan, segment_name
+from hekitrace.journal import Journal, checkpoint_name, expand_paths, scan, segment_name
 from hekitrace.pipeline import Pipeline
 from hekitrace.sim import simulate
 from hekitrace.trace import read_events
@@ -196,3 +196,13 @@ def test_journal_that_cannot_write_reports_counts_and_resumes_with_a_checkpoint(
     p.feed_many(events[300:])
     j.after_batch()
     assert list(read_events(listing.segments[-1][1])) == events[300:]
+
+
+def test_journal_expand_paths_turns_a_directory_into_its_segments_in_order(tmp_path):
+    _fill(tmp_path, [12, 3, 100], [3])
+    other = tmp_path / "x.htrace"
+    other.write_bytes(b"")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert expand_paths([str(tmp_path), str(other), str(empty)]) == [
+        os.path.join(tmp_path, segment_name(n)) for n in (3, 12, 100)] + [str(other), str(empty)]
