@@ -13,43 +13,34 @@ the closest known key ("did you mean ..."). Line numbers come from PyYAML's node
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import ipaddress
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import yaml
 
-from hekitrace import abi
+from hekitrace import abi, yamlschema
 from hekitrace.abi import AbiProfile
 from hekitrace.errors import ConfigError
-
-class FrozenMap(dict):
-    """A read-only dict: the frozen config's mappings (rule settings).
-
-    A dict subclass rather than ``types.MappingProxyType`` so that ``dataclasses.asdict``,
-    ``copy.deepcopy``, pickling and hashing of a Config keep working.
-    """
-
-    def _readonly(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("the configuration is read-only")
-
-    __setitem__ = __delitem__ = __ior__ = _readonly  # type: ignore[assignment]
-    clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
-
-    def __hash__(self) -> int:  # type: ignore[override]
-        return hash(tuple(sorted(self.items())))
-
-    def __reduce__(self) -> tuple:
-        return (FrozenMap, (dict(self),))
-
-    def __deepcopy__(self, memo: dict) -> FrozenMap:
-        return self
-
+from hekitrace.yamlschema import (
+    FrozenMap,
+    NodeWalker,
+    absolute_path,
+    apply_override,
+    compose,
+    describe,
+    non_negative,
+    one_of,
+    plain,
+    positive,
+    setting,
+    subsection,
+    suggestion,
+)
 
 #: where the daemon and ``check`` look when no ``--config`` is given
 DEFAULT_CONFIG_PATH = "/etc/hekitrace/hekitrace.yaml"
@@ -82,14 +73,6 @@ HOOK_NEEDS = ("required", "optional", "disabled")
 # ---------------------------------------------------------------------------------------
 # value checks: each returns None when fine, else what was expected
 
-def positive(v: Any) -> str | None:
-    return None if v > 0 else "a number greater than 0"
-
-
-def non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "a number >= 0"
-
-
 def power_of_two_pages(v: Any) -> str | None:
     # BPF_MAP_TYPE_RINGBUF: max_entries must be a power of 2 and a multiple of the page
     # size (kernel/bpf/ringbuf.c ringbuf_map_alloc)
@@ -104,16 +87,6 @@ def bit_position(v: Any) -> str | None:
 
 def hypercall_number(v: Any) -> str | None:
     return None if 0 <= v < 2**32 else "a hypercall number 0-4294967295"
-
-
-def one_of(*choices: str) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        return None if v in choices else "one of " + ", ".join(choices)
-    return check
-
-
-def absolute_path(v: Any) -> str | None:
-    return None if v.startswith("/") else "an absolute path"
 
 
 def listen_address(v: Any) -> str | None:
@@ -137,104 +110,90 @@ def listen_address(v: Any) -> str | None:
     return None
 
 
-def _opt(kind: type, check: Callable[[Any], str | None] | None = None,
-         nullable: bool = False) -> dict:
-    return {"kind": kind, "check": check, "nullable": nullable}
-
-
-def _f(default: Any, kind: type, check: Callable[[Any], str | None] | None = None,
-       nullable: bool = False) -> Any:
-    return field(default=default, metadata=_opt(kind, check, nullable))
-
-
-def _sub(cls: type) -> Any:
-    return field(default_factory=cls, metadata={"kind": cls})
-
-
 # ---------------------------------------------------------------------------------------
 # sections (keys exactly as docs/internals.md "Config")
 
 @dataclass(frozen=True)
 class Hypercalls:
     """Hypercall numbers; None means "as the profile says" (custom: not decoded)."""
-    lock_cr_update: int | None = _f(None, int, hypercall_number, True)
-    protect_memory: int | None = _f(None, int, hypercall_number, True)
-    lock_mem_page_ranges: int | None = _f(None, int, hypercall_number, True)
-    map_gpa_range: int | None = _f(None, int, hypercall_number, True)
+    lock_cr_update: int | None = setting(None, int, hypercall_number, True)
+    protect_memory: int | None = setting(None, int, hypercall_number, True)
+    lock_mem_page_ranges: int | None = setting(None, int, hypercall_number, True)
+    map_gpa_range: int | None = setting(None, int, hypercall_number, True)
 
 
 @dataclass(frozen=True)
 class GuestBits:
     """Bit positions of the guest's MEM_ATTR_* permissions; None = the profile's."""
-    read: int | None = _f(None, int, bit_position, True)
-    write: int | None = _f(None, int, bit_position, True)
-    exec: int | None = _f(None, int, bit_position, True)
-    immutable: int | None = _f(None, int, bit_position, True)
+    read: int | None = setting(None, int, bit_position, True)
+    write: int | None = setting(None, int, bit_position, True)
+    exec: int | None = setting(None, int, bit_position, True)
+    immutable: int | None = setting(None, int, bit_position, True)
 
 
 @dataclass(frozen=True)
 class KvmBits:
     """Bit positions of KVM's memory attributes (HEKI_*, PRIVATE); None = the profile's."""
-    private: int | None = _f(None, int, bit_position, True)
-    read: int | None = _f(None, int, bit_position, True)
-    write: int | None = _f(None, int, bit_position, True)
-    exec: int | None = _f(None, int, bit_position, True)
-    immutable: int | None = _f(None, int, bit_position, True)
+    private: int | None = setting(None, int, bit_position, True)
+    read: int | None = setting(None, int, bit_position, True)
+    write: int | None = setting(None, int, bit_position, True)
+    exec: int | None = setting(None, int, bit_position, True)
+    immutable: int | None = setting(None, int, bit_position, True)
 
 
 @dataclass(frozen=True)
 class AbiConfig:
-    profile: str = _f("heki-v2", str, one_of(*PROFILES))
-    hypercalls: Hypercalls = _sub(Hypercalls)
-    guest_bits: GuestBits = _sub(GuestBits)
-    kvm_bits: KvmBits = _sub(KvmBits)
-    mbec: bool = _f(False, bool)
+    profile: str = setting("heki-v2", str, one_of(*PROFILES))
+    hypercalls: Hypercalls = subsection(Hypercalls)
+    guest_bits: GuestBits = subsection(GuestBits)
+    kvm_bits: KvmBits = subsection(KvmBits)
+    mbec: bool = setting(False, bool)
 
 
 @dataclass(frozen=True)
 class HooksConfig:
     """required: the daemon is not ready without it; optional: attached when possible,
     reported when not; disabled: never attached (e.g. to save the cost of fault events)."""
-    hypercall: str = _f("required", str, one_of(*HOOK_NEEDS))
-    attr_applied: str = _f("optional", str, one_of(*HOOK_NEEDS))
-    ioctl: str = _f("required", str, one_of(*HOOK_NEEDS))
-    page_fault: str = _f("optional", str, one_of(*HOOK_NEEDS))
-    cr: str = _f("optional", str, one_of(*HOOK_NEEDS))
+    hypercall: str = setting("required", str, one_of(*HOOK_NEEDS))
+    attr_applied: str = setting("optional", str, one_of(*HOOK_NEEDS))
+    ioctl: str = setting("required", str, one_of(*HOOK_NEEDS))
+    page_fault: str = setting("optional", str, one_of(*HOOK_NEEDS))
+    cr: str = setting("optional", str, one_of(*HOOK_NEEDS))
 
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    max_list_pages: int = _f(16, int, positive)
-    control_ring_bytes: int = _f(4194304, int, power_of_two_pages)
-    telemetry_ring_bytes: int = _f(4194304, int, power_of_two_pages)
-    fault_report_interval_seconds: float = _f(1.0, float, positive)
-    vendor: str = _f("auto", str, one_of("auto", "intel", "amd"))
-    queue_events: int = _f(65536, int, positive)
+    max_list_pages: int = setting(16, int, positive)
+    control_ring_bytes: int = setting(4194304, int, power_of_two_pages)
+    telemetry_ring_bytes: int = setting(4194304, int, power_of_two_pages)
+    fault_report_interval_seconds: float = setting(1.0, float, positive)
+    vendor: str = setting("auto", str, one_of("auto", "intel", "amd"))
+    queue_events: int = setting(65536, int, positive)
 
 
 @dataclass(frozen=True)
 class StateConfig:
-    grace_period_seconds: float = _f(300.0, float, non_negative)
-    max_entries_per_request: int = _f(4096, int, positive)
+    grace_period_seconds: float = setting(300.0, float, non_negative)
+    max_entries_per_request: int = setting(4096, int, positive)
 
 
 @dataclass(frozen=True)
 class RateLimit:
-    findings: int = _f(100, int, positive)
-    per_seconds: float = _f(60.0, float, positive)
+    findings: int = setting(100, int, positive)
+    per_seconds: float = setting(60.0, float, positive)
 
 
 @dataclass(frozen=True)
 class RuleConfig:
-    enabled: bool = _f(True, bool)
-    severity: str = _f("critical", str, one_of(*SEVERITIES))
+    enabled: bool = setting(True, bool)
+    severity: str = setting("critical", str, one_of(*SEVERITIES))
 
 
 @dataclass(frozen=True)
 class VmSelector:
     """Which VMs an exception covers: shell globs on the name and/or the UUID."""
-    name: str | None = _f(None, str, None, True)
-    uuid: str | None = _f(None, str, None, True)
+    name: str | None = setting(None, str, None, True)
+    uuid: str | None = setting(None, str, None, True)
 
 
 @dataclass(frozen=True)
@@ -250,9 +209,9 @@ def _default_rules() -> Mapping[str, RuleConfig]:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    pairing_window_seconds: float = _f(2.0, float, positive)
-    dedup_window_seconds: float = _f(60.0, float, positive)
-    rate_limit: RateLimit = _sub(RateLimit)
+    pairing_window_seconds: float = setting(2.0, float, positive)
+    dedup_window_seconds: float = setting(60.0, float, positive)
+    rate_limit: RateLimit = subsection(RateLimit)
     #: every rule id -> its effective setting (defaults filled in)
     rules: Mapping[str, RuleConfig] = field(default_factory=_default_rules,
                                             metadata={"kind": "rules"})
@@ -262,37 +221,37 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class AlertsConfig:
-    stdout: bool = _f(True, bool)
-    format: str = _f("json", str, one_of("json", "text"))
-    file: str | None = _f(None, str, absolute_path, True)
+    stdout: bool = setting(True, bool)
+    format: str = setting("json", str, one_of("json", "text"))
+    file: str | None = setting(None, str, absolute_path, True)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    listen: str = _f("127.0.0.1:9864", str, listen_address)
-    vm_label: str = _f("name", str, one_of("name", "uuid", "pid"))
+    listen: str = setting("127.0.0.1:9864", str, listen_address)
+    vm_label: str = setting("name", str, one_of("name", "uuid", "pid"))
 
 
 @dataclass(frozen=True)
 class ControlConfig:
-    socket: str = _f("/run/hekitrace/control.sock", str, absolute_path)
+    socket: str = setting("/run/hekitrace/control.sock", str, absolute_path)
 
 
 @dataclass(frozen=True)
 class JournalConfig:
-    enabled: bool = _f(True, bool)
-    directory: str = _f("/var/lib/hekitrace", str, absolute_path)
-    segment_bytes: int = _f(67108864, int, positive)
-    fsync_interval_seconds: float = _f(1.0, float, positive)
-    checkpoint_interval_seconds: float = _f(300.0, float, positive)
-    retention_seconds: float = _f(2592000.0, float, positive)
-    max_bytes: int = _f(1073741824, int, positive)
+    enabled: bool = setting(True, bool)
+    directory: str = setting("/var/lib/hekitrace", str, absolute_path)
+    segment_bytes: int = setting(67108864, int, positive)
+    fsync_interval_seconds: float = setting(1.0, float, positive)
+    checkpoint_interval_seconds: float = setting(300.0, float, positive)
+    retention_seconds: float = setting(2592000.0, float, positive)
+    max_bytes: int = setting(1073741824, int, positive)
 
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    status_interval_seconds: float = _f(60.0, float, positive)
-    watchdog: bool = _f(True, bool)
+    status_interval_seconds: float = setting(60.0, float, positive)
+    watchdog: bool = setting(True, bool)
 
 
 @dataclass(frozen=True)
@@ -300,16 +259,16 @@ class Config:
     """The whole configuration. ``path`` is where it came from (None: built-in defaults);
     ``sha256`` is the hex digest of the file's bytes (of the empty text for defaults, which
     an empty file also yields), exported as ``hekitrace_config_info{sha256}``."""
-    abi: AbiConfig = _sub(AbiConfig)
-    hooks: HooksConfig = _sub(HooksConfig)
-    capture: CaptureConfig = _sub(CaptureConfig)
-    state: StateConfig = _sub(StateConfig)
-    policy: PolicyConfig = _sub(PolicyConfig)
-    alerts: AlertsConfig = _sub(AlertsConfig)
-    metrics: MetricsConfig = _sub(MetricsConfig)
-    control: ControlConfig = _sub(ControlConfig)
-    journal: JournalConfig = _sub(JournalConfig)
-    daemon: DaemonConfig = _sub(DaemonConfig)
+    abi: AbiConfig = subsection(AbiConfig)
+    hooks: HooksConfig = subsection(HooksConfig)
+    capture: CaptureConfig = subsection(CaptureConfig)
+    state: StateConfig = subsection(StateConfig)
+    policy: PolicyConfig = subsection(PolicyConfig)
+    alerts: AlertsConfig = subsection(AlertsConfig)
+    metrics: MetricsConfig = subsection(MetricsConfig)
+    control: ControlConfig = subsection(ControlConfig)
+    journal: JournalConfig = subsection(JournalConfig)
+    daemon: DaemonConfig = subsection(DaemonConfig)
     path: str | None = field(default=None, compare=False, metadata={"internal": True})
     sha256: str = field(default=EMPTY_SHA256, compare=False,
                         metadata={"internal": True})
@@ -328,18 +287,8 @@ class Config:
         out = {}
         for f in dataclasses.fields(self):
             if not f.metadata.get("internal"):
-                out[f.name] = _plain(getattr(self, f.name))
+                out[f.name] = plain(getattr(self, f.name))
         return out
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def default_config() -> Config:
@@ -381,27 +330,10 @@ def parse_config(text: str, path: str = "<config>",
     warning``) applied on top of the file, the value parsed as YAML; errors in them name
     ``-O`` instead of a line.
     """
-    try:
-        # the constructor already scans for non-printable characters (ReaderError)
-        loader = yaml.SafeLoader(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"not valid YAML: {error}", path=path) from None
-    try:
-        root = loader.get_single_node()
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        line = mark.line + 1 if mark else None
-        raise ConfigError(f"not valid YAML: {error.problem or error.context}",
-                          path=path, line=line) from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"not valid YAML: {error}", path=path) from None
-    finally:
-        loader.dispose()
-    if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
-        root = yaml.MappingNode("tag:yaml.org,2002:map", [])
+    root = compose(text, path)
     for override in overrides:
-        root = _apply_override(root, override)
-    walker = _Walker(path)
+        root = apply_override(root, override)
+    walker = _ConfigWalker(path)
     config = walker.section(root, Config, "")
     config = dataclasses.replace(config, path=path,
                                  sha256=hashlib.sha256(text.encode()).hexdigest())
@@ -409,95 +341,9 @@ def parse_config(text: str, path: str = "<config>",
     return config
 
 
-def _apply_override(root: yaml.Node, override: str) -> yaml.Node:
-    keypath, sep, value = override.partition("=")
-    if not sep or not keypath:
-        raise ConfigError(f"-O {override!r}: expected KEY.PATH=VALUE")
-    try:
-        value_node = yaml.compose(value or "null", Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        raise ConfigError(f"-O {override!r}: the value is not valid YAML") from None
-    # errors in what the override brought name the override, not a line of the file
-    stack = [value_node] if value_node is not None else []
-    while stack:
-        item = stack.pop()
-        item.start_mark = None
-        item.hk_override = override  # type: ignore[attr-defined]
-        if isinstance(item, yaml.MappingNode):
-            stack.extend(n for pair in item.value for n in pair)
-        elif isinstance(item, yaml.SequenceNode):
-            stack.extend(item.value)
-    node = root
-    parts = keypath.split(".")
-    for i, part in enumerate(parts):
-        if not isinstance(node, yaml.MappingNode):
-            raise ConfigError(f"-O {override!r}: {'.'.join(parts[:i])} is not a mapping")
-        for key_node, child in node.value:
-            if key_node.value == part:
-                if i == len(parts) - 1:
-                    node.value.remove((key_node, child))
-                    break
-                node = child
-                break
-        else:
-            if i < len(parts) - 1:
-                child = yaml.MappingNode("tag:yaml.org,2002:map", [])
-                node.value.append((yaml.ScalarNode("tag:yaml.org,2002:str", part), child))
-                node = child
-                continue
-        if i == len(parts) - 1:
-            key = yaml.ScalarNode("tag:yaml.org,2002:str", part)
-            key.hk_override = override  # type: ignore[attr-defined]
-            node.value.append((key, value_node))
-    return root
-
-
-class _Walker:
-    """Turns a YAML node tree into dataclasses, raising ConfigError at the first problem."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def fail(self, node: yaml.Node | None, key: str, message: str) -> ConfigError:
-        origin = getattr(node, "hk_override", None)
-        if origin is not None:
-            return ConfigError(f"{message} (from -O {origin})", path=self.path, key=key or None)
-        line = node.start_mark.line + 1 if node is not None and node.start_mark else None
-        return ConfigError(message, path=self.path, line=line, key=key or None)
-
-    def mapping(self, node: yaml.Node, key: str, known: Sequence[str]
-                ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        if not isinstance(node, yaml.MappingNode):
-            raise self.fail(node, key, f"expected a mapping, got {_describe(node)}")
-        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key_node, value_node in node.value:
-            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            full = f"{key}.{name}" if key else str(name)
-            if not isinstance(name, str) or key_node.tag != "tag:yaml.org,2002:str":
-                raise self.fail(key_node, key, f"keys must be names, got {_describe(key_node)}")
-            if name in out:
-                first = out[name][0].start_mark.line + 1
-                raise self.fail(key_node, full, f"duplicate key (first set on line {first})")
-            if name not in known:
-                hint = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                choices = ", ".join(known)
-                raise self.fail(key_node, full,
-                                f"unknown key{suggestion} (known here: {choices})")
-            out[name] = (key_node, value_node)
-        return out
-
-    def section(self, node: yaml.Node, cls: type, key: str) -> Any:
-        fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
-        given = self.mapping(node, key, [f.name for f in fields])
-        values = {}
-        for f in fields:
-            if f.name not in given:
-                continue
-            _, value_node = given[f.name]
-            full = f"{key}.{f.name}" if key else f.name
-            values[f.name] = self.value(value_node, f, full)
-        return cls(**values)
+class _ConfigWalker(NodeWalker):
+    """NodeWalker plus the schema's own kinds (rule settings, exceptions) and the
+    cross-field checks."""
 
     def value(self, node: yaml.Node, f: dataclasses.Field, key: str) -> Any:
         kind = f.metadata.get("kind")
@@ -505,39 +351,7 @@ class _Walker:
             return self.rules(node, key)
         if kind == "exceptions":
             return self.exceptions(node, key)
-        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
-            return self.section(node, kind, key)
-        return self.scalar(node, key, kind, f.metadata.get("check"),
-                           f.metadata.get("nullable", False))
-
-    def scalar(self, node: yaml.Node, key: str, kind: Any,
-               check: Callable[[Any], str | None] | None, nullable: bool) -> Any:
-        expected = {int: "an integer", float: "a number", bool: "true or false",
-                    str: "a string"}[kind]
-        if nullable:
-            expected += " or null"
-        if not isinstance(node, yaml.ScalarNode):
-            raise self.fail(node, key, f"expected {expected}, got {_describe(node)}")
-        try:
-            value = yaml.SafeLoader("").construct_object(node)
-        except yaml.YAMLError:
-            raise self.fail(node, key, f"expected {expected}, got a value with the YAML "
-                                       f"tag {node.tag!r}") from None
-        if value is None and nullable:
-            return None
-        ok = (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-              or (kind is float and isinstance(value, int) and not isinstance(value, bool)))
-        if not ok:
-            raise self.fail(node, key, f"expected {expected}, got {_describe(node)}")
-        if kind is float:
-            value = float(value)
-            if value != value or value in (float("inf"), float("-inf")):
-                raise self.fail(node, key, "expected a finite number")
-        if check is not None:
-            problem = check(value)
-            if problem:
-                raise self.fail(node, key, f"expected {problem}, got {value!r}")
-        return value
+        return super().value(node, f, key)
 
     def rules(self, node: yaml.Node, key: str) -> Mapping[str, RuleConfig]:
         rules = dict(_default_rules())
@@ -554,7 +368,7 @@ class _Walker:
 
     def exceptions(self, node: yaml.Node, key: str) -> tuple[PolicyException, ...]:
         if not isinstance(node, yaml.SequenceNode):
-            raise self.fail(node, key, f"expected a list of exceptions, got {_describe(node)}")
+            raise self.fail(node, key, f"expected a list of exceptions, got {describe(node)}")
         out = []
         for index, item in enumerate(node.value):
             full = f"{key}[{index}]"
@@ -566,15 +380,13 @@ class _Walker:
             if not isinstance(rules_node, yaml.SequenceNode) or not rules_node.value:
                 raise self.fail(rules_node, f"{full}.rules",
                                 f"expected a non-empty list of rule ids, got "
-                                f"{_describe(rules_node)}")
+                                f"{describe(rules_node)}")
             rules = []
             for rnode in rules_node.value:
                 rule = self.scalar(rnode, f"{full}.rules", str, None, False)
                 if rule not in RULE_IDS:
-                    hint = difflib.get_close_matches(rule, RULE_IDS, n=1, cutoff=0.6)
-                    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                    raise self.fail(rnode, f"{full}.rules",
-                                    f"unknown rule id {rule!r}{suggestion}")
+                    raise self.fail(rnode, f"{full}.rules", f"unknown rule id {rule!r}"
+                                                            f"{suggestion(rule, RULE_IDS)}")
                 rules.append(rule)
             vms_node = given["vms"][1]
             selector = self.section(vms_node, VmSelector, f"{full}.vms")
@@ -597,16 +409,7 @@ class _Walker:
     def cross_checks(self, config: Config, root: yaml.Node) -> None:
         """Impossible combinations: checked on the effective profile, blamed on a key."""
         def locate(*keys: str) -> tuple[yaml.Node | None, str]:
-            node: yaml.Node | None = root
-            for k in keys:
-                if not isinstance(node, yaml.MappingNode):
-                    return None, ".".join(keys)
-                match = [kn for kn, vn in node.value if kn.value == k]
-                if not match:
-                    return None, ".".join(keys)
-                node = dict((kn.value, vn) for kn, vn in node.value)[k]
-                last = match[0]
-            return last, ".".join(keys)
+            return yamlschema.locate(root, *keys), ".".join(keys)
 
         cfg = config.abi
         if cfg.profile == "custom":
@@ -644,17 +447,6 @@ class _Walker:
             raise self.fail(node, "journal.max_bytes",
                             f"expected at least segment_bytes "
                             f"({config.journal.segment_bytes}), got {config.journal.max_bytes}")
-
-
-def _describe(node: yaml.Node) -> str:
-    if isinstance(node, yaml.MappingNode):
-        return "a mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "a list"
-    tag = node.tag.rsplit(":", 1)[-1]
-    names = {"int": "an integer", "float": "a number", "bool": "a boolean",
-             "null": "null", "str": "a string"}
-    return f"{names.get(tag, tag)} {node.value!r}"
 
 
 def _build_profile(cfg: AbiConfig) -> AbiProfile:

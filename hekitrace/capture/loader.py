@@ -73,7 +73,11 @@ class CaptureSettings:
 
 
 def bpf_dir() -> Path:
-    """``$HEKITRACE_BPF_DIR`` or the checkout's ``bpf/`` directory."""
+    """Where ``bpf/*.c`` are: ``$HEKITRACE_BPF_DIR`` or the checkout's ``bpf/``.
+
+    bcc compiles C from files at run time (STYLE habit 3); they are not package data.
+    Capture and the feature probes (capture/probe.py) both read them from here.
+    """
     override = os.environ.get(BPF_DIR_ENV)
     if override:
         return Path(override)

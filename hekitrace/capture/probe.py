@@ -14,24 +14,32 @@ daemon's loader can reuse ``HookReport.method`` as its attach choice.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import ctypes
-import errno as errno_mod
+import dataclasses
 import os
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any
 
+from hekitrace.capture.hostenv import (
+    BTF_VMLINUX,
+    TRACEFS,
+    Headers,
+    Privileges,
+    Tracefs,
+    captured_stderr,
+    ensure_tracefs,
+    errno_text,
+    find_headers,
+    kallsyms_has,
+    read_bpf_stats,
+    read_lockdown,
+    read_privileges,
+)
+from hekitrace.capture.loader import BPF_DIR_ENV, bpf_dir
 from hekitrace.config import Config
 
-#: environment variable naming the directory of bpf/*.c when not run from a checkout
-BPF_DIR_ENV = "HEKITRACE_BPF_DIR"
-TRACEFS = "/sys/kernel/tracing"
-BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 #: the KVM misc device in sysfs: its uevents announce VM creation and destruction
 #: (virt/kvm/kvm_main.c kvm_uevent_notify_change)
 KVM_MISC_DEVICE = "/sys/devices/virtual/misc/kvm"
@@ -43,10 +51,6 @@ ATTR_FUNCTION = "kvm_arch_post_set_memory_attributes"
 #: support itself: kvm_vm_ioctl lives where KVM lives (vmlinux or kvm.ko, so module-BTF
 #: limits show too); vfs_read exists on every kernel
 STAND_IN_FUNCTIONS = ("kvm_vm_ioctl", "vfs_read")
-
-#: capability numbers (include/uapi/linux/capability.h)
-CAPABILITIES = {"CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38,
-                "CAP_BPF": 39}
 
 
 @dataclass(frozen=True)
@@ -81,42 +85,12 @@ class HookReport:
 
 
 @dataclass(frozen=True)
-class Privileges:
-    euid: int
-    cap_eff: int
-    capabilities: dict[str, bool]
-
-    @property
-    def can_bpf(self) -> bool:
-        caps = self.capabilities
-        return caps["CAP_SYS_ADMIN"] or (caps["CAP_BPF"] and caps["CAP_PERFMON"])
-
-
-@dataclass(frozen=True)
-class Tracefs:
-    path: str
-    mounted: bool
-    action: str          # "already mounted", "mounted by hekitrace", "not mounted: ..."
-
-
-@dataclass(frozen=True)
 class Bcc:
     importable: bool
     version: str | None
     compiles: bool
     compile_seconds: float | None
     error: str | None
-
-
-@dataclass(frozen=True)
-class Headers:
-    """Where bcc takes kernel headers from: ``matching`` (built for this release),
-    ``fallback`` (another release's tree; safe for hekitrace because every struct offset
-    comes from BTF), or ``missing``."""
-    source: str
-    path: str
-    release: str | None
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -149,131 +123,6 @@ class EnvironmentReport:
         data["privileges"]["can_bpf"] = self.privileges.can_bpf
         data["ok"] = self.ok
         return data
-
-
-# ---------------------------------------------------------------------------------------
-# environment facts
-
-def bpf_dir() -> Path:
-    """Where ``bpf/probe_*.c`` are: ``$HEKITRACE_BPF_DIR`` or the checkout's ``bpf/``.
-
-    bcc compiles C from files at run time (STYLE habit 3); they are not package data.
-    """
-    override = os.environ.get(BPF_DIR_ENV)
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "bpf"
-
-
-def read_privileges(status_path: str = "/proc/self/status") -> Privileges:
-    """Effective uid and capabilities (CapEff of ``status_path``)."""
-    cap_eff = 0
-    with open(status_path) as fh:
-        for line in fh:
-            if line.startswith("CapEff:"):
-                cap_eff = int(line.split()[1], 16)
-    caps = {name: bool(cap_eff >> bit & 1) for name, bit in CAPABILITIES.items()}
-    return Privileges(os.geteuid(), cap_eff, caps)
-
-
-def tracefs_mounted(path: str = TRACEFS, mountinfo: str = "/proc/self/mountinfo") -> bool:
-    with open(mountinfo) as fh:
-        for line in fh:
-            fields = line.split()
-            # mountinfo(5): field 5 is the mount point; the fs type follows " - "
-            if fields[4] == path and fields[fields.index("-") + 1] == "tracefs":
-                return True
-    return False
-
-
-def ensure_tracefs(path: str = TRACEFS, may_mount: bool = True) -> Tracefs:
-    """Report tracefs at ``path``; mount it there when it is not and ``may_mount``."""
-    if tracefs_mounted(path):
-        return Tracefs(path, True, "already mounted")
-    if not may_mount:
-        return Tracefs(path, False, "not mounted (mounting not allowed: --no-mount)")
-    libc = ctypes.CDLL(None, use_errno=True)
-    rc = libc.mount(b"nodev", path.encode(), b"tracefs", 0, None)
-    if rc != 0:
-        err = ctypes.get_errno()
-        return Tracefs(path, False, f"not mounted: mount failed: {_errno_text(err)}")
-    return Tracefs(path, True, "mounted by hekitrace")
-
-
-def read_lockdown(path: str = "/sys/kernel/security/lockdown") -> str | None:
-    """The active kernel lockdown mode ("none", "integrity", ...), None if unknown."""
-    try:
-        with open(path) as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else None
-
-
-def read_bpf_stats(path: str = "/proc/sys/kernel/bpf_stats_enabled") -> bool | None:
-    try:
-        with open(path) as fh:
-            return fh.read().strip() == "1"
-    except OSError:
-        return None
-
-
-def find_headers(release: str, modules_root: str = "/lib/modules") -> Headers:
-    """Classify the header tree bcc will use for kernel ``release``."""
-    build = os.path.join(modules_root, release, "build")
-    env = os.environ.get("BCC_KERNEL_SOURCE")
-    if env:
-        build = env
-    if not os.path.isdir(build):
-        return Headers("missing", build, None,
-                       "no header tree: bcc cannot compile (run scripts/setup.sh)")
-    tree_release = None
-    try:
-        with open(os.path.join(build, "include/generated/utsrelease.h")) as fh:
-            for line in fh:
-                if line.startswith("#define UTS_RELEASE"):
-                    tree_release = line.split('"')[1]
-    except (OSError, IndexError):
-        pass
-    real = os.path.realpath(build)
-    if tree_release == release:
-        return Headers("matching", build, tree_release, f"headers of {release}: {real}")
-    return Headers("fallback", build, tree_release,
-                   f"headers of {tree_release or 'an unknown release'} at {real}; "
-                   "safe for hekitrace (struct offsets come from BTF)")
-
-
-def kallsyms_has(names: tuple[str, ...], path: str = "/proc/kallsyms") -> set[str]:
-    """Which of ``names`` are kernel text symbols (modules included)."""
-    wanted, found = set(names), set()
-    with open(path) as fh:
-        for line in fh:
-            parts = line.split()
-            if len(parts) >= 3 and parts[2] in wanted:
-                found.add(parts[2])
-    return found
-
-
-def _errno_text(err: int) -> str:
-    name = errno_mod.errorcode.get(err, f"errno {err}")
-    return f"{name} ({os.strerror(err)})"
-
-
-@contextlib.contextmanager
-def _captured_stderr() -> Iterator[list[str]]:
-    """Collect what libbcc/libbpf print on fd 2 (verifier logs, 'create_probe_event')
-    so the report stays readable; the lines are returned for the reasons."""
-    lines: list[str] = []
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            text = tmp.read().decode(errors="replace")
-            lines.extend(line.strip() for line in text.splitlines() if line.strip())
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,11 +169,11 @@ class _Prober:
             return MethodResult(method, target, False, f"bcc unusable: {self.bcc_error}",
                                 stand_in)
         ctypes.set_errno(0)
-        with _captured_stderr() as lines:
+        with captured_stderr() as lines:
             try:
                 action()
                 error = None
-            except Exception as exc:  # bcc raises bare Exception (see STYLE habit 8)
+            except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception (STYLE habit 8)
                 error = exc
             err = ctypes.get_errno()
         if error is None:
@@ -332,7 +181,7 @@ class _Prober:
         if explain is not None:
             reason = explain(err, lines)
         elif err:
-            reason = f"attach failed: {_errno_text(err)}"
+            reason = f"attach failed: {errno_text(err)}"
         else:
             reason = f"attach failed: {error}"
         return MethodResult(method, target, False, reason, stand_in)
@@ -359,7 +208,7 @@ class _Prober:
                     self.tracefs.mounted
                     and os.path.exists(os.path.join(self.tracefs.path, "kprobe_events"))):
                 return "kprobes unavailable (CONFIG_KPROBES unset?)"
-            return f"attach failed: {_errno_text(err) if err else 'not traceable'}"
+            return f"attach failed: {errno_text(err) if err else 'not traceable'}"
         return self._attempt("kprobe", function, go, explain, stand_in)
 
     def fentry(self, function: str, stand_in: bool) -> MethodResult:
@@ -377,7 +226,7 @@ class _Prober:
             if any("not found in vmlinux BTF" in line for line in lines):
                 return f"{function} is not in vmlinux BTF (module functions need module BTF)"
             if err:
-                return f"refused by the kernel: {_errno_text(err)}"
+                return f"refused by the kernel: {errno_text(err)}"
             return "load failed: " + (lines[-1] if lines else "unknown error")
         result = self._attempt("fentry", function, go, explain, stand_in)
         for module in holder:
@@ -452,15 +301,16 @@ class _Prober:
 
     def probe_uevents(self, spec: _HookSpec, required: bool) -> HookReport:
         exists = os.path.isdir(KVM_MISC_DEVICE)
+        from pyroute2 import UeventSocket  # a dependency; imported here only to keep
+        from pyroute2.netlink.exceptions import NetlinkError  # module import cheap
         try:
-            from pyroute2 import UeventSocket
             sock = UeventSocket()
             try:
                 sock.bind()
             finally:
                 sock.close()
             result = MethodResult("uevent_socket", "NETLINK_KOBJECT_UEVENT", True)
-        except Exception as exc:  # pyroute2 raises OSError and its own NetlinkError
+        except (OSError, NetlinkError) as exc:
             result = MethodResult("uevent_socket", "NETLINK_KOBJECT_UEVENT", False,
                                   f"cannot open the uevent socket: {exc}")
         reason = None if result.attachable else result.reason
@@ -487,11 +337,11 @@ def _compile_probe_module() -> tuple[Any, Bcc]:
         return None, Bcc(True, version, False, None,
                          f"BPF sources not found ({source}): set ${BPF_DIR_ENV}")
     start = time.monotonic()
-    with _captured_stderr() as lines:
+    with captured_stderr() as lines:
         try:
             module = BPF(src_file=str(source).encode())
             error = None
-        except Exception as exc:  # bcc raises bare Exception on compile failure
+        except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception on compile failure
             module, error = None, exc
     seconds = round(time.monotonic() - start, 3)
     if module is None:
@@ -500,11 +350,11 @@ def _compile_probe_module() -> tuple[Any, Bcc]:
         return None, Bcc(True, version, False, seconds, f"{error}: {detail}".strip(": "))
     try:
         # load the three programs now so a verifier refusal is reported once, here
-        with _captured_stderr():
+        with captured_stderr():
             module.load_func(b"hk_probe_raw_tracepoint", BPF.RAW_TRACEPOINT)
             module.load_func(b"hk_probe_tracepoint", BPF.TRACEPOINT)
             module.load_func(b"hk_probe_kprobe", BPF.KPROBE)
-    except Exception as exc:  # bcc raises bare Exception on load failure
+    except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception on load failure
         module.cleanup()
         return None, Bcc(True, version, True, seconds, f"cannot load probes: {exc}")
     return module, Bcc(True, version, True, seconds, None)

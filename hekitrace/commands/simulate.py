@@ -11,7 +11,8 @@ import argparse
 import os
 import sys
 
-from hekitrace import sim
+from hekitrace import sim, simpages
+from hekitrace.abi import HEKI_V2
 from hekitrace.errors import UsageError
 from hekitrace.trace import TraceHeader, TraceWriter, parse_time
 
@@ -71,12 +72,12 @@ def run(args: argparse.Namespace) -> int:
     events = sim.simulate(names, vms=args.vms, seed=args.seed, start_ns=start,
                           stress_events=args.events)
     header = TraceHeader(
-        kernel_release="simulated", abi_profile=sim.HEKI_V2.name, start_time_ns=start,
+        kernel_release="simulated", abi_profile=HEKI_V2.name, start_time_ns=start,
         hostname="simulated",
         # no creation date or real hostname: the same arguments give the same bytes
         extra={"mbec": True, "producer": "hekitrace simulate",
                "scenarios": names, "vms": args.vms, "seed": args.seed,
-               "kernel_layout": sim.load_layout().provenance})
+               "kernel_layout": simpages.load_layout().provenance})
     if args.output == "-":
         if encoding != "jsonl":
             raise UsageError("standard output takes --format jsonl only")

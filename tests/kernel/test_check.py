@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hekitrace.capture import probe
+from hekitrace.capture import hostenv, probe
 
 pytestmark = pytest.mark.kernel
 
@@ -47,7 +47,7 @@ def _hook(report: dict, name: str) -> dict:
 
 
 def _kallsyms(name: str) -> bool:
-    return bool(probe.kallsyms_has((name,)))
+    return bool(hostenv.kallsyms_has((name,)))
 
 
 def test_environment_facts(report):
@@ -185,12 +185,12 @@ def test_ensure_tracefs_mounts_when_not_mounted(tmp_path):
         pytest.skip("needs root to mount tracefs")
     target = tmp_path / "tracing"
     target.mkdir()
-    assert probe.ensure_tracefs(str(target), may_mount=False).mounted is False
+    assert hostenv.ensure_tracefs(str(target), may_mount=False).mounted is False
     try:
-        state = probe.ensure_tracefs(str(target))
+        state = hostenv.ensure_tracefs(str(target))
         assert (state.mounted, state.action) == (True, "mounted by hekitrace")
         assert (target / "events" / "kvm" / "kvm_hypercall").is_dir()
-        assert probe.ensure_tracefs(str(target)).action == "already mounted"
+        assert hostenv.ensure_tracefs(str(target)).action == "already mounted"
     finally:
         subprocess.run(["umount", str(target)], check=False)
 

@@ -190,3 +190,10 @@ def test_the_checker_sees_relative_and_lazy_imports(tmp_path):
                    "def f():\n    import hekitrace.policy\n")
     known = {"host", "policy", "capture", "capture.probe", "x", ""}
     assert _imports("x", src, known) == {"host", "policy", "capture.probe"}
+
+
+@pytest.mark.parametrize("module", ["yamlschema", "simpages", "simvm"])
+def test_split_out_helpers_stay_leaves(module):
+    """Helpers split out of a layer (config's YAML machinery) import only leaves, so any
+    layer may use them; if one starts importing a layer it must be placed in the table."""
+    assert module in GRAPH and module in _leaves(GRAPH), GRAPH.get(module)

@@ -1,4 +1,5 @@
-"""hekitrace.sim: page lists as the v2 guest builds them, the host's answers, the layout."""
+"""hekitrace.sim, simvm and simpages: page lists as the v2 guest builds them, the host's
+answers, the layout, the scenarios."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import random
 from hekitrace import sim
 from hekitrace.abi import HEKI_V2
 from hekitrace.events import AttrApplied, CrPinRequest, Memslot, ProtectEntry, ProtectRequest
-from hekitrace.sim import SimVm, build_page_list, load_layout
+from hekitrace.simpages import build_page_list, load_layout
+from hekitrace.simvm import SimVm
 
 PAGE = 4096
 
