@@ -43,5 +43,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     total = time.monotonic() - times["start"]
     parts = [f"{k} [{v['abi']}]: image {v['image_s']:.0f} s"
              f"{' (built)' if v['built'] else ' (cached)'}, boot+payload {v['boot_s']:.0f} s"
-             for k, v in times.items() if k != "start"]
+             for k, v in times.items() if k not in ("start", "retries")]
+    if times.get("retries"):
+        parts.append(f"retried after an L1 hang: {', '.join(times['retries'])}")
     terminalreporter.write_line(f"vm tier wall time: {total:.0f} s; " + "; ".join(parts))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -32,6 +33,27 @@ class VmRunError(RuntimeError):
     def __init__(self, what: str, console: str):
         super().__init__(f"{what}\n----- L1 console (tail) -----\n{console[-12000:]}")
         self.console = console
+
+
+class L1HangError(VmRunError):
+    """L1's kernel reported a long soft lockup: the run is stuck, not slow."""
+
+
+#: a soft lockup this long means the L1 run will not finish (seen under TCG on a loaded
+#: 2-core host: both vCPUs stuck for minutes); give up early instead of waiting it out
+HANG_SECONDS = 90
+_LOCKUP = re.compile(rb"soft lockup - CPU#\d+ stuck for (\d+)s")
+
+
+def _hang(console_path: Path) -> str:
+    try:
+        data = console_path.read_bytes()[-20000:]
+    except OSError:
+        return ""
+    stuck = [int(m.group(1)) for m in _LOCKUP.finditer(data)]
+    if stuck and max(stuck) >= HANG_SECONDS:
+        return f"soft lockup, a vCPU stuck for {max(stuck)} s"
+    return ""
 
 
 @dataclass
@@ -76,16 +98,26 @@ def boot(image: L1Image, run_dir: Path, src: Path, run_sh: str,
     with open(console_path, "wb") as console_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console_file,
                                 stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait(timeout=timeout_seconds)
-        except subprocess.TimeoutExpired:
+        rc = None
+        hung = ""
+        deadline = start + timeout_seconds
+        while time.monotonic() < deadline:
+            try:
+                rc = proc.wait(timeout=2)
+                break
+            except subprocess.TimeoutExpired:
+                hung = _hang(console_path)
+                if hung:
+                    break
+        if rc is None:
             proc.kill()
             proc.wait()
-            rc = None
     elapsed = time.monotonic() - start
     console = console_path.read_text(errors="replace")
     out_log = (run_dir / "out.log").read_text(errors="replace") \
         if (run_dir / "out.log").exists() else ""
+    if rc is None and hung:
+        raise L1HangError(f"L1 ({image.abi}) hung: {hung}", console)
     if rc is None:
         raise VmRunError(f"L1 ({image.abi}) did not power off within {timeout_seconds:.0f} s",
                          console)
