@@ -44,6 +44,10 @@ from hekitrace.trace import TraceHeader, TraceReader
 MAX_PROBLEM_LINES = 20
 
 
+#: a recovered VM whose VMM process exists but which start-up discovery did not report
+NOT_DISCOVERED_REASON = "not found by start-up discovery although its VMM process exists"
+
+
 def gap_reason(down_ns: int, up_ns: int) -> str:
     return f"monitoring gap: daemon down from {_iso(down_ns)} to {_iso(up_ns)}"
 
@@ -135,9 +139,14 @@ def _last_write_ns(directory: str) -> int:
     return newest
 
 
-def reconcile(pipeline: Any, discovered: list[VmCreated], down_ns: int, up_ns: int
-              ) -> tuple[set[VmKey], list[VmKey]]:
-    """Mark running VMs with the gap and destroy the ones that are gone."""
+def reconcile(pipeline: Any, discovered: list[VmCreated], down_ns: int, up_ns: int,
+              proc_root: str = "/proc") -> tuple[set[VmKey], list[VmKey]]:
+    """Mark running VMs with the gap and destroy the ones that are gone.
+
+    A VM that discovery did not report but whose VMM process still exists is kept (with
+    the gap and a second reason): discovery may have failed or been unavailable, and
+    destroying a live VM's maps on a guess would blind us for the rest of its life.
+    """
     running = {e.tgid for e in discovered}
     host = pipeline.host
     covered: set[VmKey] = set()
@@ -147,6 +156,10 @@ def reconcile(pipeline: Any, discovered: list[VmCreated], down_ns: int, up_ns: i
             change = host.mark_degraded(guest.key, gap_reason(down_ns, up_ns))
             pipeline.policy.evaluate(change, host)  # counts map_degraded like a live gap
             covered.add(guest.key)
+        elif os.path.exists(os.path.join(proc_root, str(guest.pid))):
+            pipeline.policy.evaluate(host.mark_degraded(guest.key, gap_reason(down_ns, up_ns)),
+                                     host)
+            host.mark_degraded(guest.key, NOT_DISCOVERED_REASON)
         else:
             key = guest.key
             pipeline.feed(VmDestroyed(up_ns, guest.pid, guest.pid, ""))
@@ -165,8 +178,10 @@ class JournalRecovery:
 
     def __init__(self, config: Any, say: Callable[[str], None] | None = None, *,
                  wall_ns: Callable[[], int] = time.time_ns,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 proc_root: str = "/proc") -> None:
         self.config = config
+        self._proc_root = proc_root
         self._say = say or _stderr_say
         self._wall_ns = wall_ns
         self._mono = monotonic
@@ -196,7 +211,7 @@ class JournalRecovery:
         covered: set[VmKey] = set()
         gone: list[VmKey] = []
         if ckpt is not None or segments:
-            covered, gone = reconcile(pipeline, discovered, down_ns, up_ns)
+            covered, gone = reconcile(pipeline, discovered, down_ns, up_ns, self._proc_root)
         self.report = Report(path, rejected, segments, events, problems, down_ns, covered,
                              gone)
         if ckpt is not None or segments:

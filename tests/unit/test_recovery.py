@@ -14,7 +14,7 @@ from hekitrace.config import parse_config
 from hekitrace.events import VmCreated
 from hekitrace.journal import scan
 from hekitrace.pipeline import Pipeline
-from hekitrace.recovery import JournalRecovery, gap_reason, gone_reason
+from hekitrace.recovery import NOT_DISCOVERED_REASON, JournalRecovery, gap_reason, gone_reason
 from hekitrace.sim import simulate
 
 T_UP = 1_795_000_000_000_000_000 + 3600 * 10**9
@@ -40,7 +40,8 @@ def _events():
 def _run(config, events, clock, batches=7, checkpoint_every=3):
     """A daemon's life: recovery (empty), then events in batches with timer runs."""
     messages = []
-    rec = JournalRecovery(config, messages.append, monotonic=clock, wall_ns=lambda: T_UP)
+    rec = JournalRecovery(config, messages.append, monotonic=clock, wall_ns=lambda: T_UP,
+                          proc_root="/nonexistent-proc")
     p = Pipeline(config, True)
     rec(p, [])
     step = len(events) // batches + 1
@@ -77,7 +78,8 @@ def test_recovery_after_a_crash_equals_the_uninterrupted_state_plus_the_gap(tmp_
     running = set(live[:-1])                               # one VMM exited meanwhile
     messages = []
     again = Pipeline(config, True)
-    rec2 = JournalRecovery(config, messages.append, monotonic=Clock(), wall_ns=lambda: T_UP)
+    rec2 = JournalRecovery(config, messages.append, monotonic=Clock(), wall_ns=lambda: T_UP,
+                           proc_root=str(tmp_path / "proc"))
     covered = rec2(again, _discovered(crashed, running))
     assert {k.tgid for k in covered} == running
     report = rec2.report
@@ -118,7 +120,8 @@ def test_recovery_falls_back_past_a_corrupt_newest_checkpoint_and_says_so(tmp_pa
     Path(newest).write_bytes(bytes(data))
     messages = []
     again = Pipeline(config, True)
-    rec = JournalRecovery(config, messages.append, monotonic=Clock(), wall_ns=lambda: T_UP)
+    rec = JournalRecovery(config, messages.append, monotonic=Clock(), wall_ns=lambda: T_UP,
+                           proc_root=str(tmp_path / "proc"))
     rec(again, _discovered(crashed, {g.pid for g in crashed.host.live_guests()}))
     assert rec.report.checkpoint == listing.checkpoints[-2][1]
     assert len(rec.report.rejected) == 1 and os.path.basename(newest) in rec.report.rejected[0]
@@ -138,7 +141,8 @@ def test_recovery_skips_a_damaged_block_reports_its_offset_and_reads_on(tmp_path
         f.write(b"\xff\xff\xff\xff")
     messages = []
     again = Pipeline(config, True)
-    r = JournalRecovery(config, messages.append, monotonic=Clock(), wall_ns=lambda: T_UP)
+    r = JournalRecovery(config, messages.append, monotonic=Clock(), wall_ns=lambda: T_UP,
+                           proc_root=str(tmp_path / "proc"))
     r(again, [])
     assert r.report.problems >= 1
     assert any(os.path.basename(seg) in m and "byte" in m for m in messages)
@@ -149,8 +153,26 @@ def test_recovery_with_no_journal_starts_empty_and_journals_from_now(tmp_path):
     config = _config(tmp_path)
     messages = []
     p = Pipeline(config, True)
-    rec = JournalRecovery(config, messages.append, monotonic=Clock(), wall_ns=lambda: T_UP)
+    rec = JournalRecovery(config, messages.append, monotonic=Clock(), wall_ns=lambda: T_UP,
+                           proc_root=str(tmp_path / "proc"))
     assert rec(p, [VmCreated(T_UP, 5, 5, vm_fd=3, source="discovery", preexisting=True)]) \
         == set()
     assert p.host.guests == {} and rec.journal is not None and rec.journal.healthy
     assert any("starting empty" in m for m in messages)
+
+
+def test_recovery_keeps_a_vm_discovery_missed_while_its_vmm_process_exists(tmp_path):
+    config = _config(tmp_path)
+    crashed, _, _ = _run(config, _events(), Clock())
+    live = sorted(g.pid for g in crashed.host.live_guests())
+    proc = tmp_path / "proc"
+    (proc / str(live[0])).mkdir(parents=True)      # its VMM still runs, discovery failed
+    again = Pipeline(config, True)
+    rec = JournalRecovery(config, lambda m: None, monotonic=Clock(), wall_ns=lambda: T_UP,
+                          proc_root=str(proc))
+    assert rec(again, []) == set()
+    kept = again.host.by_tgid(live[0])
+    assert kept is not None and kept.requested == crashed.host.by_tgid(live[0]).requested
+    assert kept.degraded_reasons[-1] == NOT_DISCOVERED_REASON
+    assert kept.degraded_reasons[-2].startswith("monitoring gap")
+    assert sorted(k.tgid for k in rec.report.gone) == live[1:]
