@@ -28,6 +28,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -46,6 +47,8 @@ MAX_PROBLEM_LINES = 20
 
 #: a recovered VM whose VMM process exists but which start-up discovery did not report
 NOT_DISCOVERED_REASON = "not found by start-up discovery although its VMM process exists"
+#: no valid checkpoint and the first segments deleted: history before them is unknown
+INCOMPLETE_REASON = "journal incomplete: no valid checkpoint, oldest segments deleted"
 
 
 def gap_reason(down_ns: int, up_ns: int) -> str:
@@ -189,8 +192,22 @@ class JournalRecovery:
         self.report: Report | None = None
 
     def __call__(self, pipeline: Any, discovered: list[VmCreated]) -> set:
-        cfg = self.config.journal
-        directory = str(cfg.directory)
+        directory = str(self.config.journal.directory)
+        try:
+            covered = self._recover(pipeline, discovered, directory)
+        except Exception:  # noqa: BLE001 - a bug here must not become a crash loop
+            # Start from an empty state rather than not at all: the running VMs are then
+            # registered "running before monitoring started" by the daemon, which is
+            # true for what we can vouch for. The journal files stay for forensics.
+            self._say("ERROR: journal: recovery failed (please report); starting from an "
+                      "empty state, the journal files are kept:\n"
+                      + traceback.format_exc().rstrip())
+            _reset(pipeline)
+            covered = set()
+        self._start_journal(pipeline, directory)
+        return covered
+
+    def _recover(self, pipeline: Any, discovered: list[VmCreated], directory: str) -> set:
         say = self._say
         started = self._mono()
         try:
@@ -201,11 +218,14 @@ class JournalRecovery:
         ckpt, path, rejected = load_checkpoint(directory, pipeline, say)
         listing = scan(directory)
         first = ckpt.segment if ckpt is not None else 0
-        if ckpt is None and listing.segments and listing.segments[0][0] > 1 \
-                and listing.checkpoints:
+        incomplete = ckpt is None and bool(listing.segments) and listing.segments[0][0] > 1
+        if incomplete:
             say("WARNING: journal: no valid checkpoint and the oldest segments were "
                 "deleted by retention: the recovered state is incomplete")
         segments, events, problems, last_ns = replay(pipeline, directory, first, say)
+        if incomplete:
+            for guest in pipeline.host.guests.values():
+                guest.add_degraded(INCOMPLETE_REASON)
         down_ns = max(down_ns, last_ns, ckpt.time_ns if ckpt is not None else 0)
         up_ns = self._wall_ns()
         covered: set[VmKey] = set()
@@ -222,11 +242,15 @@ class JournalRecovery:
                 f"{len(gone)} gone")
         else:
             say(f"journal: none in {directory}; starting empty")
+        return covered
+
+    def _start_journal(self, pipeline: Any, directory: str) -> None:
+        say = self._say
         abi = self.config.abi_profile()
         header = TraceHeader(kernel_release=os.uname().release,
                              abi_profile=getattr(abi, "name", "") or str(
                                  getattr(self.config.abi, "profile", "")),
-                             start_time_ns=up_ns, hostname=socket.gethostname(),
+                             start_time_ns=self._wall_ns(), hostname=socket.gethostname(),
                              extra={"journal": True})
 
         def make_checkpoint(segment: int, time_ns: int) -> bytes:
@@ -234,7 +258,16 @@ class JournalRecovery:
 
         # a directory that cannot be written is reported by the journal itself
         # (unhealthy, errors counted, retried every second), never fatal
-        self.journal = Journal(cfg, make_checkpoint, header=header, say=say,
+        self.journal = Journal(self.config.journal, make_checkpoint, header=header, say=say,
                                wall_ns=self._wall_ns, monotonic=self._mono)
         self.journal.start(pipeline)
-        return covered
+
+
+def _reset(pipeline: Any) -> None:
+    """Empty a partly restored pipeline (after a failed recovery)."""
+    pipeline.host.guests.clear()
+    pipeline.host._live.clear()
+    pipeline.policy.counts.clear()
+    pipeline.lost.clear()
+    for cls in pipeline._by_type:
+        pipeline._by_type[cls] = 0

@@ -14,7 +14,13 @@ from hekitrace.config import parse_config
 from hekitrace.events import VmCreated
 from hekitrace.journal import scan
 from hekitrace.pipeline import Pipeline
-from hekitrace.recovery import NOT_DISCOVERED_REASON, JournalRecovery, gap_reason, gone_reason
+from hekitrace.recovery import (
+    INCOMPLETE_REASON,
+    NOT_DISCOVERED_REASON,
+    JournalRecovery,
+    gap_reason,
+    gone_reason,
+)
 from hekitrace.sim import simulate
 
 T_UP = 1_795_000_000_000_000_000 + 3600 * 10**9
@@ -176,3 +182,20 @@ def test_recovery_keeps_a_vm_discovery_missed_while_its_vmm_process_exists(tmp_p
     assert kept.degraded_reasons[-1] == NOT_DISCOVERED_REASON
     assert kept.degraded_reasons[-2].startswith("monitoring gap")
     assert sorted(k.tgid for k in rec.report.gone) == live[1:]
+
+
+def test_recovery_without_checkpoint_and_first_segment_says_the_state_is_incomplete(tmp_path):
+    config = _config(tmp_path, "  segment_bytes: 100000\n")
+    _run(config, _events(), Clock(), batches=20, checkpoint_every=1000)
+    listing = scan(str(tmp_path))
+    assert len(listing.segments) >= 2
+    for _, path in listing.checkpoints + listing.segments[:1]:
+        os.unlink(path)                    # retention took segment 1; checkpoints lost
+    messages = []
+    again = Pipeline(config, True)
+    rec = JournalRecovery(config, messages.append, monotonic=Clock(), wall_ns=lambda: T_UP,
+                          proc_root=str(tmp_path / "proc"))
+    rec(again, [])
+    assert any("recovered state is incomplete" in m for m in messages)
+    assert again.host.guests
+    assert all(INCOMPLETE_REASON in g.degraded_reasons for g in again.host.guests.values())
