@@ -169,7 +169,8 @@ class Host:
         #: the same dict, read-only for the pipeline's fast path: tgid -> live guest
         self.live_by_tgid = self._live
         #: events that belonged to no guest (tgid 0 losses, destroy of an unknown VM)
-        self.counters: dict[str, int] = {"unattributed_events": 0, "internal_errors": 0}
+        self.counters: dict[str, int] = {"unattributed_events": 0, "internal_errors": 0,
+                                         "unattributed_lost_events": 0}
         self.last_internal_error: str | None = None
         # derived constants, computed once (hot path)
         self._heki_mask = abi.kvm_heki_mask
@@ -324,16 +325,37 @@ class Host:
         return Change(event, guest.key, lifecycle=lifecycle, degraded=degraded)
 
     def _lost(self, event: Lost) -> Change:
-        if not event.tgid:
-            self.counters["unattributed_events"] += 1
-            return Change(event, None)
-        guest, degraded, lifecycle = self._guest_for(event)
+        """Charge a loss to its VM: the live one, else the newest destroyed one in grace.
+
+        Losses are read from the kernel's table periodically, so a VMM's last ones can
+        arrive after its ``VmDestroyed``; they never create an implicit guest (no destroy
+        would ever come for it). A loss with no such VM is counted on the host
+        (``unattributed_events``, ``unattributed_lost_events``); the pipeline's
+        per-stage loss totals count it either way.
+        """
         count = event.count if isinstance(event.count, int) and event.count > 0 else 1
+        guest = self.loss_owner(event.tgid) if event.tgid else None
+        if guest is None:
+            self.counters["unattributed_events"] += 1
+            self.counters["unattributed_lost_events"] += count
+            return Change(event, None)
+        guest.counters[NAME_OF[Lost]] += 1
         guest.counters["lost_events"] += count
         reason = f"events lost: {event.stage}/{event.reason}"
-        if guest.add_degraded(reason):
-            degraded = degraded + (reason,)
-        return Change(event, guest.key, lifecycle=lifecycle, degraded=degraded)
+        degraded: tuple[str, ...] = (reason,) if guest.add_degraded(reason) else ()
+        return Change(event, guest.key, degraded=degraded)
+
+    def loss_owner(self, tgid: int) -> Guest | None:
+        """The guest a loss of VMM ``tgid`` belongs to: its live VM, else its newest
+        destroyed VM still in its grace period, else None (see ``_lost``)."""
+        guest = self._live.get(tgid)
+        if guest is not None:
+            return guest
+        newest = None
+        for key, candidate in self.guests.items():
+            if key.tgid == tgid and (newest is None or key.created_ns > newest.key.created_ns):
+                newest = candidate
+        return newest
 
     # -- protection ----------------------------------------------------------------------
     # -- protection (the Heki host's side is modelled in hekimodel) ----------------------

@@ -107,10 +107,6 @@ def test_spinning_on_a_protected_page_counts_every_fault():
     assert emitted == intervals * per_interval   # the printed counts add up, too
 
 
-@pytest.mark.xfail(strict=True, reason="known bug reported to the lead (issue 11 report): "
-                   "Host._lost creates an implicit 'running before monitoring' guest for a "
-                   "Lost event read after its VM was destroyed; that guest never expires "
-                   "(found by tests/soak: zombie VMs pid-N with lost_events only)")
 def test_regression_loss_read_after_destroy_does_not_create_a_zombie_vm():
     """The daemon reads the kernel's loss table periodically, so the last losses of a VMM
     that exits can arrive after its VmDestroyed. They belong to that (destroyed) VM; a

@@ -239,6 +239,24 @@ def test_lost_events_degrade_guest_once_per_reason():
     assert host.apply(Lost(T0 + 7, 0, 0, "queue", "overflow", 9)).vm is None
 
 
+def test_late_loss_goes_to_the_newest_destroyed_vm_of_that_pid_and_never_creates_one():
+    host = Host(MBEC, grace_period_ns=1000)
+    host.apply(VmCreated(T0, PID, PID, name="old"))
+    host.apply(VmDestroyed(T0 + 1, PID, PID))
+    host.apply(VmCreated(T0 + 2, PID, PID, name="new"))
+    host.apply(VmDestroyed(T0 + 3, PID, PID))
+    c = host.apply(Lost(T0 + 4, PID, 0, "ring:telemetry", "ring_full", 7))
+    assert c.vm == VmKey(PID, T0 + 2) and c.lifecycle is None
+    assert host.guests[VmKey(PID, T0 + 2)].counters["lost_events"] == 7
+    assert host.guests[VmKey(PID, T0)].counters["lost_events"] == 0
+    assert host.by_tgid(PID) is None and len(host.guests) == 2
+    host.expire(T0 + 10_000)
+    # no VM left for that pid: the loss is the host's, not a new implicit VM's
+    c = host.apply(Lost(T0 + 10_001, PID, 0, "ring:telemetry", "ring_full", 5))
+    assert c.vm is None and host.guests == {}
+    assert host.counters["unattributed_lost_events"] == 5
+    assert host.counters["unattributed_events"] == 1
+
 def test_lifecycle_destroy_grace_and_pid_reuse():
     host = Host(MBEC, grace_period_ns=1000)
     host.apply(VmCreated(T0, PID, PID, name="a"))
