@@ -158,6 +158,7 @@ class Journal:
         Failing here is like failing later: reported, retried, never fatal.
         """
         pipeline.add_observer(self.observe)
+        self._remove_temporaries()
         if self._roll(checkpoint=True):
             self.retain()
 
@@ -283,6 +284,16 @@ class Journal:
         self.healthy = False
         self._close_writer()
         self._next_retry = self._mono() + RETRY_SECONDS
+
+    def _remove_temporaries(self) -> None:
+        """Checkpoint temp files a kill left behind (never renamed: never valid)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            if name.endswith(".hkck.tmp") and CHECKPOINT_RE.match(name[:-4]):
+                _unlink(os.path.join(self.directory, name))
 
     def _close_writer(self) -> None:
         writer, self._writer = self._writer, None

@@ -53,9 +53,12 @@ def test_journal_start_writes_a_checkpoint_and_opens_the_next_segment(tmp_path):
     listing = scan(str(tmp_path))
     assert [s for s, _ in listing.checkpoints] == [1] and [s for s, _ in listing.segments] == [1]
     assert j.healthy and j.health() == (True, {}, j.bytes) and j.bytes > 0
-    # a second journal on the same directory (a restart) never appends to segment 1
+    # a second journal on the same directory (a restart) never appends to segment 1,
+    # and removes a checkpoint temp file a kill -9 left behind
+    (tmp_path / "checkpoint-000002.hkck.tmp").write_bytes(b"half")
     j2 = _journal(config, Pipeline(config, True), Clock(), messages)
     assert j2.segment == 2 and messages == []
+    assert not (tmp_path / "checkpoint-000002.hkck.tmp").exists()
 
 
 def test_journal_events_reach_the_file_at_the_end_of_each_batch(tmp_path):
