@@ -2,7 +2,7 @@
 
 Importing this module registers two hypothesis profiles and loads one:
 ``ci`` (the default: few examples, so the unit tier stays fast) and ``long`` (for soak runs:
-``HYPOTHESIS_PROFILE=long``). Tests import it as ``import strategies`` (pytest puts
+``HYPOTHESIS_PROFILE=long``; ``fuzz`` is the same). Tests import it as ``import strategies`` (pytest puts
 ``tests/`` on sys.path because ``tests/conftest.py`` is not inside a package).
 
 AttrMap strategies: the reference model in tests/unit/test_attrmap.py is per page over a
@@ -29,6 +29,9 @@ settings.register_profile("ci", max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=5000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
+# `make fuzz` sets HYPOTHESIS_PROFILE=fuzz for tests/fuzz (which sizes its own budgets);
+# any other test run under it gets the long profile's examples.
+settings.register_profile("fuzz", parent=settings.get_profile("long"))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # How far from each end of the gfn space the dense, one-page-per-cell points go.
