@@ -36,6 +36,7 @@ that is not a trace at all raises :class:`~hekitrace.errors.TraceFormatError`.
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 import json
 import os
@@ -246,8 +247,22 @@ def decode_block(payload: bytes, base: int, report: Callable[[str, int], None]
 
     Hot path (BENCHMARKS.md "Replay"): a fixed-size kind is decoded by one unpack of
     its length and fields together, checked against the expected length, and turned into
-    its NamedTuple with ``tuple.__new__`` (no per-field Python code).
+    its NamedTuple with ``tuple.__new__`` (no per-field Python code). The cyclic GC is
+    paused for the block, as in ``capture.records.decode_batch``: the events are acyclic,
+    and its passes over them as they pile up cost as much as decoding them.
     """
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        return _decode_block(payload, base, report)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _decode_block(payload: bytes, base: int, report: Callable[[str, int], None]
+                  ) -> list[Event]:
     out: list[Event] = []
     append = out.append
     plain = _PLAIN_DECODERS
