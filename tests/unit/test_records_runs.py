@@ -92,3 +92,17 @@ def test_run_at_the_end_of_an_unpadded_buffer():
     buf, spans = _ring(recs)
     buf = buf[:spans[-1][0] + spans[-1][1]]   # last record's padding missing
     assert _batch(buf, spans) == _one_by_one(buf, spans)
+
+
+def test_the_garbage_collector_is_left_as_it_was():
+    import gc   # noqa: PLC0415
+    buf, spans = _ring([_record("cr", random.Random(3)) for _ in range(20)])
+    assert gc.isenabled()
+    _batch(buf, spans)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        _batch(buf, spans)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
