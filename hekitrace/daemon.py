@@ -36,7 +36,7 @@ from typing import Any, TextIO
 from hekitrace import __version__, controlops
 from hekitrace.control import ControlServer
 from hekitrace.errors import ConfigError, HekitraceError
-from hekitrace.events import Lost, VmCreated
+from hekitrace.events import Lost, VmCreated, VmDestroyed
 from hekitrace.faultfilter import protected_ranges
 from hekitrace.httpserver import Health, HttpServer
 from hekitrace.metrics import HekitraceCollector, LoopStats, PageCounts, build_info
@@ -68,7 +68,8 @@ class Daemon:
                  log: TextIO = sys.stderr,
                  foreground_status: bool = False,
                  wall_ns: Callable[[], int] = time.time_ns,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 proc_root: str = "/proc") -> None:
         self.config = config
         self.config_path = config_path
         self._load_config = load_config
@@ -83,6 +84,8 @@ class Daemon:
         self._foreground_status = foreground_status
         self._wall_ns = wall_ns
         self._mono = monotonic
+        #: where VMM processes are looked up (exited_implicit_vms)
+        self._proc_root = proc_root
         self.started_mono = monotonic()
         self.stats = LoopStats(queue_capacity=int(config.capture.queue_events))
         self.health = Health(clock=monotonic)
@@ -476,7 +479,8 @@ class Daemon:
             self.merged_creations += 1
             return
         if type(event) is Lost and event.tgid:
-            vm = self._vm_of(event.tgid)
+            owner = self.pipeline.host.loss_owner(event.tgid)
+            vm = owner.key if owner is not None else None
             if vm is not None:
                 key = (vm, event.stage)
                 self.stats.vm_lost[key] = self.stats.vm_lost.get(key, 0) + max(event.count, 0)
@@ -542,6 +546,7 @@ class Daemon:
         if now >= timers["expire"]:
             timers["expire"] = now + 10.0
             with self.stats.lock:
+                self._retire_exited_implicit_vms()
                 changes, findings = self.pipeline.expire(self._wall_ns())
                 self._emit(findings)
                 for change in changes:
@@ -552,13 +557,24 @@ class Daemon:
                     self.recent_findings.pop(change.vm, None)
                     if self.capture is not None and change.vm is not None \
                             and self.pipeline.host.by_tgid(change.vm.tgid) is None:
-                        self.capture.forget_vm(change.vm.tgid)
+                        # its final loss read: the VM is retired, so these count on
+                        # the host (unattributed), never lost unreported
+                        for event in self.capture.forget_vm(change.vm.tgid) or ():
+                            self._apply_one(event)
+                self._publish_counts()
         if now >= timers["status"]:
             timers["status"] = now + float(self.config.daemon.status_interval_seconds)
             line = self.status_line()
             self.notifier.status(line)
             if self._foreground_status:
                 self.say(line)
+
+    def _retire_exited_implicit_vms(self) -> None:
+        """Destroy implicit VMs whose VMM process has exited (caller holds the lock)."""
+        for event in exited_implicit_vms(self.pipeline.host, self._wall_ns(), self._proc_root):
+            self.say(f"implicit VM of pid {event.tgid} retired: its VMM process has exited "
+                     "and no destroy event came")
+            self._apply_one(event)
 
     # -- status and control requests ---------------------------------------------------
     def _state_ref(self) -> tuple[Any, Any, Any]:
@@ -701,6 +717,22 @@ class Daemon:
 
 
 _HOOKS = ("hypercall", "attr_applied", "ioctl", "page_fault", "cr")
+
+
+def exited_implicit_vms(host: Any, now_ns: int, proc_root: str = "/proc") -> list[VmDestroyed]:
+    """A ``VmDestroyed`` for each implicit live VM whose VMM process is gone.
+
+    Why: an implicit VM (its events came, its creation was never seen) is destroyed only
+    by a destroy event; when its VMM has exited and none came (missed uevent), it would
+    stay in state, /metrics and ``vms`` forever, and so would its kernel map entries.
+    Only implicit VMs are checked: a created VM's destroy is reported by KVM itself.
+    """
+    out = []
+    for guest in host.live_guests():
+        if guest.preexisting and not guest.counters.get("vm_created") \
+                and not os.path.exists(os.path.join(proc_root, str(guest.pid))):
+            out.append(VmDestroyed(now_ns, guest.pid, 0, ""))
+    return out
 
 
 def _hook_requirements(hooks_cfg: Any) -> list[tuple[str, bool]]:

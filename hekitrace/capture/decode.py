@@ -77,15 +77,37 @@ class LossTracker:
         """``table``: bcc per-CPU hash of struct hk_loss_key -> u64[ncpus]."""
         out: list[Lost] = []
         for key, values in table.items():
-            k = (key.tgid, key.ring, key.hook, key.reason)
-            total = sum(values)
-            delta = total - self._seen.get(k, 0)
-            if delta > 0:
-                self._seen[k] = total
-                out.append(Lost(now_ns, key.tgid, 0, f"ring:{RING_NAMES.get(key.ring, key.ring)}",
-                                DROP_REASONS.get(key.reason, f"reason{key.reason}"), delta,
-                                HOOK_NAMES.get(key.hook, f"hook{key.hook}")))
+            self._count(key, sum(values), now_ns, out)
         return out
+
+    def forget(self, table, tgid: int, now_ns: int) -> list[Lost]:
+        """Final read of VMM ``tgid``'s counters, then delete its keys from ``table``.
+
+        Why: the kernel table holds 4096 keys; entries of dead VMs would fill it, and
+        new losses would then be counted under tgid 0 (no VM marked degraded). The
+        totals seen here go too, or a reused pid's first losses would be under-reported.
+        A drop counted between the read and the delete is missed; only the (dead) VMM
+        ``tgid`` could cause one.
+        """
+        out: list[Lost] = []
+        for key in [k for k in table if k.tgid == tgid]:
+            try:
+                self._count(key, sum(table[key]), now_ns, out)
+                del table[key]
+            except KeyError:
+                pass
+        for k in [k for k in self._seen if k[0] == tgid]:
+            del self._seen[k]
+        return out
+
+    def _count(self, key, total: int, now_ns: int, out: list[Lost]) -> None:
+        k = (key.tgid, key.ring, key.hook, key.reason)
+        delta = total - self._seen.get(k, 0)
+        if delta > 0:
+            self._seen[k] = total
+            out.append(Lost(now_ns, key.tgid, 0, f"ring:{RING_NAMES.get(key.ring, key.ring)}",
+                            DROP_REASONS.get(key.reason, f"reason{key.reason}"), delta,
+                            HOOK_NAMES.get(key.hook, f"hook{key.hook}")))
 
     def totals(self) -> dict[tuple[int, int, int, int], int]:
         return dict(self._seen)

@@ -344,13 +344,18 @@ class Capture:
         table[table.Key(tgid)] = value
         return n
 
-    def forget_vm(self, tgid: int) -> None:
-        """Drop the kernel-side state of a destroyed VM (memslots, filter)."""
+    def forget_vm(self, tgid: int) -> list[Event]:
+        """Drop the kernel-side state of a destroyed VM (memslots, filter, loss counters).
+
+        Returns the Lost events of a final read of its loss counters (drops counted since
+        the last poll): the caller must feed them to the pipeline, or they go unreported.
+        """
         self.protect_filter_update(tgid, [])
         try:
             del self.bpf[b"hk_memslots"][self.bpf[b"hk_memslots"].Key(tgid)]
         except KeyError:
             pass
+        return list(self._losses.forget(self.bpf[b"hk_loss"], tgid, time.time_ns()))
 
     def program_fd(self, name: str, prog_type: int | None = None) -> int:
         """Load (if needed) and return the fd of program ``name`` (tests, benchmarks)."""

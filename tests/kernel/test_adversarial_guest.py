@@ -236,10 +236,6 @@ def test_guest_spinning_on_a_protected_page_gets_one_record_per_interval(cap):
         cap.protect_filter_update(pid, [])
 
 
-@pytest.mark.xfail(strict=True, reason="known bug reported to the lead (issue 11 report): "
-                   "Capture.forget_vm leaves the VM's hk_loss entries (and LossTracker's "
-                   "totals); after 4096 keys of dead VMs new VMs' losses are counted under "
-                   "tgid 0, so the losing VM is not marked degraded (found by tests/soak)")
 def test_regression_forget_vm_removes_the_vms_loss_entries():
     s = loader.CaptureSettings(telemetry_ring_bytes=4096)
     c = Capture(settings=s, required={"hypercall": False, "ioctl": False}, attach=False,
@@ -255,4 +251,34 @@ def test_regression_forget_vm_removes_the_vms_loss_entries():
         keys = [k.tgid for k in c.bpf[b"hk_loss"]]
         assert os.getpid() not in keys, "the dead VM's loss entries stay in hk_loss"
     finally:
+        c.close()
+
+
+def kernel_losses(c: Capture, tgid: int) -> int:
+    return sum(sum(v) for k, v in c.bpf[b"hk_loss"].items() if k.tgid == tgid)
+
+
+def test_forget_vm_reports_unread_losses_and_a_reused_pid_reports_all_of_its_own():
+    s = loader.CaptureSettings(telemetry_ring_bytes=4096)
+    c = Capture(settings=s, required={"hypercall": False, "ioctl": False}, attach=False,
+                say=lambda m: None).start()
+    pid = os.getpid()
+    try:
+        fd = c.program_fd("hk_hypercall_raw")
+        for i in range(200):
+            testrun.run_raw_tracepoint(fd, [0x10001, i, 0, 0, 0])
+        unread = kernel_losses(c, pid)
+        assert unread > 0
+        final = c.forget_vm(pid)           # nothing polled yet: the final read has it all
+        assert all(isinstance(e, Lost) and e.tgid == pid for e in final)
+        assert sum(e.count for e in final) == unread
+        c.read(), c.read()                 # drain the ring
+        for i in range(200):               # "the same pid, a new VM"
+            testrun.run_raw_tracepoint(fd, [0x10001, i, 0, 0, 0])
+        again = kernel_losses(c, pid)
+        assert again > 0
+        reported = sum(e.count for e in c.poll_losses() if e.tgid == pid)
+        assert reported == again, (reported, again, unread)
+    finally:
+        c.forget_vm(pid)
         c.close()

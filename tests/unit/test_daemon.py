@@ -9,19 +9,20 @@ from __future__ import annotations
 import io
 
 from hekitrace.config import parse_config
-from hekitrace.daemon import PREEXISTING_REASON, Daemon
+from hekitrace.daemon import PREEXISTING_REASON, Daemon, exited_implicit_vms
 from hekitrace.events import Hypercall, VmCreated, VmDestroyed
 from hekitrace.pipeline import Pipeline
 
 T0 = 1_795_000_000_000_000_000
 
 
-def _daemon(queue_events: int = 8, discover=None) -> Daemon:
+def _daemon(queue_events: int = 8, discover=None, proc_root: str = "/proc") -> Daemon:
     config = parse_config(f"capture:\n  queue_events: {queue_events}\n"
                           "alerts:\n  stdout: false\n", "<test>")
     d = Daemon(config, None, load_config=lambda p: config,
                pipeline_factory=lambda cfg, applied: Pipeline(cfg, applied),
-               discover=discover, log=io.StringIO(), wall_ns=lambda: T0 + 10**9)
+               discover=discover, log=io.StringIO(), wall_ns=lambda: T0 + 10**9,
+               proc_root=proc_root)
     d.pipeline = Pipeline(config, False)
     d._add_observer()
     return d
@@ -173,3 +174,26 @@ def test_daemon_survives_a_state_machine_bug_and_counts_the_events():
     d._enqueue([Hypercall(T0 + 9, 50, 50, 0x99, 9, 0, 0, 0)])
     d._process(10)
     assert d.stats.events_by_kind["hypercall"] == 1
+
+
+def test_exited_implicit_vms_names_only_implicit_vms_whose_vmm_is_gone(tmp_path):
+    d = _daemon(queue_events=100)
+    d._enqueue([Hypercall(T0, 70, 70, 0x99, 0, 0, 0, 0),        # implicit, VMM exited
+                Hypercall(T0, 71, 71, 0x99, 0, 0, 0, 0),        # implicit, VMM running
+                VmCreated(T0, 72, 72, vm_fd=5, source="discovery", preexisting=True)])
+    d._process(100)
+    (tmp_path / "71").mkdir()
+    gone = exited_implicit_vms(d.pipeline.host, T0 + 9, str(tmp_path))
+    assert gone == [VmDestroyed(T0 + 9, 70, 0, "")]
+
+
+def test_daemon_expiry_timer_retires_an_implicit_vm_whose_vmm_exited(tmp_path):
+    d = _daemon(queue_events=100, proc_root=str(tmp_path))
+    d._enqueue([Hypercall(T0, 70, 70, 0x99, 0, 0, 0, 0)])
+    d._process(100)
+    d.pipeline.host.grace_period_ns = 0
+    d._timers = {"tick": float("inf"), "control": float("inf"), "status": float("inf"),
+                 "expire": 0.0}
+    d._run_timers()
+    assert d.pipeline.host.guests == {}
+    assert "pid 70 retired" in d._log.getvalue()
