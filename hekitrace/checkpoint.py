@@ -61,7 +61,7 @@ class Checkpoint:
     """A decoded checkpoint: ``segment`` is the first journal segment to replay after it,
     ``time_ns`` when it was taken (Unix-epoch ns), ``state`` the JSON-ready dict."""
 
-    __slots__ = ("segment", "time_ns", "state")
+    __slots__ = ("segment", "state", "time_ns")
 
     def __init__(self, segment: int, time_ns: int, state: dict) -> None:
         self.segment = segment
