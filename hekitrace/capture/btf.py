@@ -1,4 +1,5 @@
-"""Kernel struct member offsets from the running kernel's BTF (/sys/kernel/btf/vmlinux).
+"""Kernel struct member offsets from the running kernel's BTF (/sys/kernel/btf/vmlinux,
+plus the split BTF of the KVM modules when KVM is not built in: :class:`KernelBtf`).
 
 BPF programs must never take a kernel struct layout from headers (the build host's
 headers are not even for the running kernel: build-host.md); the loader asks this module
@@ -16,7 +17,11 @@ import struct
 from hekitrace.errors import BtfError
 
 BTF_MAGIC = 0xEB9F
-VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+BTF_DIR = "/sys/kernel/btf"
+VMLINUX_BTF = f"{BTF_DIR}/vmlinux"
+#: modules whose split BTF describes KVM types when KVM is built as modules (Debian:
+#: kvm_gfn_range, kvm_vcpu and kvm_arch_post_set_memory_attributes live in "kvm")
+KVM_MODULES = ("kvm", "kvm_amd", "kvm_intel")
 
 # BTF kinds (include/uapi/linux/btf.h)
 KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
@@ -47,19 +52,30 @@ def _extra_size(kind: int, vlen: int) -> int:
 class Btf:
     """A parsed BTF blob: type lookup by name, member offsets (bytes), function presence."""
 
-    def __init__(self, data: bytes, path: str = "<btf>") -> None:
+    def __init__(self, data: bytes, path: str = "<btf>", base: Btf | None = None) -> None:
+        """Parse ``data``; with ``base``, as split BTF on top of it (a module's
+        /sys/kernel/btf/<module>: its type ids continue after the base's last id and its
+        string offsets after the base's string section, so the base's data and strings are
+        prefixed to this blob's and ids and offsets then index them directly)."""
         self.path = path
+        self.base = base
         if len(data) < _HEADER.size:
             raise BtfError(f"{path}: {len(data)} bytes is too short for a BTF header")
         magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = \
             _HEADER.unpack_from(data, 0)
         if magic != BTF_MAGIC:
             raise BtfError(f"{path}: bad BTF magic {magic:#x}, expected {BTF_MAGIC:#x}")
-        self._types_at = hdr_len + type_off
-        self._strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
-        self._data = data
-        # type id -> (offset of its struct btf_type); id 0 is void
-        self._offsets: list[int] = [0]
+        shift = len(base._data) if base is not None else 0
+        self._types_at = shift + hdr_len + type_off
+        own_strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
+        if hdr_len + str_off + str_len > len(data) or hdr_len + type_off + type_len > len(data):
+            raise BtfError(f"{path}: BTF sections run past the end of its {len(data)} bytes")
+        self._strings = base._strings + own_strings if base is not None else own_strings
+        self._data = base._data + data if base is not None else data
+        data = self._data
+        # type id -> (offset of its struct btf_type in _data); id 0 is void
+        self._offsets: list[int] = list(base._offsets) if base is not None else [0]
+        #: this blob's own named types (a split blob's base names stay in base._by_name)
         self._by_name: dict[str, list[int]] = {}
         pos, end = self._types_at, self._types_at + type_len
         unpack = _TYPE.unpack_from
@@ -75,13 +91,19 @@ class Btf:
             pos += _TYPE.size + _extra_size(kind, vlen)
 
     @classmethod
-    def load(cls, path: str = VMLINUX_BTF) -> Btf:
+    def load(cls, path: str = VMLINUX_BTF, base: Btf | None = None) -> Btf:
         try:
             with open(path, "rb") as f:
-                return cls(f.read(), path)
+                return cls(f.read(), path, base)
         except OSError as exc:
-            raise BtfError(f"cannot read kernel BTF {path}: {exc.strerror}; the kernel "
-                           "needs CONFIG_DEBUG_INFO_BTF=y") from exc
+            hint = ("the kernel needs CONFIG_DEBUG_INFO_BTF=y" if base is None else
+                    "the module needs CONFIG_DEBUG_INFO_BTF_MODULES=y")
+            raise BtfError(f"cannot read kernel BTF {path}: {exc.strerror}; {hint}") from exc
+
+    def _ids(self, name: str) -> list[int]:
+        """Ids named ``name``: the base's first (vmlinux before a module), then own."""
+        own = self._by_name.get(name, [])
+        return self.base._ids(name) + own if self.base is not None else own
 
     def _name(self, off: int) -> str:
         return self._strings[off:self._strings.index(b"\0", off)].decode()
@@ -100,14 +122,21 @@ class Btf:
             type_id = target
         return type_id
 
+    def has_struct(self, name: str) -> bool:
+        try:
+            self._struct_id(name)
+        except BtfError:
+            return False
+        return True
+
     def has_function(self, name: str) -> bool:
-        return any(self._type(t)[0] == KIND_FUNC for t in self._by_name.get(name, ()))
+        return any(self._type(t)[0] == KIND_FUNC for t in self._ids(name))
 
     def struct_size(self, struct_name: str) -> int:
         return self._type(self._struct_id(struct_name))[2]
 
     def _struct_id(self, struct_name: str) -> int:
-        for type_id in self._by_name.get(struct_name, ()):
+        for type_id in self._ids(struct_name):
             kind, vlen, _size, _ = self._type(type_id)
             if kind in (KIND_STRUCT, KIND_UNION) and vlen:
                 return type_id
@@ -174,3 +203,45 @@ class Btf:
 
     def _type_info(self, type_id: int) -> int:
         return _TYPE.unpack_from(self._data, self._offsets[type_id])[1]
+
+
+class KernelBtf:
+    """vmlinux BTF plus the split BTF of the loaded KVM modules, with :class:`Btf`'s lookup
+    API: a name is looked up in vmlinux first, then in each module in order.
+
+    Debian builds KVM as modules, so its structs are only in /sys/kernel/btf/kvm; a kernel
+    with KVM built in (this build host) has no module files and everything is in vmlinux.
+    """
+
+    def __init__(self, vmlinux: Btf, modules: tuple[Btf, ...] = ()) -> None:
+        self.vmlinux = vmlinux
+        self.modules = modules
+        self.parts = (vmlinux,) + modules
+        self.path = ", ".join(p.path for p in self.parts)
+
+    @classmethod
+    def load(cls, btf_dir: str = BTF_DIR, modules: tuple[str, ...] = KVM_MODULES) -> KernelBtf:
+        """vmlinux (required: BtfError) and whichever of ``modules`` have a BTF file."""
+        import os
+        vmlinux = Btf.load(os.path.join(btf_dir, "vmlinux"))
+        loaded = tuple(Btf.load(path, base=vmlinux) for path in
+                       (os.path.join(btf_dir, m) for m in modules) if os.path.exists(path))
+        return cls(vmlinux, loaded)
+
+    def _with_struct(self, name: str) -> Btf:
+        for part in self.parts:
+            if part.has_struct(name):
+                return part
+        raise BtfError(f"no struct {name} in the kernel's BTF ({self.path})")
+
+    def has_struct(self, name: str) -> bool:
+        return any(p.has_struct(name) for p in self.parts)
+
+    def has_function(self, name: str) -> bool:
+        return any(p.has_function(name) for p in self.parts)
+
+    def struct_size(self, struct_name: str) -> int:
+        return self._with_struct(struct_name).struct_size(struct_name)
+
+    def member_offset(self, struct_name: str, path: str) -> int:
+        return self._with_struct(struct_name).member_offset(struct_name, path)

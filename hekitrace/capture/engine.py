@@ -26,9 +26,9 @@ from typing import Any
 
 from hekitrace.abi import DEFAULT_PROFILE, AbiProfile
 from hekitrace.capture import loader, records
-from hekitrace.capture.btf import Btf
+from hekitrace.capture.btf import KernelBtf
 from hekitrace.capture.decode import LossTracker, ProtectAssembler
-from hekitrace.errors import AttachError
+from hekitrace.errors import AttachError, BtfError
 from hekitrace.events import Event, Fault, FaultAccess
 
 HOOKS = ("hypercall", "attr_applied", "ioctl", "page_fault", "cr")
@@ -99,21 +99,28 @@ class Capture:
         self._filter_keys: dict[int, list[int]] = {}
         self._next_storm_flush = 0.0
         self._next_loss_poll = 0.0
+        #: why the attr hook cannot attach whatever the method ("" = it may)
+        self._attr_error = ""
 
     # -- start-up ---------------------------------------------------------------------
     def start(self) -> Capture:
         """Compile, load and attach; raise AttachError for a required hook that failed."""
-        btf = Btf.load()
-        offsets = loader.kernel_offsets(btf)
+        btf = KernelBtf.load()   # vmlinux + the KVM modules' split BTF (Debian: kvm=m)
+        try:
+            offsets = loader.kernel_offsets(btf)
+        except BtfError as exc:  # e.g. 6.1: no kvm_gfn_range.arg.attributes: attr hook only
+            self._attr_error = f"kvm_gfn_range offsets: {exc}"
+            offsets = loader.kernel_offsets(btf, attr=False)
         vendor = loader.detect_vendor(self.settings.vendor, say=self._say)
         hz = loader.kernel_hz(say=self._say)
         extra = list(self._extra)
         want_fentry = (self._attach and "attr_applied" not in self._disabled
-                       and btf.has_function(ATTR_FUNCTION))
+                       and not self._attr_error and btf.has_function(ATTR_FUNCTION))
         self.cflags = loader.build_cflags(self.settings, self.abi, offsets, vendor, hz,
                                           tuple(extra + (["-DHK_WITH_FENTRY"] if want_fentry
                                                          else [])))
-        fentry_error = "" if want_fentry else f"{ATTR_FUNCTION} not in the kernel's BTF"
+        fentry_error = "" if want_fentry else (self._attr_error or
+                                               f"{ATTR_FUNCTION} not in the kernel's BTF")
         try:
             self.bpf = loader.compile_bpf(self.cflags, self._dump)
         except AttachError as exc:
@@ -171,6 +178,8 @@ class Capture:
                 raise AttachError(fentry_error)
 
         def kprobe() -> None:
+            if self._attr_error:   # its offsets are -1: never read garbage
+                raise AttachError(self._attr_error)
             b.attach_kprobe(event=ATTR_FUNCTION.encode(), fn_name=b"hk_attr_kprobe")
 
         self._try("hypercall", [("raw_tracepoint", raw("kvm_hypercall", "hk_hypercall_raw")),

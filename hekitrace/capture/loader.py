@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hekitrace import kvmuapi
 from hekitrace.abi import AbiProfile
-from hekitrace.capture.btf import Btf
+from hekitrace.capture.btf import Btf, KernelBtf
 from hekitrace.errors import AttachError, BtfError
 
 DUMP_ENV = "HEKITRACE_DUMP_BPF"
@@ -112,13 +112,16 @@ def _pow2_pages(nbytes: int, key: str) -> int:
     return pages
 
 
-def kernel_offsets(btf: Btf) -> dict[str, int]:
-    """-D name -> byte offset from BTF. kvm_gfn_range is needed (BtfError if missing);
+def kernel_offsets(btf: Btf | KernelBtf, attr: bool = True) -> dict[str, int]:
+    """-D name -> byte offset from BTF. kvm_gfn_range is needed only for the attr hook
+    (``attr``: BtfError if missing); without it its offsets are -1 and the attr hook must
+    not attach (6.1 has no kvm_arch_post_set_memory_attributes and no arg.attributes).
     kvm_vcpu fields are best-effort (-1: the raw fault program reports vcpu/rip 0)."""
     out = {
-        "HK_GFN_RANGE_START_OFF": btf.member_offset("kvm_gfn_range", "start"),
-        "HK_GFN_RANGE_END_OFF": btf.member_offset("kvm_gfn_range", "end"),
-        "HK_GFN_RANGE_ATTR_OFF": btf.member_offset("kvm_gfn_range", "arg.attributes"),
+        "HK_GFN_RANGE_START_OFF": btf.member_offset("kvm_gfn_range", "start") if attr else -1,
+        "HK_GFN_RANGE_END_OFF": btf.member_offset("kvm_gfn_range", "end") if attr else -1,
+        "HK_GFN_RANGE_ATTR_OFF": (btf.member_offset("kvm_gfn_range", "arg.attributes")
+                                  if attr else -1),
     }
     for name, path in (("HK_VCPU_ID_OFF", "vcpu_id"),
                        # regs[VCPU_REGS_RIP]; VCPU_REGS_RIP = 16 (arch/x86/include/asm/kvm_vcpu_regs.h)
