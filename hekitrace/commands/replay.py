@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import sys
 import textwrap
@@ -23,8 +22,10 @@ from typing import Any
 from hekitrace import config as config_mod
 from hekitrace import views
 from hekitrace.errors import UsageError
+from hekitrace.journal import expand_paths
 from hekitrace.pipeline import Pipeline
 from hekitrace.policy import Finding, format_time
+from hekitrace.render.table import human_pages
 from hekitrace.trace import TraceHeader, TraceProblem, TraceReader, open_trace, parse_time
 
 EXIT_CRITICAL = 1
@@ -124,7 +125,8 @@ def replay(paths: Iterable[str], config: Any = None, *, until: str | None = None
     problems: list[TraceProblem] = []
     readers: list[TraceReader] = []
     try:
-        for path in paths:
+        # a journal directory (the daemon's state dir) stands for its segments, in order
+        for path in expand_paths(list(paths)):
             readers.append(open_trace(path, problems))
     except BaseException:
         for reader in readers:
@@ -204,15 +206,6 @@ def to_document(result: ReplayResult) -> dict:
     }
 
 
-def _size(pages: int) -> str:
-    size = float(pages * 4096)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return ""
-
-
 def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
@@ -232,7 +225,7 @@ def render_text(result: ReplayResult) -> str:
         lock = "locked down" if vm["locked_down"] else "not locked down"
         lines += ["", _cut(f"VM {vm['name']}  pid {vm['pid']}  {state}  {lock}", WIDTH),
                   _cut(f"  uuid {vm['uuid'] or '-'}  memslots {vm['memslots']} "
-                       f"({_size(vm['guest_memory_bytes'] // 4096)})", WIDTH)]
+                       f"({human_pages(vm['guest_memory_bytes'] // 4096)})", WIDTH)]
         bits = [b for cr in vm["pinned_cr"].values() for b in cr["bits"]]
         lines.append(_cut("  pinned  " + (" ".join(bits) if bits else "-"), WIDTH))
         for reason in vm["degraded_reasons"]:
@@ -243,8 +236,8 @@ def render_text(result: ReplayResult) -> str:
             for cls in classes:
                 req = vm["memory"]["requested"].get(cls, {}).get("pages", 0)
                 app = vm["memory"]["applied"].get(cls, {}).get("pages", 0)
-                lines.append(f"  {cls:<22}{_size(req) if req else '-':>14}"
-                             f"{_size(app) if app else '-':>14}")
+                lines.append(f"  {cls:<22}{human_pages(req) if req else '-':>14}"
+                             f"{human_pages(app) if app else '-':>14}")
         lines.append(_cut(f"  ranges {vm['ranges_stored']['requested']} requested, "
                           f"{vm['ranges_stored']['applied']} applied, "
                           f"{snap['differing_ranges']} differing; findings {vm['findings']}",

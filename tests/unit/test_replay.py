@@ -158,3 +158,15 @@ def test_metrics_port_serves_the_replayed_state(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_replay_of_a_journal_directory_equals_replay_of_its_segments(tmp_path):
+    """`hekitrace replay DIR` reads the daemon's journal directory segment by segment."""
+    import shutil
+
+    from hekitrace.commands.replay import replay, to_document
+
+    shutil.copy(EXAMPLES / "clean-guest.htrace", tmp_path / "journal-000001.htrace")
+    from_dir = to_document(replay([str(tmp_path)]))
+    from_file = to_document(replay([str(EXAMPLES / "clean-guest.htrace")]))
+    assert from_dir["vms"] and from_dir == from_file
