@@ -33,7 +33,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# HEKITRACE_TREE: measure another revision's hekitrace/ (a `git archive` of it), with
+# HEKITRACE_BPF_DIR pointing at BPF sources it can load
+sys.path.insert(0, os.environ.get("HEKITRACE_TREE") or
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 _CLOCK = time.process_time  # CPU time of this process: the generator runs in the kernel
                             # from our syscall, but is outside the timed sections anyway
