@@ -89,24 +89,36 @@ def hypercall_number(v: Any) -> str | None:
     return None if 0 <= v < 2**32 else "a hypercall number 0-4294967295"
 
 
-def listen_address(v: Any) -> str | None:
-    """``IP:PORT``, ``[IPv6]:PORT``, ``localhost:PORT`` or ``:PORT`` (every address);
-    port 0 asks the kernel for a free one (tests). Same forms as httpserver.parse_listen."""
-    expected = ("HOST:PORT with a port 0-65535 (e.g. 127.0.0.1:9864, [::1]:9864, "
-                ":9864 for every address)")
+def split_listen(v: str) -> tuple[str, int]:
+    """``IP:PORT``, ``[IPv6]:PORT``, ``localhost:PORT`` or ``:PORT`` (every address: host
+    ``""``) -> (host, port); port 0 asks the kernel for a free one (tests).
+
+    The one parser of ``metrics.listen``: the config check and the HTTP server both use
+    it. ValueError says what was expected.
+    """
     if v.startswith("["):
         host, sep, port = v[1:].partition("]:")
     else:
         host, sep, port = v.rpartition(":")
         if ":" in host:
-            return "an IPv6 address in brackets, e.g. [::1]:9864"
+            raise ValueError("an IPv6 address in brackets, e.g. [::1]:9864")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        return expected
+        raise ValueError("HOST:PORT with a port 0-65535 (e.g. 127.0.0.1:9864, [::1]:9864, "
+                         ":9864 for every address)")
     if host and host != "localhost":
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            return "an IP address, localhost or nothing before the port"
+            raise ValueError("an IP address, localhost or nothing before the port") from None
+    return host, int(port)
+
+
+def listen_address(v: Any) -> str | None:
+    """The config check of ``metrics.listen`` (:func:`split_listen`)."""
+    try:
+        split_listen(v)
+    except ValueError as error:
+        return str(error)
     return None
 
 

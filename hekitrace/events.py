@@ -24,7 +24,7 @@ absurd: deciding what is malformed is the state's and the rules' job, not the de
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -206,7 +206,8 @@ class Fault(NamedTuple):
     error_code: int
     rip: int
     access: int
-    count: int = 1
+    # the field shadows tuple.count(); the name is the contract's (docs/internals.md)
+    count: int = 1  # type: ignore[assignment]
     first_ns: int = 0
 
 
@@ -230,12 +231,12 @@ class Lost(NamedTuple):
     tid: int
     stage: str
     reason: str
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count(), as in Fault
     hook: str = ""
 
 
-Event = Union[VmCreated, VmDestroyed, Memslot, Hypercall, ProtectRequest, CrPinRequest,
-              AttrApplied, AttrIoctl, Fault, CrWrite, Lost]
+Event = (VmCreated | VmDestroyed | Memslot | Hypercall | ProtectRequest | CrPinRequest
+         | AttrApplied | AttrIoctl | Fault | CrWrite | Lost)
 
 #: event class -> kind, and the snake_case name used in JSON (DESIGN.md event table)
 KIND_OF: dict[type, EventKind] = {

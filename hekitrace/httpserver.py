@@ -22,6 +22,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
+from hekitrace.config import split_listen
 from hekitrace.errors import ConfigError
 
 DEFAULT_PORT = 9864
@@ -31,16 +32,13 @@ HEALTH_STALE_SECONDS = 30.0
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:9864"``, ``"[::1]:9864"``, ``":9864"`` (all addresses) -> (host, port)."""
-    text = value.strip()
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{value!r} is not ADDRESS:PORT (e.g. 127.0.0.1:{DEFAULT_PORT})",
-                          key="metrics.listen")
-    return host or "0.0.0.0", int(port)
+    """``"127.0.0.1:9864"``, ``"[::1]:9864"``, ``":9864"`` (all addresses) -> (host, port),
+    by the same rules the config check applies (config.split_listen)."""
+    try:
+        host, port = split_listen(value.strip())
+    except ValueError as error:
+        raise ConfigError(f"expected {error}, got {value!r}", key="metrics.listen") from None
+    return host or "0.0.0.0", port
 
 
 class Health:
@@ -129,5 +127,8 @@ class HttpServer:
         self._thread.start()
 
     def close(self) -> None:
-        self._server.shutdown()
+        """Stop serving and release the port; safe before :meth:`start` (shutdown() would
+        wait forever for a serving loop that never ran)."""
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()

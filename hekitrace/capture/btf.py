@@ -70,8 +70,8 @@ class Btf:
         own_strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
         if hdr_len + str_off + str_len > len(data) or hdr_len + type_off + type_len > len(data):
             raise BtfError(f"{path}: BTF sections run past the end of its {len(data)} bytes")
-        self._strings = base._strings + own_strings if base is not None else own_strings
-        self._data = base._data + data if base is not None else data
+        self._strings: bytes = base._strings + own_strings if base is not None else own_strings
+        self._data: bytes = base._data + data if base is not None else data
         data = self._data
         # type id -> (offset of its struct btf_type in _data); id 0 is void
         self._offsets: list[int] = list(base._offsets) if base is not None else [0]

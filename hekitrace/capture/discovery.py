@@ -29,8 +29,8 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 from hekitrace.capture.uevents import tgid_of
 from hekitrace.capture.vmmnames import VmIdentity, identify

@@ -57,7 +57,7 @@ import ctypes
 import mmap
 import os
 from itertools import repeat
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 from hekitrace.errors import AttachError
 
@@ -277,7 +277,7 @@ class RingReader:
         self._cons_map.close()
         self._prod_map.close()
 
-    def __enter__(self) -> RingReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -38,10 +38,11 @@ import errno
 import os
 import socket
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 from hekitrace.capture.vmmnames import VmIdentity, identify
+from hekitrace.errors import AttachError
 from hekitrace.events import Event, Lost, VmCreated, VmDestroyed
 
 KVM_DEVPATH = "/devices/virtual/misc/kvm"
@@ -102,6 +103,26 @@ def unique_vm_fd_holder(vm_fd: int, proc_root: str | os.PathLike = "/proc") -> i
     return holders[0] if len(holders) == 1 else None
 
 
+def unavailable_message(error: BaseException) -> str:
+    """The one line ``record`` and the daemon say when uevents cannot be opened."""
+    return f"uevents unavailable: {error}; VM lifecycle from ioctls and /proc only"
+
+
+def _bind_kernel_group(nl) -> None:
+    """Bind pyroute2's UeventSocket to the kernel's group only, on every pyroute2 we meet.
+
+    pyroute2 >= 0.8 has ``UeventSocket.bind(groups=...)``; Debian bookworm's 0.7.2 has
+    ``UeventSocket.bind()`` with no argument, always binding every group (udev's
+    re-broadcast too). Both have the base ``NetlinkSocket.bind(groups=...)``, so when the
+    keyword is refused that one is called.
+    """
+    try:
+        nl.bind(groups=_KERNEL_GROUP)
+    except TypeError:
+        from pyroute2.netlink.nlsocket import NetlinkSocket
+        NetlinkSocket.bind(nl, groups=_KERNEL_GROUP)
+
+
 def _fd_of(stats_path: str) -> int:
     """The VM fd in ``/kvm/<tid>-<fd>`` (debugfs naming, heki-kvm.md 3.6), else -1."""
     _, _, tail = stats_path.rpartition("-")
@@ -120,15 +141,25 @@ class UeventSource:
     def __init__(self, *, proc_root: str | os.PathLike = "/proc",
                  clock: Callable[[], int] = time.time_ns,
                  namer: Callable[[int], VmIdentity] | None = None) -> None:
-        from pyroute2 import UeventSocket  # noqa: PLC0415 - no work at import time
-
+        """Open and bind the socket; any failure (no pyroute2, a pyroute2 API we do not
+        know, EPERM...) is an :class:`AttachError` saying why: callers announce
+        :func:`unavailable_message` and go on without uevents, never a traceback."""
         self._proc_root = proc_root
         self._clock = clock
         self._namer = namer or (lambda pid: identify(pid, proc_root))
-        self._nl = UeventSocket()
         try:
-            self._nl.bind(groups=_KERNEL_GROUP)
+            from pyroute2 import UeventSocket
+            self._nl = UeventSocket()
+        except Exception as exc:  # ImportError, OSError, pyroute2's own errors
+            raise AttachError(f"cannot open the uevent socket: {type(exc).__name__}: {exc}",
+                              method="uevent_socket") from exc
+        try:
+            _bind_kernel_group(self._nl)
             self._sock = socket.socket(fileno=os.dup(self._nl.fileno()))
+        except Exception as exc:  # as above; the socket is closed first
+            self._nl.close()
+            raise AttachError(f"cannot bind the uevent socket: {type(exc).__name__}: {exc}",
+                              method="uevent_socket") from exc
         except BaseException:
             self._nl.close()
             raise

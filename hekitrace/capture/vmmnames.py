@@ -100,7 +100,7 @@ def _keyval(value: str, key: str) -> str:
 def _socket_stem(value: str) -> str:
     path = _keyval(value, "path") or ("" if "=" in value else value)
     base = os.path.basename(path)
-    return base[:-5] if base.endswith(".sock") else base
+    return base.removesuffix(".sock")
 
 
 def vmm_kind(argv: list[str], comm: str = "") -> str:

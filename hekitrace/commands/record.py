@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hekitrace import __version__
-from hekitrace.errors import UsageError
+from hekitrace.errors import AttachError, UsageError
 from hekitrace.events import Event, Lost, event_name
 
 EPILOG = """\
@@ -113,7 +113,7 @@ def record_loop(write: Callable[[Sequence[Event]], None], capture: Any, uevents:
 
 
 def _header(config: Any) -> Any:
-    from hekitrace.trace import TraceHeader  # noqa: PLC0415
+    from hekitrace.trace import TraceHeader
 
     return TraceHeader(kernel_release=platform.release(), abi_profile=config.abi.profile,
                        start_time_ns=time.time_ns(), hostname=platform.node(),
@@ -127,11 +127,11 @@ def _say(line: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.duration is not None and not args.duration > 0:
         raise UsageError(f"--duration {args.duration}: expected a positive number of seconds")
-    from hekitrace.capture.discovery import discover_vms  # noqa: PLC0415
-    from hekitrace.capture.engine import Capture  # noqa: PLC0415
-    from hekitrace.capture.uevents import UeventSource  # noqa: PLC0415
-    from hekitrace.config import resolve_config  # noqa: PLC0415
-    from hekitrace.trace import TraceWriter  # noqa: PLC0415
+    from hekitrace.capture.discovery import discover_vms
+    from hekitrace.capture.engine import Capture
+    from hekitrace.capture.uevents import UeventSource, unavailable_message
+    from hekitrace.config import resolve_config
+    from hekitrace.trace import TraceWriter
 
     config = resolve_config(args.config)
     to_stdout = args.output == "-"
@@ -145,9 +145,8 @@ def run(args: argparse.Namespace) -> int:
         capture = Capture(config, say=_say).start()
         try:
             uevents = UeventSource()
-        except OSError as error:
-            _say(f"WARNING: cannot listen for KVM uevents ({error}); VM lifecycle comes "
-                 "only from the ioctl hook")
+        except AttachError as error:  # every failure to open uevents arrives as this
+            _say(unavailable_message(error))
         writer = TraceWriter(sys.stdout.buffer if to_stdout else args.output,
                              _header(config), encoding=args.format)
 
