@@ -46,6 +46,10 @@ ALL_BITS = (1 << 64) - 1
 MAX_DEGRADED_REASONS = 32
 
 REASON_PREEXISTING = "running before monitoring started"
+#: two creation reports by one VMM, one of them without the VM fd (a uevent without a
+#: debugfs STATS_PATH), this close in time are the same VM seen by two sources (uevent
+#: and ioctl hook report one KVM_CREATE_VM within the syscall, plus read/queue delay)
+MERGE_WINDOW_NS = 2_000_000_000
 
 _PAGE_MASK = (1 << PAGE_SHIFT) - 1
 #: tuple.__new__ skips the NamedTuple's Python-level __new__; every field is passed
@@ -79,14 +83,18 @@ class Guest:
     __slots__ = ("key", "name", "uuid", "vmm", "pid", "created_ns", "destroyed_ns",
                  "requested", "applied", "memslots", "pinned_cr", "lockdown_ns",
                  "counters", "degraded_reasons", "preexisting", "heki_applied_seen",
-                 "_slot_gfns")
+                 "_slot_gfns", "vm_fd", "stats_path")
 
     def __init__(self, key: VmKey, *, name: str = "", uuid: str = "", vmm: str = "",
-                 preexisting: bool = False) -> None:
+                 preexisting: bool = False, vm_fd: int = -1, stats_path: str = "") -> None:
         self.key = key
         self.name = name
         self.uuid = uuid
         self.vmm = vmm
+        #: the VM's fd in its VMM (-1 = unknown) and debugfs path: how a second report
+        #: of the same creation (another source) is recognised (Host._same_vm)
+        self.vm_fd = vm_fd
+        self.stats_path = stats_path
         self.pid = key.tgid
         self.created_ns = key.created_ns
         self.destroyed_ns: int | None = None
@@ -169,8 +177,10 @@ class Host:
         #: the same dict, read-only for the pipeline's fast path: tgid -> live guest
         self.live_by_tgid = self._live
         #: events that belonged to no guest (tgid 0 losses, destroy of an unknown VM)
+        #: merged_creations: VmCreated reports of a VM already live (another source)
         self.counters: dict[str, int] = {"unattributed_events": 0, "internal_errors": 0,
-                                         "unattributed_lost_events": 0}
+                                         "unattributed_lost_events": 0,
+                                         "merged_creations": 0}
         self.last_internal_error: str | None = None
         # derived constants, computed once (hot path)
         self._heki_mask = abi.kvm_heki_mask
@@ -213,7 +223,7 @@ class Host:
                 if guest is not None:
                     guest.counters[name] += 1
                     return _new(Change, (event, guest.key, (), None, (), (), None, ()))
-        except Exception:  # noqa: BLE001 - e.g. an unhashable tgid: the slow path reports it
+        except TypeError:  # an unhashable tgid (a corrupt trace): the slow path reports it
             pass
         handler = self._dispatch.get(etype)
         if handler is None:
@@ -281,8 +291,43 @@ class Host:
         return Change(event, guest.key, lifecycle=lifecycle, degraded=degraded)
 
     # -- lifecycle ---------------------------------------------------------------------
+    def _same_vm(self, guest: Guest, event: VmCreated) -> bool:
+        """True when ``event`` reports ``guest`` again (another source, not a new VM).
+
+        The ioctl hook, the uevent and start-up discovery each report a VM's creation.
+        The same VM: the same VM fd, or exactly one side's fd unknown (-1) and the reports within
+        MERGE_WINDOW_NS. Different known fds are a second VM of that VMM. An implicit
+        guest (made by a VM's events, no creation seen) is never merged into.
+        """
+        if not guest.counters["vm_created"]:
+            return False
+        if guest.vm_fd >= 0 and event.vm_fd >= 0:
+            return guest.vm_fd == event.vm_fd
+        if guest.vm_fd < 0 and event.vm_fd < 0:
+            return False  # no evidence either way (two uevents are two VMs): a new VM
+        return abs(event.time_ns - guest.created_ns) <= MERGE_WINDOW_NS
+
+    def _merge_creation(self, guest: Guest, event: VmCreated) -> Change:
+        """Fill what ``guest`` lacks from a second report of its creation; keep the rest
+        (its key, history, and whether it was seen being born rather than preexisting)."""
+        self.counters["merged_creations"] += 1
+        if not guest.name:
+            guest.name = event.name
+        if not guest.uuid:
+            guest.uuid = event.uuid
+        if not guest.vmm:
+            guest.vmm = event.vmm
+        if not guest.stats_path:
+            guest.stats_path = event.stats_path
+        if guest.vm_fd < 0:
+            guest.vm_fd = event.vm_fd
+        return Change(event, guest.key)
+
     def _vm_created(self, event: VmCreated) -> Change:
         anomalies: tuple[Anomaly, ...] = ()
+        live = self._live.get(event.tgid)
+        if live is not None and self._same_vm(live, event):
+            return self._merge_creation(live, event)
         old = self._live.pop(event.tgid, None)
         if old is not None:
             # pid reuse, or a VMM that created a second VM: the old one is gone for us
@@ -295,7 +340,8 @@ class Host:
         while key in self.guests:  # two creations in the same ns: keep both
             key = VmKey(key.tgid, key.created_ns + 1)
         guest = Guest(key, name=event.name, uuid=event.uuid, vmm=event.vmm,
-                      preexisting=bool(event.preexisting))
+                      preexisting=bool(event.preexisting), vm_fd=event.vm_fd,
+                      stats_path=event.stats_path)
         guest.counters["vm_created"] = 1
         degraded: tuple[str, ...] = ()
         if event.preexisting:
