@@ -54,7 +54,7 @@ _HEAD = struct.Struct("<8sHHII")
 GUEST_FIELDS = frozenset({"key", "name", "uuid", "vmm", "pid", "created_ns", "destroyed_ns",
                           "requested", "applied", "memslots", "pinned_cr", "lockdown_ns",
                           "counters", "degraded_reasons", "preexisting", "heki_applied_seen",
-                          "_slot_gfns"})
+                          "_slot_gfns", "vm_fd", "stats_path"})
 
 
 class Checkpoint:
@@ -105,7 +105,8 @@ def _guest_to_dict(g: Guest) -> dict:
             "pinned_cr": [[cr, mask] for cr, mask in sorted(g.pinned_cr.items())],
             "lockdown_ns": g.lockdown_ns, "counters": dict(g.counters),
             "degraded_reasons": list(g.degraded_reasons), "preexisting": g.preexisting,
-            "heki_applied_seen": g.heki_applied_seen}
+            "heki_applied_seen": g.heki_applied_seen,
+            "vm_fd": g.vm_fd, "stats_path": g.stats_path}
 
 
 def capture_state(pipeline: Any) -> dict:
@@ -176,6 +177,9 @@ def _guest_from_dict(d: dict) -> Guest:
     g.counters.update({str(k): int(v) for k, v in d["counters"].items()})
     g.degraded_reasons = [str(r) for r in d["degraded_reasons"]]
     g.heki_applied_seen = bool(d["heki_applied_seen"])
+    # absent from checkpoints written before Host merged creation reports: unknown
+    g.vm_fd = int(d.get("vm_fd", -1))
+    g.stats_path = str(d.get("stats_path", ""))
     return g
 
 

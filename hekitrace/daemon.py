@@ -107,11 +107,9 @@ class Daemon:
         self.discovery_done = False
         self._dirty_vms: set = set()
         self.filter_errors = 0
-        self.merged_creations = 0
         self.internal_errors = 0
         self._last_error_log = float("-inf")
         self.page_counts = PageCounts()
-        self._vm_fds: dict[int, tuple[int, Any]] = {}
         #: the state journal (hekitrace/journal.py), set by a journal-backed recovery
         self.journal: Any = None
 
@@ -125,7 +123,7 @@ class Daemon:
 
         Order matters: the HTTP server first so /healthz answers during a slow compile;
         capture before discovery so a VM created in between is seen by the hooks rather
-        than missed (it may then be reported twice; :meth:`_is_duplicate_creation` merges).
+        than missed (it may then be reported twice; ``Host`` merges the reports).
         """
         cfg = self.config
         self._install_signals()
@@ -254,8 +252,9 @@ class Daemon:
         try:
             self.uevents = self._uevents_factory()
         except Exception as error:  # noqa: BLE001 - an optional source must not stop us
-            self.say(f"WARNING: cannot listen for KVM uevents ({type(error).__name__}: "
-                     f"{error}); VM destruction is then seen only when the VMM exits")
+            # the same line as `record` (capture/uevents.py unavailable_message)
+            self.say(f"WARNING: uevents unavailable: {error}; VM lifecycle from ioctls and "
+                     "/proc only")
             return
         self.selector.register(self.uevents.fileno(), selectors.EVENT_READ, self._on_uevents)
 
@@ -281,14 +280,15 @@ class Daemon:
             for event in found:
                 guest = self.pipeline.host.by_tgid(event.tgid)
                 if guest is not None and guest.key in covered:
-                    self._vm_fds[event.tgid] = (event.vm_fd, guest.key)
+                    if guest.vm_fd < 0:  # a checkpoint does not keep it: Host merges by it
+                        guest.vm_fd = event.vm_fd
                     continue
-                if self._is_duplicate_creation(event):
-                    # the hooks saw this VM being created after capture started: it is
-                    # monitored since birth, not "running before monitoring started"
-                    self.merged_creations += 1
-                    continue
+                merged = self.merged_creations
                 self._apply(event)
+                if self.merged_creations != merged:
+                    # Host merged it: the hooks saw this VM being created after capture
+                    # started; monitored since birth, not "running before monitoring"
+                    continue
                 guest = self.pipeline.host.by_tgid(event.tgid)
                 if guest is not None and PREEXISTING_REASON not in guest.degraded_reasons:
                     self.pipeline.host.mark_degraded(guest.key, PREEXISTING_REASON)
@@ -475,9 +475,6 @@ class Daemon:
         self._publish_counts()
 
     def _apply_one(self, event: Any) -> None:
-        if type(event) is VmCreated and self._is_duplicate_creation(event):
-            self.merged_creations += 1
-            return
         if type(event) is Lost and event.tgid:
             owner = self.pipeline.host.loss_owner(event.tgid)
             vm = owner.key if owner is not None else None
@@ -485,26 +482,13 @@ class Daemon:
                 key = (vm, event.stage)
                 self.stats.vm_lost[key] = self.stats.vm_lost.get(key, 0) + max(event.count, 0)
         self._emit(self.pipeline.feed(event))
-        if type(event) is VmCreated:
-            guest = self.pipeline.host.by_tgid(event.tgid)
-            if guest is not None:
-                self._vm_fds[event.tgid] = (event.vm_fd, guest.key)
 
-    def _is_duplicate_creation(self, event: VmCreated) -> bool:
-        """True when ``event`` reports a VM already known from another source.
-
-        The ioctl hook, the uevent and start-up discovery can each report the same VM;
-        ``Host`` treats a second creation by one VMM as a new VM (pid reuse, or a VMM that
-        made a second VM), so the daemon, which merges the sources, drops a report whose
-        (VMM tgid, VM fd) matches the VM that VMM already has.
-        """
-        if event.vm_fd < 0:
-            return False
-        known = self._vm_fds.get(event.tgid)
-        if known is None or known[0] != event.vm_fd:
-            return False
-        guest = self.pipeline.host.by_tgid(event.tgid)
-        return guest is not None and guest.key == known[1]
+    @property
+    def merged_creations(self) -> int:
+        """Creation reports of a VM already known from another source (ioctl hook,
+        uevent, discovery), merged by ``Host`` (host.py ``_same_vm``), so a replay of a
+        recording merges them exactly as the daemon did."""
+        return self.pipeline.host.counters.get("merged_creations", 0)
 
     def _publish_counts(self) -> None:
         """Copy the pipeline's event and loss counters where the collector reads them."""
@@ -550,9 +534,6 @@ class Daemon:
                 changes, findings = self.pipeline.expire(self._wall_ns())
                 self._emit(findings)
                 for change in changes:
-                    if change.vm is not None and \
-                            self._vm_fds.get(change.vm.tgid, (0, None))[1] == change.vm:
-                        del self._vm_fds[change.vm.tgid]
                     self.stats.forget_vm(change.vm)
                     self.recent_findings.pop(change.vm, None)
                     if self.capture is not None and change.vm is not None \

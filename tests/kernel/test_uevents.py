@@ -156,3 +156,39 @@ def test_create_from_an_exited_thread_finds_the_process_holding_the_vm_fd(source
 
 def test_parse_uevent_keeps_values_with_equals_signs():
     assert parse_uevent(b"change@/x\0A=b=c\0novalue\0") == {"@": "change@/x", "A": "b=c"}
+
+
+def test_pyroute2_0_7_2_bind_without_groups_keyword_still_binds_the_kernel_group():
+    """Debian bookworm's python3-pyroute2 0.7.2 overrides ``UeventSocket.bind()`` with no
+    argument (binding every group); the source must still bind group 1 only."""
+    from pyroute2 import UeventSocket
+
+    from hekitrace.capture.uevents import _bind_kernel_group
+
+    class UeventSocket072(UeventSocket):
+        def bind(self):  # pyroute2 0.7.2's exact signature (netlink/uevent/__init__.py)
+            return super().bind(groups=-1)
+
+    nl = UeventSocket072()
+    try:
+        with pytest.raises(TypeError):
+            nl.bind(groups=1)
+        _bind_kernel_group(nl)
+        import socket
+        with socket.socket(fileno=os.dup(nl.fileno())) as sock:
+            assert sock.getsockname()[1] == 1
+    finally:
+        nl.close()
+
+
+def test_no_usable_pyroute2_is_an_attach_error_with_the_announced_line(monkeypatch):
+    import sys
+
+    from hekitrace.capture.uevents import unavailable_message
+    from hekitrace.errors import AttachError
+    monkeypatch.setitem(sys.modules, "pyroute2", None)  # as on a host without pyroute2
+    with pytest.raises(AttachError) as info:
+        UeventSource()
+    line = unavailable_message(info.value)
+    assert line.startswith("uevents unavailable: cannot open the uevent socket: ")
+    assert "pyroute2" in line and line.endswith("; VM lifecycle from ioctls and /proc only")

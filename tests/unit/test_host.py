@@ -335,3 +335,30 @@ def test_protect_requests_match_naive_heki_host(requests, mbec):
         got = {g: guest.requested.get(g) for g in range(_PAGES + 8)}
         assert got == {g: pages.get(g, 0) for g in range(_PAGES + 8)}
         guest.requested.check()
+
+
+def test_creation_reports_of_one_vm_merge_and_fill_missing_fields():
+    from hekitrace.host import MERGE_WINDOW_NS
+    host = Host(MBEC)
+    created = host.apply(VmCreated(T0, PID, PID, vm_fd=7, source="ioctl"))
+    assert created.lifecycle == "created"
+    c = host.apply(VmCreated(T0 + 5, PID, PID + 1, vm_fd=7, stats_path="/kvm/4243-7",
+                             name="web1", uuid="u", vmm="qemu", source="uevent"))
+    guest = host.by_tgid(PID)
+    assert c.lifecycle is None and c.anomalies == () and c.vm == created.vm
+    assert (guest.name, guest.uuid, guest.vmm, guest.stats_path) == ("web1", "u", "qemu",
+                                                                     "/kvm/4243-7")
+    # fd unknown on one side: merged only within the window
+    host.apply(VmCreated(T0 + MERGE_WINDOW_NS, PID, PID, name="other", source="uevent"))
+    assert len(host.guests) == 1 and guest.name == "web1"  # filled fields are kept
+    late = host.apply(VmCreated(T0 + MERGE_WINDOW_NS + 1, PID, PID, source="uevent"))
+    assert late.lifecycle == "created" and len(host.guests) == 2
+    assert host.counters["merged_creations"] == 2
+
+
+def test_an_implicit_guest_is_replaced_not_merged_into():
+    host = Host(MBEC)
+    host.apply(Hypercall(T0, PID, PID, 0x99, 0, 0, 0, 0))  # implicit, degraded guest
+    c = host.apply(VmCreated(T0 + 1, PID, PID, vm_fd=3, source="ioctl"))
+    assert c.lifecycle == "created" and not host.by_tgid(PID).degraded
+    assert host.counters["merged_creations"] == 0

@@ -170,3 +170,46 @@ def test_replay_of_a_journal_directory_equals_replay_of_its_segments(tmp_path):
     from_dir = to_document(replay([str(tmp_path)]))
     from_file = to_document(replay([str(EXAMPLES / "clean-guest.htrace")]))
     assert from_dir["vms"] and from_dir == from_file
+
+
+T_REC = 1_795_000_000_000_000_000
+
+
+@pytest.mark.parametrize("order", ["ioctl_first", "uevent_first_without_stats_path"])
+def test_duplicated_creation_replays_as_one_named_guest(tmp_path, capsys, order):
+    """`record` writes vm_created from the ioctl hook and from the uevent (and discovery)
+    for one VM; replay must show one guest, named, as the daemon's state does."""
+    from hekitrace.events import Hypercall, VmCreated
+    ioctl = VmCreated(T_REC, 4242, 4242, vm_fd=11, source="ioctl")
+    if order == "ioctl_first":
+        uevent = VmCreated(T_REC + 3_000_000, 4242, 4243, vm_fd=11, stats_path="/kvm/4243-11",
+                           name="web1", uuid="u-1", vmm="qemu", source="uevent")
+        events = [ioctl, uevent]
+    else:  # no debugfs: the uevent has no STATS_PATH, hence no fd; the ioctl follows
+        uevent = VmCreated(T_REC, 4242, 4243, name="web1", uuid="u-1", vmm="qemu",
+                           source="uevent")
+        events = [uevent, ioctl._replace(time_ns=T_REC + 1_000_000)]
+    discovery = VmCreated(T_REC + 10**9, 4242, 4242, vm_fd=11, name="web1",
+                          source="discovery", preexisting=True)
+    events += [Hypercall(T_REC + 5_000_000, 4242, 4242, 0x99, 0, 0, 0, 0), discovery]
+    path = tmp_path / "dup.jsonl"
+    write_events(path, events, HEADER, encoding="jsonl")
+    result = replay_cmd.replay([str(path)], default_config())
+    host = result.pipeline.host
+    assert len(host.guests) == 1
+    guest = host.by_tgid(4242)
+    assert (guest.name, guest.uuid, guest.vm_fd) == ("web1", "u-1", 11)
+    assert not guest.degraded  # seen being born: discovery's "preexisting" is merged away
+    assert host.counters["merged_creations"] == 2
+    status, out, _ = _run(capsys, "-o", "json", str(path))
+    assert [v["vm"]["name"] for v in json.loads(out)["vms"]] == ["web1"]
+
+
+def test_a_second_vm_of_one_vmm_is_not_merged(tmp_path):
+    from hekitrace.events import VmCreated
+    events = [VmCreated(T_REC, 4242, 4242, vm_fd=11, source="ioctl"),
+              VmCreated(T_REC + 1, 4242, 4242, vm_fd=12, source="ioctl")]
+    path = tmp_path / "two.jsonl"
+    write_events(path, events, HEADER, encoding="jsonl")
+    host = replay_cmd.replay([str(path)], default_config()).pipeline.host
+    assert len(host.guests) == 2 and host.counters["merged_creations"] == 0
