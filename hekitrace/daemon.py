@@ -404,10 +404,6 @@ class Daemon:
                 self._apply_one(Lost(now, tgid, 0, "queue", "overflow", count))
             self._publish_counts()
 
-    def _vm_of(self, tgid: int) -> Any:
-        guest = self.pipeline.host.by_tgid(tgid) if tgid else None
-        return guest.key if guest is not None else None
-
     def _process(self, budget: int) -> None:
         """Apply up to ``budget`` queued events, in order, under the state lock.
 
