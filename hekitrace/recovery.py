@@ -251,7 +251,8 @@ class JournalRecovery:
                              abi_profile=getattr(abi, "name", "") or str(
                                  getattr(self.config.abi, "profile", "")),
                              start_time_ns=self._wall_ns(), hostname=socket.gethostname(),
-                             extra={"journal": True})
+                             # replay honours the recording host's MBEC (commands/replay.py)
+                             extra={"journal": True, "mbec": bool(abi.mbec)})
 
         def make_checkpoint(segment: int, time_ns: int) -> bytes:
             return checkpoint.encode(segment, time_ns, checkpoint.capture_state(pipeline))

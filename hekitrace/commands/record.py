@@ -117,7 +117,9 @@ def _header(config: Any) -> Any:
 
     return TraceHeader(kernel_release=platform.release(), abi_profile=config.abi.profile,
                        start_time_ns=time.time_ns(), hostname=platform.node(),
-                       extra={"recorded_by": f"hekitrace record {__version__}"})
+                       # replay honours the recording host's MBEC (commands/replay.py)
+                       extra={"recorded_by": f"hekitrace record {__version__}",
+                              "mbec": bool(config.abi_profile().mbec)})
 
 
 def _say(line: str) -> None:

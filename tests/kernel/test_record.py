@@ -99,6 +99,8 @@ def test_record_to_stdout_streams_json_lines(tmp_path):
     assert child.returncode == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert lines[0]["kind"] == "header"
+    # the recording host's MBEC setting travels with the trace (replay honours it)
+    assert lines[0]["extra"]["mbec"] is False
     mine = [ev for ev in lines[1:] if ev["tgid"] == os.getpid()]
     assert any(ev["kind"] == "memslot" and ev["size_bytes"] == 1 << 16 for ev in mine)
     assert "to stdout (jsonl)" in err.strip().splitlines()[-1]
