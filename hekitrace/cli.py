@@ -11,11 +11,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from hekitrace import __version__
-from hekitrace.errors import (ConfigError, ControlError, HekitraceError, TraceFormatError,
-                              UsageError, VmLookupError)
+from hekitrace.errors import (
+    ConfigError,
+    ControlError,
+    HekitraceError,
+    TraceFormatError,
+    UsageError,
+    VmLookupError,
+)
 
 # Named exit statuses (documented in the man page and the README).
 EXIT_OK = 0

@@ -45,7 +45,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, Self
 
 from hekitrace.errors import TraceFormatError
 from hekitrace.events import (
@@ -369,7 +369,7 @@ class TraceWriter:
                     if probe.read(len(MAGIC)) != MAGIC:
                         raise TraceFormatError("cannot append: not a binary hekitrace trace",
                                                path=path, offset=0)
-            self._file: IO[bytes] = open(path, "ab" if append else "wb")
+            self._file: IO[bytes] = open(path, "ab" if append else "wb")  # noqa: SIM115 - closed by close()
             self.path = path
         else:
             exists = append
@@ -437,7 +437,7 @@ class TraceWriter:
         if self._owns:
             self._file.close()
 
-    def __enter__(self) -> TraceWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -498,7 +498,7 @@ def parse_time(value: Any) -> int:
 def _int(value: Any) -> int:
     """An integer from a JSON value: int, or a string in decimal or 0x hex."""
     if isinstance(value, bool):
-        raise ValueError(f"expected an integer, got {value!r}")
+        raise ValueError(f"expected an integer, got {value!r}")  # noqa: TRY004 - callers catch ValueError
     if isinstance(value, int):
         return value
     if isinstance(value, str):
@@ -567,7 +567,7 @@ def event_from_dict(data: dict[str, Any], *, start_ns: int = 0, last_ns: int = 0
 
 def _entries(raw: Any) -> tuple[ProtectEntry, ...]:
     if not isinstance(raw, list):
-        raise ValueError(f"expected a list of [gpa, end_gpa, permissions], got {raw!r}")
+        raise ValueError(f"expected a list of [gpa, end_gpa, permissions], got {raw!r}")  # noqa: TRY004 - callers catch ValueError
     out = []
     for i, item in enumerate(raw):
         if not isinstance(item, list) or len(item) != 3:
@@ -797,7 +797,7 @@ class TraceReader:
             try:
                 data = loads(text)
                 if not isinstance(data, dict):
-                    raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+                    raise ValueError(f"expected a JSON object, got {type(data).__name__}")  # noqa: TRY004 - caught below
                 if data.get("kind") == "header":
                     continue  # read by _jsonl_header (only the first one counts)
                 event = from_dict(data, start_ns=start_ns, last_ns=last_ns)

@@ -9,7 +9,8 @@ hex), attribute values come with their flags (``r-x I``) and bounded class names
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hekitrace.abi import AbiProfile, cr_bit_names
 from hekitrace.events import PAGE_SHIFT, PAGE_SIZE
