@@ -19,7 +19,8 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hekitrace.abi import AbiProfile
 from hekitrace.changes import Change, VmKey
@@ -37,10 +38,23 @@ from hekitrace.policy.storm import (
     _VmState,
 )
 
-__all__ = ["Finding", "Policy", "event_json", "format_time", "vm_identity",
-           "UNIMPLEMENTED_RULES", "MAX_ENTRIES_INSPECTED", "MAX_PENDING_PER_VM",
-           "MAX_DEDUP_PER_VM", "MAX_RECENT_WRITABLE", "TICK_GRANULARITY_NS", "_Dedup",
-           "_VmState", "_clip", "_first_mismatch"]
+__all__ = [
+    "MAX_DEDUP_PER_VM",
+    "MAX_ENTRIES_INSPECTED",
+    "MAX_PENDING_PER_VM",
+    "MAX_RECENT_WRITABLE",
+    "TICK_GRANULARITY_NS",
+    "UNIMPLEMENTED_RULES",
+    "Finding",
+    "Policy",
+    "_Dedup",
+    "_VmState",
+    "_clip",
+    "_first_mismatch",
+    "event_json",
+    "format_time",
+    "vm_identity",
+]
 
 #: rules in RULE_IDS this policy does not evaluate, and why (reported by ``status``)
 UNIMPLEMENTED_RULES: dict[str, str] = {
@@ -104,7 +118,7 @@ class Policy(Rules):
         self._gw = 1 << abi.guest_write
         self._gx = 1 << abi.guest_exec
         self._gvalid = abi.guest_valid_mask
-        self._handlers = {
+        self._handlers: dict[type, Callable[..., None]] = {
             ProtectRequest: self._on_protect,
             AttrApplied: self._on_applied,
             AttrIoctl: self._on_applied,

@@ -8,7 +8,7 @@ summarises page lists by their length so a finding stays small whatever the gues
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from hekitrace.changes import VmKey
@@ -19,7 +19,7 @@ def format_time(time_ns: int) -> str:
     """RFC 3339 UTC with microseconds, ``2026-11-25T15:20:01.123456Z``."""
     try:
         seconds, rest = divmod(int(time_ns), 1_000_000_000)
-        moment = datetime.fromtimestamp(seconds, tz=timezone.utc).replace(
+        moment = datetime.fromtimestamp(seconds, tz=UTC).replace(
             microsecond=rest // 1000)
     except (OverflowError, OSError, ValueError, TypeError):
         return ""
@@ -32,6 +32,7 @@ def event_json(event: Event | None) -> dict | None:
     if event is None:
         return None
     out: dict[str, Any] = {"kind": event_name(event)}
+    value: Any
     for name, value in zip(event._fields, event):
         if name == "entries":
             out["entries_count"] = len(value)
@@ -47,8 +48,16 @@ class Finding:
     ``count`` how many occurrences this object stands for (1, or a summary's number).
     """
 
-    __slots__ = ("rule", "severity", "time_ns", "vm", "vm_key", "message", "count",
-                 "evidence")
+    __slots__ = (
+        "count",
+        "evidence",
+        "message",
+        "rule",
+        "severity",
+        "time_ns",
+        "vm",
+        "vm_key",
+    )
 
     def __init__(self, rule: str, severity: str, time_ns: int, vm: dict,
                  vm_key: VmKey | None, message: str, evidence: dict, count: int = 1) -> None:

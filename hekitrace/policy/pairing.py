@@ -45,8 +45,7 @@ class Pairing(StormControl):
         st.pending[key] = time_ns
         deadline = time_ns + self._window_ns
         self._pending.append((deadline, st.key, side, start, end))
-        if deadline < self.next_deadline_ns:
-            self.next_deadline_ns = deadline
+        self.next_deadline_ns = min(self.next_deadline_ns, deadline)
 
     def _check_pair(self, st: _VmState, side: str, start: int, end: int, now_ns: int,
                     out: list[Finding]) -> None:
@@ -110,8 +109,8 @@ def _first_mismatch(requested: Any, applied: Any, start: int, end: int,
     i = j = 0
     pos = start
     while pos < end and i < len(req) and j < len(app):
-        rs, re_, rv = req[i]
-        as_, ae, av = app[j]
+        _rs, re_, rv = req[i]
+        _as, ae, av = app[j]
         stop = min(re_, ae)
         if (rv ^ av) & mask:
             return pos, stop, rv & mask, av & mask

@@ -35,7 +35,7 @@ TICK_GRANULARITY_NS = 50_000_000
 
 
 class _Dedup:
-    __slots__ = ("first_ns", "last_ns", "extra", "finding")
+    __slots__ = ("extra", "finding", "first_ns", "last_ns")
 
     def __init__(self, first_ns: int, finding: Finding) -> None:
         self.first_ns = first_ns
@@ -47,8 +47,19 @@ class _Dedup:
 class _VmState:
     """Per-VM policy state: identity, exception cache, storm control, pairing, history."""
 
-    __slots__ = ("key", "guest", "ident", "excepted", "dedup", "rate_start", "rate_count",
-                 "limited", "pending", "recent_writable", "unsupported_reported")
+    __slots__ = (
+        "dedup",
+        "excepted",
+        "guest",
+        "ident",
+        "key",
+        "limited",
+        "pending",
+        "rate_count",
+        "rate_start",
+        "recent_writable",
+        "unsupported_reported",
+    )
 
     def __init__(self, guest: Any, ident: dict, excepted: frozenset[str]) -> None:
         self.key = guest.key
@@ -118,8 +129,7 @@ class StormControl:
             self.stats["rate_limited"] += count
             self._limited_vms.add(st.key)
             deadline = st.rate_start + self._rate_ns
-            if deadline < self.next_deadline_ns:
-                self.next_deadline_ns = deadline
+            self.next_deadline_ns = min(self.next_deadline_ns, deadline)
             return False
         st.rate_count += 1
         return True
@@ -134,8 +144,7 @@ class StormControl:
             st.dedup[dkey] = _Dedup(time_ns, finding)
             deadline = time_ns + self._dedup_ns
             self._dedup_expiry.append((deadline, st.key, dkey))
-            if deadline < self.next_deadline_ns:
-                self.next_deadline_ns = deadline
+            self.next_deadline_ns = min(self.next_deadline_ns, deadline)
         else:
             self.stats["dedup_overflow"] += 1
         out.append(finding)
