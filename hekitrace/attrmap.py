@@ -30,9 +30,10 @@ slow validator that tests call after every operation and the daemon never calls
 
 from __future__ import annotations
 
+import builtins
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
-from itertools import chain, islice
+from itertools import chain, islice, pairwise
 
 GFN_LIMIT = 1 << 52
 """Exclusive upper bound of gfns, so range ends go up to 2**52 inclusive.
@@ -150,7 +151,7 @@ def _cut(b: list[int], v: list[int], size: int) -> tuple[list[list[int]], list[l
     n = len(b)
     k = max(1, -(-n // size))
     edges = [n * i // k for i in range(k + 1)]
-    pairs = list(zip(edges, edges[1:]))
+    pairs = list(pairwise(edges))
     return [b[x:y] for x, y in pairs], [v[x:y] for x, y in pairs]
 
 
@@ -174,7 +175,7 @@ def _diff(ab: list[int], av: list[int], bb: list[int], bv: list[int]
     while i < na or j < nb:
         x = ab[i] if i < na else past
         y = bb[j] if j < nb else past
-        nxt = x if x < y else y
+        nxt = x if x < y else y  # noqa: FURB136 - hot loop: no min() call
         if mine != theirs:
             yield (pos, nxt, mine, theirs)
         if x == nxt:
@@ -195,7 +196,7 @@ class AttrMap:
     block boundaries); it never changes results.
     """
 
-    __slots__ = ("_bb", "_bv", "_mins", "_half", "_max", "_min")
+    __slots__ = ("_bb", "_bv", "_half", "_max", "_min", "_mins")
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __init__(self, *, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
@@ -237,7 +238,7 @@ class AttrMap:
             mins.append(start)
             return [(start, end, 0, add)]
         bi = bisect_right(mins, start) - 1
-        if bi < 0:
+        if bi < 0:  # noqa: PLR1730 - hot path: no max() call
             bi = 0
         merged = bi + 1 < len(mins) and mins[bi + 1] <= end
         if merged:
@@ -359,7 +360,7 @@ class AttrMap:
             i = 0
         return cur, points, values
 
-    def values_in(self, start: int, end: int) -> set[int]:
+    def values_in(self, start: int, end: int) -> builtins.set[int]:
         """Distinct values over gfns [start, end), 0 included if any page there is unset."""
         cur, _, values = self._inside(start, end)
         found = set(values)

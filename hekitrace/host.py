@@ -16,6 +16,8 @@ PRIVATE where Heki bits were set (not a combination any Heki build supported).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hekitrace.abi import AbiProfile
 from hekitrace.attrmap import AttrMap
 from hekitrace.changes import Anomaly, Change, MapChange, VmKey
@@ -59,7 +61,7 @@ _new = tuple.__new__
 class MemslotInfo:
     """One memslot: ``size_bytes`` at guest-physical ``gpa``, backed by VMM address ``hva``."""
 
-    __slots__ = ("gpa", "size_bytes", "hva", "flags")
+    __slots__ = ("flags", "gpa", "hva", "size_bytes")
 
     def __init__(self, gpa: int, size_bytes: int, hva: int, flags: int) -> None:
         self.gpa = gpa
@@ -80,10 +82,27 @@ class Guest:
     "no attribute" (default RWX).
     """
 
-    __slots__ = ("key", "name", "uuid", "vmm", "pid", "created_ns", "destroyed_ns",
-                 "requested", "applied", "memslots", "pinned_cr", "lockdown_ns",
-                 "counters", "degraded_reasons", "preexisting", "heki_applied_seen",
-                 "_slot_gfns", "vm_fd", "stats_path")
+    __slots__ = (
+        "_slot_gfns",
+        "applied",
+        "counters",
+        "created_ns",
+        "degraded_reasons",
+        "destroyed_ns",
+        "heki_applied_seen",
+        "key",
+        "lockdown_ns",
+        "memslots",
+        "name",
+        "pid",
+        "pinned_cr",
+        "preexisting",
+        "requested",
+        "stats_path",
+        "uuid",
+        "vm_fd",
+        "vmm",
+    )
 
     def __init__(self, key: VmKey, *, name: str = "", uuid: str = "", vmm: str = "",
                  preexisting: bool = False, vm_fd: int = -1, stats_path: str = "") -> None:
@@ -191,7 +210,7 @@ class Host:
         self.counted_kinds: dict[type, str] = {
             cls: NAME_OF[cls] for cls in (Hypercall, Fault, CrWrite)}
         self._counted = self.counted_kinds
-        self._dispatch = {
+        self._dispatch: dict[type, Callable[..., Change]] = {
             VmCreated: self._vm_created,
             VmDestroyed: self._vm_destroyed,
             Memslot: self._memslot,
