@@ -12,7 +12,8 @@ Replaying a trace through this class is therefore "exactly the daemon's state an
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from hekitrace.changes import NO_CHANGE, Change
 from hekitrace.events import KIND_OF, NAME_OF, Event, Lost
@@ -62,13 +63,13 @@ class Pipeline:
         if etype in self._by_type:
             self._by_type[etype] += 1
         if etype is Lost:
-            key = (event.stage, event.reason)
-            self.lost[key] = self.lost.get(key, 0) + (event.count if event.count > 0 else 0)
+            key = (event.stage, event.reason)  # type: ignore[union-attr]  # etype is Lost
+            self.lost[key] = self.lost.get(key, 0) + (event.count if event.count > 0 else 0)  # type: ignore[union-attr, operator]  # noqa: FURB136 - etype is Lost; hot path: no max() call
         change = self.host.apply(event)
         policy = self.policy
         findings = policy.evaluate(change, self.host)
         now = event.time_ns
-        if now > self.last_event_ns:
+        if now > self.last_event_ns:  # noqa: PLR1730 - hot path: no max() call
             self.last_event_ns = now
         if now >= policy.next_deadline_ns:
             findings += policy.tick(now)
@@ -104,6 +105,7 @@ class Pipeline:
         new = tuple.__new__
         out: list[Finding] = []
         last = self.last_event_ns
+        key: Any  # a VmKey on the fast path, a (stage, reason) pair for Lost
         for event in events:
             etype = type(event)
             try:
@@ -124,7 +126,7 @@ class Pipeline:
                     if st is not None:
                         guest.counters[name] += 1
                         change = new(Change, (event, key, (), None, (), (), None, ()))
-                        findings = []
+                        findings: list[Finding] = []
                         if rule is not None:
                             try:
                                 rule(change, event, st, guest, findings)
@@ -132,12 +134,12 @@ class Pipeline:
                                 rule_failed(error)
             if change is None:
                 if etype is Lost:
-                    key = (event.stage, event.reason)
-                    lost[key] = lost.get(key, 0) + (event.count if event.count > 0 else 0)
+                    key = (event.stage, event.reason)  # type: ignore[union-attr]  # etype is Lost
+                    lost[key] = lost.get(key, 0) + (event.count if event.count > 0 else 0)  # type: ignore[union-attr, operator]  # noqa: FURB136 - etype is Lost; hot path: no max() call
                 change = apply(event)
                 findings = evaluate(change, host)
             now = event.time_ns
-            if now > last:
+            if now > last:  # noqa: PLR1730 - hot path: no max() call
                 last = now
             if now >= policy.next_deadline_ns:
                 findings += policy.tick(now)
