@@ -163,6 +163,19 @@ class DaemonProcess:
         self.notify.close()
 
 
+def wait_for(predicate, what: str, daemon: DaemonProcess, timeout: float = 60.0):
+    """Poll ``predicate`` until it returns something truthy (and return that); on timeout
+    fail naming ``what``, the last value and the daemon's stderr."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last: {last})\n{daemon.stderr()}")
+
+
 def metric_value(text: str, series: str) -> float | None:
     """Value of one exact series line (``name{labels}``) in an exposition, or None."""
     for line in text.splitlines():

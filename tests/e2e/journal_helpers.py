@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import time
 from pathlib import Path
 
 from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs
@@ -80,17 +79,6 @@ def new_vm() -> Vmm:
     vm.add_memslot(LIST_BASE, 4 << 20)
     vm.add_memslot(DATA_BASE, 4 << 20)
     return vm
-
-
-def wait_for(predicate, what: str, daemon: DaemonProcess, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last})\n{daemon.stderr()}")
 
 
 CHILD_VMM = r"""

@@ -11,11 +11,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value
+from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vmm import Vmm
@@ -41,16 +40,6 @@ def prog_fd_by_id(prog_id: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"BPF_PROG_GET_FD_BY_ID {prog_id}: {os.strerror(err)}")
     return fd
-
-
-def wait_for(predicate, what: str, daemon: DaemonProcess, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}\nstderr:\n{daemon.stderr()}")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value
+from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value, wait_for
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
@@ -90,17 +90,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def wait_for(predicate, what: str, daemon: DaemonProcess, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what} (last: {last})\n{daemon.stderr()}")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect, wait_for
+from daemon_proc import wait_for
+from journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect
 
 from hekitrace.control import ControlClient
 from hekitrace.journal import scan

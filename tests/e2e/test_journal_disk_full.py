@@ -12,8 +12,8 @@ import os
 import subprocess
 
 import pytest
-from daemon_proc import metric_value
-from journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect, wait_for
+from daemon_proc import metric_value, wait_for
+from journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect
 
 from hekitrace.control import ControlClient
 

@@ -30,7 +30,7 @@ import threading
 import time
 
 import pytest
-from daemon_proc import metric_value
+from daemon_proc import metric_value, wait_for
 from journal_helpers import (
     CHILD_VMM,
     TESTS,
@@ -39,7 +39,6 @@ from journal_helpers import (
     k_of,
     new_vm,
     send_protect,
-    wait_for,
 )
 
 from hekitrace.config import load_config
