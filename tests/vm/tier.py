@@ -61,7 +61,7 @@ def boot_tree(flavour: str, src: Path, label: str, times: dict,
     except image.ImageBuildError as e:
         pytest.fail(str(e))
     t1 = time.monotonic()
-    timeout = float(os.environ.get("HEKITRACE_VM_TIMEOUT", 420))
+    timeout = float(os.environ.get("HEKITRACE_VM_TIMEOUT", "420"))
     script = RUN_SH.format(flavour=flavour, extra=payload_args)
     for attempt in range(1, BOOT_ATTEMPTS + 1):
         run_dir = _run_dir(flavour, label)
