@@ -6,6 +6,8 @@
  * page for write faults and one for fetch faults (userspace: Capture.protect_filter_update).
  * One hash lookup and a bit test per fault, no loop, no per-page entries; it measured
  * faster than an LPM trie of aligned prefixes (bench/bench_bpf_cost.py, BENCHMARKS.md).
+ * A per-CPU cache of the last filter word (hk_filter_cache below) skips that lookup for
+ * a run of faults in one 64-page word, e.g. a storm.
  * Heki protects kernel text and rodata (tens to hundreds of MiB): a few hundred buckets
  * of 128 bytes per VM. Not preallocated, so an empty filter costs nothing.
  */
@@ -30,6 +32,25 @@ struct hk_filter_bucket {
 BPF_F_TABLE("hash", u64, struct hk_filter_bucket, hk_fault_filter, 65536,
             BPF_F_NO_PREALLOC);
 
+/* Per-CPU cache of the last filter word looked up, so a storm (or a run of faults in
+ * one unprotected 2 MiB bucket) pays an inlined array read instead of the hash lookup
+ * (~40 ns here, bench/bench_bpf_cost.py). hk_filter_gen is bumped by userspace after
+ * every filter change (Capture.protect_filter_update) and read before the hash, so a
+ * cached word is never used past a change: a fault racing an update sees the old or
+ * the new filter, as it would without the cache. key = filter key | word << 61 (bits
+ * 54-60 of a filter key are always 0); check = xor of the other fields and a salt, so an
+ * entry torn by a same-CPU preemption (test runs) or still zeroed never matches. */
+struct hk_filter_cache {
+    u64 key;
+    u64 gen;
+    u64 write;
+    u64 fetch;
+    u64 check;
+};
+#define HK_FILTER_CACHE_SALT 0x9e3779b97f4a7c15ULL
+BPF_PERCPU_ARRAY(hk_filter_cache, struct hk_filter_cache, 1);
+BPF_ARRAY(hk_filter_gen, u64, 1);
+
 /* storm key: tgid << 40 | gfn (gfn < 2^40 for 52-bit GPAs, tgid <= PID_MAX_LIMIT = 2^22) */
 #define HK_STORM_GFN_BITS 40
 
@@ -45,8 +66,26 @@ struct hk_storm {
     u64 rip;
     u32 vcpu;
     u32 access;
+    u64 hot_slot;       /* 1 + index of the hk_storm_hot slot this entry owns, 0: none */
 };
 BPF_HASH(hk_storms, u64, struct hk_storm, 65536);
+
+/* Hot storm state: while a page owns a slot, its faults are counted here, and a fault
+ * inside the interval costs an inlined array read and an atomic add instead of the
+ * hk_storms lookup (~50 ns here, bench/bench_bpf_cost.py). Slot = hash of the storm
+ * key; a page takes a free slot (key 0, compare-and-swap) when its hk_storms entry is
+ * created, else it counts in hk_storms as before. The hk_storms entry stays the record
+ * of the storm (last fault, last_report_ns); its pending count is its own count plus
+ * the slot's while the slot's key is its key. Userspace (engine.py flush_storms) reads
+ * both, and frees the slot (zeroes it) before deleting the entry. */
+struct hk_storm_hot {
+    u64 key;                  /* storm key of the owner, 0: free */
+    u64 count;                /* faults not reported yet */
+    u64 first_ns;             /* boot ns of the first of them */
+    u64 last_report_jiffies;
+};
+#define HK_STORM_HOT_BITS 12
+BPF_ARRAY(hk_storm_hot, struct hk_storm_hot, 1 << HK_STORM_HOT_BITS);
 
 static __always_inline u32 hk_fault_access(u64 ec)
 {
@@ -131,16 +170,39 @@ static __always_inline int hk_fault(struct hk_vcpu_src *v, u64 gpa, u64 ec)
         return 0;
     u32 tgid = hk_tgid();
     u64 fk = (u64)tgid << 32 | ((gpa >> 21) & 0xffffffffULL);
-    struct hk_filter_bucket *b = hk_fault_filter.lookup(&fk);
-    if (!b)
-        return 0;
     u32 word = (gpa >> 18) & 7;          /* (gfn & 511) / 64 */
     u64 bit = 1ULL << ((gpa >> 12) & 63);
+    u64 ck = fk | (u64)word << 61;
+    u32 zero = 0;
+    u64 *genp = hk_filter_gen.lookup(&zero);
+    struct hk_filter_cache *c = hk_filter_cache.lookup(&zero);
+    if (!genp || !c)
+        return 0;
+    u64 gen = *genp;
+    u64 w, f;
+    if (c->key == ck && c->gen == gen &&
+        (c->check ^ ck ^ gen ^ c->write ^ c->fetch) == HK_FILTER_CACHE_SALT) {
+        w = c->write;
+        f = c->fetch;
+    } else {
+        struct hk_filter_bucket *b = hk_fault_filter.lookup(&fk);
+        w = 0;
+        f = 0;
+        if (b) {
+            w = b->write[word];
+            f = b->fetch[word];
+        }
+        c->key = ck;
+        c->gen = gen;
+        c->write = w;
+        c->fetch = f;
+        c->check = ck ^ gen ^ w ^ f ^ HK_FILTER_CACHE_SALT;
+    }
     u64 want = 0;
     if (acc & HK_ACC_WRITE)
-        want |= b->write[word];
+        want |= w;
     if (acc & HK_ACC_FETCH)
-        want |= b->fetch[word];
+        want |= f;
     if (!(want & bit))
         return 0;
 
@@ -151,6 +213,36 @@ static __always_inline int hk_fault(struct hk_vcpu_src *v, u64 gpa, u64 ec)
      * resolution is plenty for a report interval. Boot-clock stamps are taken only where
      * a record or the flush needs them. */
     u64 now = bpf_jiffies64();
+    u32 hs = (u32)((sk * 0x9e3779b97f4a7c15ULL) >> (64 - HK_STORM_HOT_BITS));
+    struct hk_storm_hot *hot = hk_storm_hot.lookup(&hs);
+    if (!hot)
+        return 0;
+    if (hot->key == sk) {
+        /* the storm path: one array read, one atomic add */
+        if (__sync_fetch_and_add(&hot->count, 1) == 0)
+            hot->first_ns = bpf_ktime_get_boot_ns();
+        if (now - hot->last_report_jiffies < HK_FAULT_INTERVAL_JIFFIES)
+            return 0;
+        u64 first = hot->first_ns;
+        u64 count = __sync_lock_test_and_set(&hot->count, 0);
+        hot->last_report_jiffies = now;
+        struct hk_storm *st = hk_storms.lookup(&sk);
+        if (st) {
+            /* faults counted in the entry (before the slot was taken) */
+            u64 first2 = st->first_ns;
+            u64 more = __sync_lock_test_and_set(&st->count, 0);
+            if (more) {
+                if (!count || first2 < first)
+                    first = first2;
+                count += more;
+            }
+            st->last_report_jiffies = now;
+            st->last_report_ns = bpf_ktime_get_boot_ns();
+        }
+        if (!count)
+            return 0;
+        return hk_fault_emit(tgid, v, acc, gpa, ec, count, first, st);
+    }
     struct hk_storm *st = hk_storms.lookup(&sk);
     if (!st) {
         struct hk_storm fresh = {};
@@ -161,6 +253,13 @@ static __always_inline int hk_fault(struct hk_vcpu_src *v, u64 gpa, u64 ec)
         /* if the storm table is full every fault is sent: costly but nothing is hidden */
         hk_storms.update(&sk, &fresh);
         st = hk_storms.lookup(&sk);
+        if (st && hot->key == 0) {
+            /* take the free slot; the gate is set first so a fault on another CPU that
+             * sees the new key does not report at once */
+            hot->last_report_jiffies = now;
+            if (__sync_val_compare_and_swap(&hot->key, 0, sk) == 0)
+                st->hot_slot = hs + 1;
+        }
         return hk_fault_emit(tgid, v, acc, gpa, ec, 1, boot, st);
     }
     if (__sync_fetch_and_add(&st->count, 1) == 0)

@@ -238,26 +238,39 @@ class Capture:
         report is older than the interval and that hold a count are read and deleted here
         (a later fault recreates the entry and is reported at once). A fault landing
         between the read and the delete is the one count this can miss; entries idle for
-        ten intervals are deleted to keep the table small.
+        ten intervals are deleted to keep the table small. A page that owns a
+        ``hk_storm_hot`` slot (bpf/fault.c) has its count there too; the slot is freed
+        with its entry.
         """
         if epoch_offset_ns is None:
             epoch_offset_ns = _boot_to_epoch_ns()
         table = self.bpf[b"hk_storms"]
+        hot = self.bpf[b"hk_storm_hot"]   # bpf/fault.c: counts of pages owning a slot
         now_boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         interval = int(self.settings.fault_report_interval_seconds * 1e9)
         out: list[Event] = []
         stale = []
         for key, st in table.items():
+            count, first, slot = st.count, st.first_ns, None
+            if st.hot_slot:
+                h = hot[hot.Key(st.hot_slot - 1)]
+                if h.key == key.value:
+                    slot = st.hot_slot - 1
+                    if h.count and (not count or h.first_ns < first):
+                        first = h.first_ns
+                    count += h.count
             idle = now_boot - st.last_report_ns
-            if st.count and idle >= interval:
-                stale.append(key)
+            if count and idle >= interval:
+                stale.append((key, slot))
                 out.append(Fault(now_boot + epoch_offset_ns, key.value >> STORM_GFN_BITS, 0,
                                  st.vcpu, st.gpa,
-                                 st.error_code, st.rip, st.access, st.count,
-                                 st.first_ns + epoch_offset_ns))
-            elif not st.count and idle >= 10 * interval:
-                stale.append(key)
-        for key in stale:
+                                 st.error_code, st.rip, st.access, count,
+                                 first + epoch_offset_ns))
+            elif not count and idle >= 10 * interval:
+                stale.append((key, slot))
+        for key, slot in stale:
+            if slot is not None:             # free the slot before its entry goes
+                hot[hot.Key(slot)] = hot.Leaf()
             try:
                 del table[key]
             except KeyError:
@@ -320,6 +333,9 @@ class Capture:
             except Exception:  # noqa: BLE001 (bcc raises plain Exception, e.g. map full)
                 failed += 1
         self._filter_keys[tgid] = list(new)
+        # bpf/fault.c caches filter words per CPU: a new generation invalidates them
+        gen = self.bpf[b"hk_filter_gen"]
+        gen[gen.Key(0)] = gen.Leaf(gen[gen.Key(0)].value + 1)
         if failed:
             raise AttachError(f"{failed} of {len(new)} fault-filter buckets of pid {tgid} "
                               "could not be written (hk_fault_filter full? 65536 buckets of "
