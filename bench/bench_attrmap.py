@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import platform
 import random
 import sys
@@ -274,22 +275,47 @@ def fit_prefix(update: Callable, build: Callable, ranges: list, updates: list[Up
     return max(probe, min(len(updates), int(budget_s / max(t / probe, 1e-9))))
 
 
-def scaling(seed: int, repeat: int) -> int:
-    """AttrMap alone at growing sizes: shows the O(n) memmove of a splice taking over."""
-    print("| stored ranges | updates/s | point queries/s |")
-    print("|---:|---:|---:|")
+def load_attrmap(path: str) -> type[AttrMap]:
+    """``AttrMap`` from another copy of attrmap.py (say the previous commit's, from
+    ``git show HEAD~1:hekitrace/attrmap.py > /tmp/old_attrmap.py``), for an A/B in one run."""
+    spec = importlib.util.spec_from_file_location("attrmap_against", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--against {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.AttrMap  # type: ignore[no-any-return]
+
+
+def scaling(seed: int, repeat: int, against: str | None = None) -> int:
+    """AttrMap alone at growing sizes: shows the O(n) memmove of a splice taking over.
+
+    With ``against``, another AttrMap (a path to its attrmap.py) runs the same workload,
+    interleaved with this one, and gets its own columns."""
+    classes: dict[str, type[AttrMap]] = {"": AttrMap}
+    if against:
+        classes[" (--against)"] = load_attrmap(against)
+    head = " | ".join(f"updates/s{tag} | point queries/s{tag} | bytes/range{tag}"
+                      for tag in classes)
+    print(f"| stored ranges | {head} |")
+    print("|---:" * (1 + 3 * len(classes)) + "|")
     for count in (1_000, 10_000, 100_000, 1_000_000):
         rng = random.Random(seed)
         ranges = make_ranges(rng, count)
         span = ranges[-1][1]
         updates = make_updates(rng, span, 100_000)
         gfns = [rng.randrange(0, span) for _ in range(100_000)]
-        up = q = float("inf")
+        up = dict.fromkeys(classes, float("inf"))
+        q = dict.fromkeys(classes, float("inf"))
         for _ in range(repeat):
-            m = am_build(ranges)
-            up = min(up, timed(lambda: am_update(m, updates)))
-            q = min(q, timed(lambda: am_query(m, gfns)))
-        print(f"| {count:,} | {len(updates) / up:,.0f} | {len(gfns) / q:,.0f} |")
+            for tag, cls in classes.items():  # interleaved: load hits both alike
+                m = cls.from_list(ranges)
+                up[tag] = min(up[tag], timed(lambda: am_update(m, updates)))
+                q[tag] = min(q[tag], timed(lambda: am_query(m, gfns)))
+        cells = " | ".join(
+            f"{len(updates) / up[tag]:,.0f} | {len(gfns) / q[tag]:,.0f} | "
+            f"{memory_per_range(cls.from_list, seed, count):,.0f}"
+            for tag, cls in classes.items())
+        print(f"| {count:,} | {cells} |")
     return 0
 
 
@@ -308,9 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=20261125, help="(default: %(default)s)")
     parser.add_argument("--scaling", action="store_true",
                         help="only AttrMap: updates/s and queries/s at 1k..1M ranges")
+    parser.add_argument("--against", metavar="ATTRMAP_PY",
+                        help="with --scaling: also time the AttrMap of this attrmap.py file, "
+                        "interleaved (default: none)")
     args = parser.parse_args(argv)
     if args.scaling:
-        return scaling(args.seed, args.repeat)
+        return scaling(args.seed, args.repeat, args.against)
 
     rng = random.Random(args.seed)
     ranges = make_ranges(rng, args.ranges)

@@ -92,6 +92,11 @@ def main() -> int:
     print(f"RSS before state: {base_kib / 1024:.1f} MiB (python + hekitrace + prometheus_client)")
     print(f"RSS with state:   {state_kib / 1024:.1f} MiB (peak {rss_kib('VmHWM') / 1024:.1f} MiB)"
           f"; state alone {(state_kib - base_kib) / 1024:.1f} MiB; target < 200 MB")
+    stored = sum(r + a for r, a in sizes)
+    verdict = "meets" if state_kib * 1024 < 200e6 else "MISSES"
+    print(f"                  = {state_kib * 1024 / 1e6:.1f} MB ({verdict} the 200 MB target); "
+          f"state per stored range {(state_kib - base_kib) * 1024 / stored:.1f} bytes "
+          f"({stored:,} ranges)")
     print(f"built in {build_seconds:.1f} s ({2 * args.vms * args.ranges / build_seconds:,.0f} "
           f"ranges/s through Host.apply)")
     print(f"/metrics render ({size} bytes), median of 5: {daemon_scrape * 1000:.1f} ms with the "
