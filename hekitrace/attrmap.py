@@ -17,6 +17,20 @@ fragments its memory on purpose could exploit. Nothing is ever per page, so a ra
 2**52 pages costs the same as one page. Adjacent stored ranges cost one breakpoint each,
 ranges separated by gaps two.
 
+Memory decides how breakpoints are stored. In a list, each costs an 8-byte slot plus a
+32-byte int object; in an ``array('q')`` it costs 8 bytes. A map that grows to
+``_ARRAY_BLOCKS`` blocks (8k-16k breakpoints) turns every block into an array, which is what
+keeps 100 guests x 2 maps x 10k ranges under 200 MB (BENCHMARKS.md, "Daemon memory"). Arrays
+are slower for small maps, because every probe of a bisect into an array creates an int: all
+arrays made updates of a 1k-range map 17% slower and the pipeline 10-13% slower on its
+~200-range guests, so smaller maps (most guests) keep lists. At 10k ranges arrays cost 8-15%
+of the update rate and 5-10% of the query rate; at 100k updates are even and queries 30%
+faster, at 1M both are faster (updates 16-26%, queries 60-75%), because contiguous
+breakpoints stay in cache where a list's ints are spread over the heap. A map never turns
+back to lists, so its blocks are all lists or all arrays. Values stay in lists: Heki values
+are small ints, which CPython shares, so a value costs its 8-byte slot either way (a value
+above 256 adds a 32-byte int object).
+
 The public view is the contract of docs/internals.md ("AttrMap"): half-open ranges
 ``[start, end)`` with non-zero values ("stored ranges"), 0 meaning "no attribute", exactly as
 ``kvm_vm_set_mem_attributes()`` stores NULL for 0 (reference/heki-kvm.md 2.3).
@@ -31,9 +45,16 @@ slow validator that tests call after every operation and the daemon never calls
 from __future__ import annotations
 
 import builtins
+from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice, pairwise
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    Points: TypeAlias = "list[int] | array[int]"
 
 GFN_LIMIT = 1 << 52
 """Exclusive upper bound of gfns, so range ends go up to 2**52 inclusive.
@@ -51,6 +72,18 @@ Segment = tuple[int, int, int]
 
 ChangedSegment = tuple[int, int, int, int]
 """``(gfn_start, gfn_end, old, new)``: a uniform range of pages whose value changed."""
+
+_GFN_TYPE = "q"
+"""Typecode of breakpoint arrays: a C int64 per gfn (breakpoints are at most 2**52)."""
+
+_ARRAY_BLOCKS = 16
+"""A map that reaches this many blocks stores breakpoints in arrays from then on.
+
+Below it a map holds at most 16 x 1024 breakpoints in lists (about 0.8 MB), so 200 such maps
+stay under 160 MB; a map of 10k ranges separated by gaps (20k breakpoints, blocks of at most
+1024) always has more than 16 blocks, so it is compact. Speed (``bench/bench_attrmap.py
+--scaling --against`` an all-list attrmap.py): arrays cost 17% of the update rate at 1k
+ranges, 8-15% at 10k, about nothing at 100k and gain 16-26% at 1M."""
 
 DEFAULT_BLOCK_SIZE = 512
 """Breakpoints per block. Measured with ``bench/bench_attrmap.py --scaling``: blocks of a few
@@ -99,7 +132,7 @@ def _set_error(start: object, end: object, attrs: object, mask: object) -> Excep
     return _range_error(start, end)
 
 
-def _rebuild(b: list[int], v: list[int], p: int, q: int, before: int, start: int, end: int,
+def _rebuild(b: Points, v: list[int], p: int, q: int, before: int, start: int, end: int,
              keep: int, add: int) -> list[ChangedSegment]:
     """The general case of :meth:`AttrMap.set` on one block: breakpoints ``b[p:q]`` lie in
     [start, end] and ``before`` is the value just before ``start``. Rewrites that slice
@@ -140,14 +173,18 @@ def _rebuild(b: list[int], v: list[int], p: int, q: int, before: int, start: int
     if after != last:
         newb.append(end)
         newv.append(after)
-    b[p:q] = newb
+    if isinstance(b, list):
+        b[p:q] = newb
+    else:
+        b[p:q] = array(_GFN_TYPE, newb)
     v[p:q] = newv
     return changes
 
 
-def _cut(b: list[int], v: list[int], size: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Cut parallel lists into ceil(n / size) blocks of near-equal length (never a runt:
-    every block of a cut of more than ``size`` items holds at least size / 2)."""
+def _cut(b: Points, v: list[int], size: int) -> tuple[list[Points], list[list[int]]]:
+    """Cut parallel breakpoints and values into ceil(n / size) blocks of near-equal length
+    (never a runt: every block of a cut of more than ``size`` items holds at least size /
+    2). Blocks are slices, so of the kind ``b`` is."""
     n = len(b)
     k = max(1, -(-n // size))
     edges = [n * i // k for i in range(k + 1)]
@@ -202,7 +239,9 @@ class AttrMap:
     def __init__(self, *, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         if type(block_size) is not int or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        self._bb: list[list[int]] = []   # blocks of breakpoints (gfns), each non-empty
+        # blocks of breakpoints (gfns), each non-empty: all lists, or all arrays from the
+        # time the map first reached _ARRAY_BLOCKS blocks
+        self._bb: list[Points] = []
         self._bv: list[list[int]] = []   # the values starting at those breakpoints
         self._mins: list[int] = []       # _mins[i] == _bb[i][0], for the first bisect
         self._half = block_size           # size of blocks made by a split
@@ -245,9 +284,12 @@ class AttrMap:
             # The breakpoints in [start, end] span blocks: make them one block (rare; the
             # cost is the blocks' size, and _fix splits the result again).
             bj = bisect_right(mins, end)
-            self._bb[bi:bj] = [list(chain.from_iterable(self._bb[bi:bj]))]
-            self._bv[bi:bj] = [list(chain.from_iterable(self._bv[bi:bj]))]
-            del mins[bi + 1:bj]
+            bb, bv = self._bb, self._bv
+            joined, joined_values = bb[bi], bv[bi]
+            for k in range(bi + 1, bj):
+                joined += bb[k]  # type: ignore[operator]  # same kind: all lists or all arrays
+                joined_values += bv[k]
+            del bb[bi + 1:bj], bv[bi + 1:bj], mins[bi + 1:bj]
         b = self._bb[bi]
         v = self._bv[bi]
         p = bisect_left(b, start)       # first breakpoint >= start
@@ -264,7 +306,11 @@ class AttrMap:
                 if merged:
                     self._fix(bi)
                 return []
-            b[p:p] = (start, end)
+            if isinstance(b, list):
+                b[p:p] = (start, end)
+            else:  # two inserts beat building a 2-item array for a slice assignment
+                b.insert(p, end)
+                b.insert(p, start)
             v[p:p] = (new, before)
             if merged or not p or len(b) > self._max:
                 self._fix(bi)
@@ -286,7 +332,7 @@ class AttrMap:
             return
         if n < self._min and len(bb) > 1:
             j = bi if bi + 1 < len(bb) else bi - 1
-            bb[j:j + 2] = [bb[j] + bb[j + 1]]
+            bb[j:j + 2] = [bb[j] + bb[j + 1]]  # type: ignore[operator]  # of one kind
             bv[j:j + 2] = [bv[j] + bv[j + 1]]
             del mins[j + 1]
             bi = j
@@ -297,6 +343,8 @@ class AttrMap:
             bb[bi:bi + 1] = pieces_b
             bv[bi:bi + 1] = pieces_v
             mins[bi:bi + 1] = [piece[0] for piece in pieces_b]
+            if len(bb) >= _ARRAY_BLOCKS and isinstance(b, list):
+                self._bb = [array(_GFN_TYPE, block) for block in bb]
         else:
             mins[bi] = b[0]
 
@@ -307,9 +355,9 @@ class AttrMap:
         self._mins.clear()
 
     def copy(self) -> AttrMap:
-        """An independent copy (O(n) at C speed: list copies; values are ints)."""
+        """An independent copy (O(n) at C speed: list and array copies; values are ints)."""
         other = AttrMap.__new__(AttrMap)
-        other._bb = [b.copy() for b in self._bb]
+        other._bb = [b[:] for b in self._bb]
         other._bv = [v.copy() for v in self._bv]
         other._mins = self._mins.copy()
         other._half, other._max, other._min = self._half, self._max, self._min
@@ -322,6 +370,8 @@ class AttrMap:
     def _load_flat(self, b: list[int], v: list[int]) -> None:
         """Replace the content with flat breakpoint/value lists, cut into blocks."""
         self._bb, self._bv = _cut(b, v, self._half) if b else ([], [])
+        if len(self._bb) >= _ARRAY_BLOCKS:
+            self._bb = [array(_GFN_TYPE, block) for block in self._bb]
         self._mins = [piece[0] for piece in self._bb]
 
     # -- queries ---------------------------------------------------------------------------
@@ -510,7 +560,16 @@ class AttrMap:
         if not len(bb) == len(bv) == len(mins):
             problems.append(f"{len(bb)} breakpoint blocks, {len(bv)} value blocks, "
                             f"{len(mins)} block minimums")
+        big = len(bb) >= _ARRAY_BLOCKS
+        arrays = big or (bool(bb) and type(bb[0]) is array)
         for k, (kb, kv) in enumerate(zip(bb, bv)):
+            if ((arrays and not (type(kb) is array and kb.typecode == _GFN_TYPE))
+                    or (not arrays and type(kb) is not list)):
+                problems.append(f"block {k} of {len(bb)}: breakpoints in a {type(kb).__name__}"
+                                f", expected {'an array(q)' if arrays else 'a list'}: blocks "
+                                f"are all lists or all arrays, arrays from {_ARRAY_BLOCKS} on")
+            if type(kv) is not list:
+                problems.append(f"block {k}: values in a {type(kv).__name__}, expected a list")
             if not kb or len(kb) != len(kv):
                 problems.append(f"block {k}: {len(kb)} breakpoints, {len(kv)} values")
             elif k < len(mins) and mins[k] != kb[0]:
