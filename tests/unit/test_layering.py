@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "hekitrace"
 #: the contract's leaves: import nothing from hekitrace (changes may import events)
 LEAVES = {"errors", "events", "abi", "attrmap", "changes", ""}   # "" = hekitrace/__init__
 LEAF_EXCEPTIONS = {"changes": {"events"}}
-SOURCES = {"trace", "sim"}
+SOURCES = {"trace", "tracecodec", "sim"}
 SINKS = {"metrics", "alerts", "control", "journal"}
 WIRING = {"daemon", "pipeline", "cli", "__main__"}
 
@@ -197,3 +197,11 @@ def test_split_out_helpers_stay_leaves(module):
     """Helpers split out of a layer (config's YAML machinery) import only leaves, so any
     layer may use them; if one starts importing a layer it must be placed in the table."""
     assert module in GRAPH and module in _leaves(GRAPH), GRAPH.get(module)
+
+
+@pytest.mark.parametrize("codec", ["tracecodec"])
+def test_trace_codecs_never_import_the_trace_file_format(codec):
+    """The arrow between sources: ``trace`` (header, blocks, reader, writer) imports the
+    record codecs, never the other way, so a codec can be used and read on its own."""
+    assert codec in GRAPH and "trace" in GRAPH and codec in GRAPH["trace"]
+    assert "trace" not in GRAPH[codec], GRAPH[codec]

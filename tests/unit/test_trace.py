@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hekitrace import trace
+from hekitrace import trace, tracecodec
 from hekitrace.errors import TraceFormatError
 from hekitrace.events import (
     AttrApplied,
@@ -291,7 +291,7 @@ def test_unencodable_event_is_a_clear_error(tmp_path):
 def test_unknown_kind_record_is_skipped_by_length(tmp_path):
     path = _binary(tmp_path, [])
     record = struct.pack("<BI", 99, 3) + b"abc"
-    good = trace.encode_event(SAMPLE[3])
+    good = tracecodec.encode_event(SAMPLE[3])
     payload = record + good
     import zlib
     with open(path, "ab") as f:
