@@ -26,7 +26,8 @@ from hekitrace.journal import expand_paths
 from hekitrace.pipeline import Pipeline
 from hekitrace.policy import Finding, format_time
 from hekitrace.render.table import human_pages
-from hekitrace.trace import TraceHeader, TraceProblem, TraceReader, open_trace, parse_time
+from hekitrace.trace import TraceHeader, TraceProblem, TraceReader, open_trace
+from hekitrace.tracejson import parse_time
 
 EXIT_CRITICAL = 1
 EXIT_PROBLEMS = 4

@@ -14,7 +14,8 @@ import sys
 from hekitrace import sim, simpages
 from hekitrace.abi import HEKI_V2
 from hekitrace.errors import UsageError
-from hekitrace.trace import TraceHeader, TraceWriter, parse_time
+from hekitrace.trace import TraceHeader, TraceWriter
+from hekitrace.tracejson import parse_time
 
 EPILOG = """scenarios:
   clean-boot, module-load-unload, bpf-jit, text-poke, confidential-vm, multi-vm:

@@ -93,7 +93,8 @@ def main() -> int:
         import hekitrace.config
         import hekitrace.control
         import hekitrace.trace
-        import hekitrace.tracecodec  # noqa: F401
+        import hekitrace.tracecodec
+        import hekitrace.tracejson  # noqa: F401
     atheris.Setup([sys.argv[0]] + sys.argv[2:], target)
     atheris.Fuzz()
     return 0

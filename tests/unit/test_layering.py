@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "hekitrace"
 #: the contract's leaves: import nothing from hekitrace (changes may import events)
 LEAVES = {"errors", "events", "abi", "attrmap", "changes", ""}   # "" = hekitrace/__init__
 LEAF_EXCEPTIONS = {"changes": {"events"}}
-SOURCES = {"trace", "tracecodec", "sim"}
+SOURCES = {"trace", "tracecodec", "tracejson", "sim"}
 SINKS = {"metrics", "alerts", "control", "journal"}
 WIRING = {"daemon", "pipeline", "cli", "__main__"}
 
@@ -199,7 +199,7 @@ def test_split_out_helpers_stay_leaves(module):
     assert module in GRAPH and module in _leaves(GRAPH), GRAPH.get(module)
 
 
-@pytest.mark.parametrize("codec", ["tracecodec"])
+@pytest.mark.parametrize("codec", ["tracecodec", "tracejson"])
 def test_trace_codecs_never_import_the_trace_file_format(codec):
     """The arrow between sources: ``trace`` (header, blocks, reader, writer) imports the
     record codecs, never the other way, so a codec can be used and read on its own."""
