@@ -478,10 +478,6 @@ def read_events(path: str | os.PathLike, errors: ErrorSink = None) -> Iterator[E
     return iter(TraceReader(path, errors))
 
 
-#: name used in docs/internals.md
-read_trace = read_events
-
-
 def write_events(path: str | os.PathLike, events: Any, header: TraceHeader | None = None,
                  *, encoding: str = "binary") -> int:
     """Write ``events`` to a new trace at ``path``; returns the number written."""
