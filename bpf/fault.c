@@ -87,6 +87,22 @@ struct hk_storm_hot {
 #define HK_STORM_HOT_BITS 12
 BPF_ARRAY(hk_storm_hot, struct hk_storm_hot, 1 << HK_STORM_HOT_BITS);
 
+/* Count one fault of a storm in (count, first_ns, last_jiffies), the fields shared by a
+ * hot slot and an hk_storms entry. Returns 1 when the report interval has passed: the
+ * gate is moved to now and *first gets the first pending fault's time; the caller then
+ * takes the count (exchange with 0) and sends it. */
+static __always_inline int hk_storm_count(u64 *count, u64 *first_ns, u64 *last_jiffies,
+                                          u64 now, u64 *first)
+{
+    if (__sync_fetch_and_add(count, 1) == 0)
+        *first_ns = bpf_ktime_get_boot_ns();
+    if (now - *last_jiffies < HK_FAULT_INTERVAL_JIFFIES)
+        return 0;
+    *first = *first_ns;
+    *last_jiffies = now;
+    return 1;
+}
+
 static __always_inline u32 hk_fault_access(u64 ec)
 {
     u32 acc = 0;
@@ -219,13 +235,11 @@ static __always_inline int hk_fault(struct hk_vcpu_src *v, u64 gpa, u64 ec)
         return 0;
     if (hot->key == sk) {
         /* the storm path: one array read, one atomic add */
-        if (__sync_fetch_and_add(&hot->count, 1) == 0)
-            hot->first_ns = bpf_ktime_get_boot_ns();
-        if (now - hot->last_report_jiffies < HK_FAULT_INTERVAL_JIFFIES)
+        u64 first = 0;
+        if (!hk_storm_count(&hot->count, &hot->first_ns, &hot->last_report_jiffies, now,
+                            &first))
             return 0;
-        u64 first = hot->first_ns;
         u64 count = __sync_lock_test_and_set(&hot->count, 0);
-        hot->last_report_jiffies = now;
         struct hk_storm *st = hk_storms.lookup(&sk);
         if (st) {
             /* faults counted in the entry (before the slot was taken) */
@@ -262,13 +276,10 @@ static __always_inline int hk_fault(struct hk_vcpu_src *v, u64 gpa, u64 ec)
         }
         return hk_fault_emit(tgid, v, acc, gpa, ec, 1, boot, st);
     }
-    if (__sync_fetch_and_add(&st->count, 1) == 0)
-        st->first_ns = bpf_ktime_get_boot_ns();
-    if (now - st->last_report_jiffies < HK_FAULT_INTERVAL_JIFFIES)
+    u64 first = 0;
+    if (!hk_storm_count(&st->count, &st->first_ns, &st->last_report_jiffies, now, &first))
         return 0;
-    u64 first = st->first_ns;
     u64 count = __sync_lock_test_and_set(&st->count, 0);
-    st->last_report_jiffies = now;
     st->last_report_ns = bpf_ktime_get_boot_ns();
     if (!count)
         return 0;
