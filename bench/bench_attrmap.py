@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import portion  # noqa: E402
 from intervaltree import IntervalTree  # noqa: E402
 
-from hekitrace.attrmap import ALL_BITS, AttrMap  # noqa: E402
+from hekitrace.state.attrmap import ALL_BITS, AttrMap  # noqa: E402
 
 # KVM attribute bits as Heki v2 stores them (reference/heki-kvm.md 1.6): PRIVATE 0x8,
 # HEKI_READ 0x10, HEKI_WRITE 0x20, HEKI_EXEC 0x40, HEKI_IMMUTABLE 0x80.
@@ -277,7 +277,7 @@ def fit_prefix(update: Callable, build: Callable, ranges: list, updates: list[Up
 
 def load_attrmap(path: str) -> type[AttrMap]:
     """``AttrMap`` from another copy of attrmap.py (say the previous commit's, from
-    ``git show HEAD~1:hekitrace/attrmap.py > /tmp/old_attrmap.py``), for an A/B in one run."""
+    ``git show HEAD~1:hekitrace/state/attrmap.py > /tmp/old_attrmap.py``), for an A/B in one run."""
     spec = importlib.util.spec_from_file_location("attrmap_against", path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"--against {path}: not a Python file")

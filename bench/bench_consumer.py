@@ -37,8 +37,8 @@ import platform
 import struct
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 from bcc import BPF
@@ -211,10 +211,10 @@ class _CHypercallRec(ctypes.Structure):
 def bench_real_records(records_per_round: int, rounds: int, batch: int) -> tuple[float, float]:
     """Part 2: hk_flood records, bcc callback vs RingReader + records.decode_batch.
     Returns the best (callback, reader) rates in records/s."""
-    from hekitrace.abi import DEFAULT_PROFILE  # noqa: PLC0415
     from hekitrace.capture import records  # noqa: PLC0415
     from hekitrace.capture.engine import Capture  # noqa: PLC0415
     from hekitrace.capture.loader import CaptureSettings  # noqa: PLC0415
+    from hekitrace.config.abi import DEFAULT_PROFILE  # noqa: PLC0415
 
     ring_bytes = 1 << (records_per_round * 72 - 1).bit_length()
     cap = Capture(settings=CaptureSettings(telemetry_ring_bytes=ring_bytes), attach=False,

@@ -38,11 +38,11 @@ def main() -> int:
 
     from bench_consumer import generate  # noqa: PLC0415
 
-    from hekitrace.abi import DEFAULT_PROFILE  # noqa: PLC0415
     from hekitrace.capture import records  # noqa: PLC0415
     from hekitrace.capture.engine import Capture  # noqa: PLC0415
     from hekitrace.capture.loader import CaptureSettings  # noqa: PLC0415
     from hekitrace.capture.ringbuf import RingReader  # noqa: PLC0415
+    from hekitrace.config.abi import DEFAULT_PROFILE  # noqa: PLC0415
 
     path = os.path.join(args.ref_tree, "hekitrace", "capture", "records.py")
     spec = importlib.util.spec_from_file_location("ref_records", path)

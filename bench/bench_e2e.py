@@ -9,7 +9,7 @@ the generator has filled it (alternating order per round):
 (a) baseline, bcc's callback idiom: ``open_ring_buffer(cb)`` + ``ring_buffer_consume()``,
     the callback doing ``table.event(data)``, building the ``Hypercall`` event and calling
     ``Pipeline.feed(event)`` (same state and rules);
-(b) hekitrace: the real :class:`hekitrace.daemon.Daemon` (started with that capture, its
+(b) hekitrace: the real :class:`hekitrace.service.daemon.Daemon` (started with that capture, its
     HTTP server and control socket on loopback/tmp): ``_on_capture`` (RingReader drain +
     batch decode + loss counters, into the bounded queue) then ``_process`` batches
     (``Pipeline.feed_many`` + findings + metric counters), exactly what its loop runs.
@@ -63,10 +63,10 @@ def main() -> int:
     from hekitrace.capture.engine import Capture
     from hekitrace.capture.loader import CaptureSettings
     from hekitrace.capture.testrun import run_xdp
-    from hekitrace.config import parse_config
-    from hekitrace.daemon import Daemon
-    from hekitrace.events import Hypercall
+    from hekitrace.config.settings import parse_config
     from hekitrace.pipeline import Pipeline
+    from hekitrace.service.daemon import Daemon
+    from hekitrace.state.events import Hypercall
 
     n = args.records
     tmp = tempfile.mkdtemp(prefix="hekitrace-bench-")

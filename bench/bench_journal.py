@@ -15,7 +15,7 @@ a tmpfs), so write and fsync costs are real.
 2. Checkpoint: a 100-VM state with 10k ranges in each map of each VM (bench_memory.py's
    shape), built by events: time to capture+encode+write atomically, its size, and
    time to decode+restore.
-3. Recovery: what a restart does, :class:`hekitrace.recovery.JournalRecovery` on a
+3. Recovery: what a restart does, :class:`hekitrace.journal.recovery.JournalRecovery` on a
    directory holding that checkpoint plus a journal of ``--tail`` stress events after it.
 Nothing is asserted: figures go to BENCHMARKS.md.
 """
@@ -29,12 +29,13 @@ import shutil
 import tempfile
 import time
 
-from hekitrace import checkpoint, sim
-from hekitrace.config import parse_config
-from hekitrace.events import AttrApplied, Memslot, ProtectEntry, ProtectRequest, VmCreated
-from hekitrace.journal import Journal
+from hekitrace.config.settings import parse_config
+from hekitrace.journal import checkpoint
+from hekitrace.journal.recovery import JournalRecovery
+from hekitrace.journal.segments import Journal
 from hekitrace.pipeline import Pipeline
-from hekitrace.recovery import JournalRecovery
+from hekitrace.sim import scenarios
+from hekitrace.state.events import AttrApplied, Memslot, ProtectEntry, ProtectRequest, VmCreated
 
 BATCH = 4096
 T0 = 1_795_000_000_000_000_000
@@ -100,7 +101,7 @@ def main() -> int:
     jdir = os.path.join(base, "journal")
     try:
         config = _config(jdir)
-        events = sim.simulate(["stress"], stress_events=args.events, seed=1)
+        events = scenarios.simulate(["stress"], stress_events=args.events, seed=1)
         # alternated, best of each: a noisy neighbour hits both sides alike
         runs: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.repeat):
@@ -130,7 +131,7 @@ def main() -> int:
         start = time.perf_counter()
         data = checkpoint.encode(1, T0, checkpoint.capture_state(big))
         encoded = time.perf_counter() - start
-        from hekitrace.journal import checkpoint_name, segment_name, write_atomic
+        from hekitrace.journal.segments import checkpoint_name, segment_name, write_atomic
         start = time.perf_counter()
         write_atomic(os.path.join(jdir, checkpoint_name(1)), data)
         written = time.perf_counter() - start
@@ -146,9 +147,9 @@ def main() -> int:
         print(f"| write (temp file, fsync, rename, dir fsync) | {written * 1e3:.0f} ms |")
         print(f"| decode + restore | {restored:.2f} s |")
 
-        tail = sim.simulate(["stress"], stress_events=args.tail, seed=2,
+        tail = scenarios.simulate(["stress"], stress_events=args.tail, seed=2,
                             start_ns=T0 + 10**12)
-        from hekitrace.trace import TraceWriter
+        from hekitrace.trace.file import TraceWriter
         with TraceWriter(os.path.join(jdir, segment_name(1))) as w:
             w.write_all(tail)
         del big, fresh

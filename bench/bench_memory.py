@@ -37,10 +37,10 @@ def main() -> int:
     from prometheus_client import generate_latest
     from prometheus_client.registry import CollectorRegistry
 
-    from hekitrace.abi import DEFAULT_PROFILE
-    from hekitrace.events import AttrApplied, Memslot, ProtectEntry, ProtectRequest, VmCreated
-    from hekitrace.host import Host
-    from hekitrace.metrics import HekitraceCollector, LoopStats, PageCounts, build_info
+    from hekitrace.config.abi import DEFAULT_PROFILE
+    from hekitrace.service.metrics import HekitraceCollector, LoopStats, PageCounts, build_info
+    from hekitrace.state.events import AttrApplied, Memslot, ProtectEntry, ProtectRequest, VmCreated
+    from hekitrace.state.host import Host
 
     abi = DEFAULT_PROFILE
     base_kib = rss_kib()

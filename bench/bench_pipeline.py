@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python bench/bench_pipeline.py`` (``--help`` for sizes). Prints a markdown
 table for BENCHMARKS.md ("## End to end").
 
-Workloads, all from the simulator (``hekitrace.sim``, seeded), fed with ``feed_many``:
+Workloads, all from the simulator (``hekitrace.sim.scenarios``, seeded), fed with ``feed_many``:
 
 - ``stress``: the simulator's busy guest (module and BPF-JIT churn, text pokes with their
   PROTECT_MEMORY pairs, other hypercalls, CR4 writes). About 70% of its events change a
@@ -30,11 +30,10 @@ import argparse
 import gc
 import time
 
-from hekitrace import sim
-from hekitrace.config import parse_config
-from hekitrace.events import AttrApplied, Fault, FaultAccess, ProtectRequest
+from hekitrace.config.settings import parse_config
 from hekitrace.pipeline import Pipeline
-
+from hekitrace.sim import scenarios
+from hekitrace.state.events import AttrApplied, Fault, FaultAccess, ProtectRequest
 
 _CLOCK = time.process_time
 
@@ -66,7 +65,7 @@ def main() -> int:
                         help="runs per workload; the best is reported (default: 3)")
     args = parser.parse_args()
     config = parse_config("abi:\n  mbec: true\n")   # the simulated host has MBEC
-    stress = sim.simulate(["stress"], seed=1, stress_events=args.events)
+    stress = scenarios.simulate(["stress"], seed=1, stress_events=args.events)
     boot_end = next(i for i, e in enumerate(stress) if type(e) is ProtectRequest) + 1
     boot = stress[:boot_end + 64]
     tgid = stress[0].tgid
@@ -75,9 +74,9 @@ def main() -> int:
     faults = [Fault(t_last + i, tgid, tgid + 1, 0, (0x200000 + (i % 4096)) << 12, 0x182, 0,
                     FaultAccess.WRITE) for i in range(len(rest) // 4)]
     telemetry = rest + faults
-    text_fault = next((e for e in sim.simulate(["attack-write-text"], seed=1)
+    text_fault = next((e for e in scenarios.simulate(["attack-write-text"], seed=1)
                        if type(e) is Fault))
-    attack = sim.simulate(["attack-write-text"], seed=1)
+    attack = scenarios.simulate(["attack-write-text"], seed=1)
     flood = [text_fault._replace(time_ns=text_fault.time_ns + 10 + i, count=1)
              for i in range(200_000)]
     workloads = [("stress", [], stress), ("telemetry", boot, telemetry),

@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python bench/bench_replay.py`` (``--help`` for sizes). Prints a markdown
 table for BENCHMARKS.md ("## Replay").
 
-The trace is simulated (``hekitrace.sim``'s ``stress`` scenario: busy Heki guests with
+The trace is simulated (``hekitrace.sim.scenarios``'s ``stress`` scenario: busy Heki guests with
 module load/unload, BPF JIT packs, text pokes, IPI/kick hypercalls and CR4 writes), made
 in chunks of ``--vms-per-chunk`` VMs that run at once and are destroyed at the end of
 their chunk, so state stays bounded and VMs come and go; it is written once to
@@ -17,7 +17,7 @@ Measured in the same run, on the same file:
 - ``decode (jsonl)``: the first ``--jsonl-events`` events written as JSON Lines, decoded
   (the hand-written-scenario encoding, for comparison);
 - ``replay``: decode + ``Pipeline.feed_many`` (exactly ``hekitrace replay``'s loop,
-  ``hekitrace.commands.replay.replay``) over the first ``--replay-events`` events
+  ``hekitrace.replay.replay``) over the first ``--replay-events`` events
   (default: all of them).
 
 Rates are given per wall-clock second and per CPU second of this process
@@ -35,10 +35,10 @@ import sys
 import time
 import zlib
 
-from hekitrace import sim
-from hekitrace.commands.replay import replay
-from hekitrace.events import VmDestroyed
-from hekitrace.trace import TraceHeader, TraceWriter, open_trace
+from hekitrace.replay import replay
+from hekitrace.sim import scenarios
+from hekitrace.state.events import VmDestroyed
+from hekitrace.trace.file import TraceHeader, TraceWriter, open_trace
 
 
 def make_trace(path: str, events: int, vms_per_chunk: int, per_vm: int, seed: int) -> int:
@@ -54,7 +54,7 @@ def make_trace(path: str, events: int, vms_per_chunk: int, per_vm: int, seed: in
         except Exception:  # noqa: BLE001 - any unreadable file is simply regenerated
             pass
     tmp = path + ".tmp"
-    start = sim.DEFAULT_START_NS
+    start = scenarios.DEFAULT_START_NS
     written = 0
     header = TraceHeader(kernel_release="simulated", abi_profile="heki-v2",
                          start_time_ns=start, hostname="bench",
@@ -62,7 +62,7 @@ def make_trace(path: str, events: int, vms_per_chunk: int, per_vm: int, seed: in
     t0 = time.perf_counter()
     with TraceWriter(tmp, header) as writer:
         for chunk in itertools.count():
-            chunk_events = sim.simulate(["stress"], vms=vms_per_chunk, seed=seed + chunk,
+            chunk_events = scenarios.simulate(["stress"], vms=vms_per_chunk, seed=seed + chunk,
                                         start_ns=start, stress_events=per_vm)
             last = chunk_events[-1].time_ns
             for tgid in sorted({ev.tgid for ev in chunk_events}):

@@ -39,7 +39,7 @@
 #define HK_DROP_PENDING_FULL  3   /* per-thread ioctl argument table full */
 #define HK_DROP_VM_BUDGET     4   /* the VM used up its control-ring budget (a flood) */
 
-/* ProtectFlags (hekitrace/events.py) */
+/* ProtectFlags (hekitrace/state/events.py) */
 #define HK_PF_TRUNCATED        (1 << 0)
 #define HK_PF_LOOP             (1 << 1)
 #define HK_PF_OUTSIDE_MEMSLOT  (1 << 2)
@@ -48,7 +48,7 @@
 #define HK_PF_MISALIGNED_LIST  (1 << 5)
 #define HK_PF_LOST_PAGES       (1 << 6)
 
-/* FaultAccess (hekitrace/events.py) */
+/* FaultAccess (hekitrace/state/events.py) */
 #define HK_ACC_READ   (1 << 0)
 #define HK_ACC_WRITE  (1 << 1)
 #define HK_ACC_FETCH  (1 << 2)

@@ -9,9 +9,9 @@ module is the one place that turns exceptions into an exit status and a stderr l
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from hekitrace import __version__
 from hekitrace.errors import (
@@ -32,13 +32,64 @@ EXIT_DATA = 4            # corrupt or unreadable trace/journal
 EXIT_FAILURE = 5         # anything else that went wrong
 EXIT_INTERRUPTED = 130
 
-#: subcommand name -> module under hekitrace.commands, in --help order
+#: subcommand names, in --help order (each is a module under hekitrace.commands)
 COMMANDS = ("daemon", "snapshot", "vms", "check", "record", "replay", "simulate",
             "config", "version")
 
+#: one-line help of each subcommand, shown by 'hekitrace --help' without importing any
+SUMMARIES = {
+    "daemon": "run the monitoring daemon (metrics, control socket, alerts)",
+    "snapshot": "one VM's memory-protection map, pins, lockdown and findings",
+    "vms": "list the VMs the daemon (or a trace) knows",
+    "check": "which hooks attach on this kernel, and how",
+    "record": "write the events of the running host to a trace file",
+    "replay": "replay trace files through the daemon's state and rules",
+    "simulate": "write a trace of simulated Heki guests",
+    "config": "validate or show the configuration",
+    "version": "print the version",
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full parser; subcommand modules are imported here, not at import time."""
+
+def _command_module(name: str) -> Any:
+    """The module of subcommand ``name``, imported only now: 'hekitrace --version' and
+    every other subcommand never pay for its imports (bcc, prometheus_client, ...)."""
+    if name == "daemon":
+        from hekitrace.commands import daemon
+        return daemon
+    if name == "snapshot":
+        from hekitrace.commands import snapshot
+        return snapshot
+    if name == "vms":
+        from hekitrace.commands import vms
+        return vms
+    if name == "check":
+        from hekitrace.commands import check
+        return check
+    if name == "record":
+        from hekitrace.commands import record
+        return record
+    if name == "replay":
+        from hekitrace.commands import replay
+        return replay
+    if name == "simulate":
+        from hekitrace.commands import simulate
+        return simulate
+    if name == "config":
+        from hekitrace.commands import config
+        return config
+    from hekitrace.commands import version
+    return version
+
+
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv``: its first word that is not an option (the global
+    options, --debug, --version and --help, take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the real options of ``command`` only: the other subcommands are
+    one-line stubs, so their modules are never imported."""
     parser = argparse.ArgumentParser(
         prog="hekitrace",
         description="Watch KVM guests that protect their kernel through the hypervisor "
@@ -52,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMANDS:
-        module = importlib.import_module(f"hekitrace.commands.{name}")
-        sub = module.add_parser(subparsers)
-        sub.set_defaults(_run=module.run)
+        if name == command:
+            module = _command_module(name)
+            module.add_parser(subparsers).set_defaults(_run=module.run)
+        else:
+            subparsers.add_parser(name, help=SUMMARIES[name])
     return parser
 
 
@@ -70,8 +123,9 @@ def _exit_status_for(error: HekitraceError) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_chosen_command(words))
+    args = parser.parse_args(words)
     try:
         return int(args._run(args))
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
 """The state-and-rules pipeline shared by the daemon and ``hekitrace replay``.
 
-One :class:`~hekitrace.host.Host` and one :class:`~hekitrace.policy.Policy`, fed event by
+One :class:`~hekitrace.state.host.Host` and one :class:`~hekitrace.policy.engine.Policy`, fed event by
 event: ``feed(event)`` applies it, evaluates the rules, runs the policy's timers when the
 event's time passes their next deadline (so a replay reproduces the daemon's pairing and
 storm summaries from event time alone), tells the observers, and returns the findings.
@@ -15,16 +15,17 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from hekitrace.changes import NO_CHANGE, Change
-from hekitrace.events import KIND_OF, NAME_OF, Event, Lost
-from hekitrace.host import Host
-from hekitrace.policy import Finding, Policy
+from hekitrace.policy.engine import Policy
+from hekitrace.policy.findings import Finding
+from hekitrace.state.changes import NO_CHANGE, Change
+from hekitrace.state.events import KIND_OF, NAME_OF, Event, Lost
+from hekitrace.state.host import Host
 
 Observer = Callable[[Change, list[Finding]], None]
 
 
 class Pipeline:
-    """Host + Policy wired together; ``config`` is a :class:`hekitrace.config.Config`.
+    """Host + Policy wired together; ``config`` is a :class:`hekitrace.config.settings.Config`.
 
     ``applied_hook_active`` says whether the ``attr_applied`` hook is attached (pairing
     rules need it); ``clock`` returns Unix-epoch ns for :meth:`tick` without argument.
@@ -50,7 +51,7 @@ class Pipeline:
     # -- observers -----------------------------------------------------------------------
     def add_observer(self, observer: Observer) -> None:
         """Call ``observer(change, findings)`` after every event and every timer run
-        (timer runs pass :data:`~hekitrace.changes.NO_CHANGE`)."""
+        (timer runs pass :data:`~hekitrace.state.changes.NO_CHANGE`)."""
         self._observers.append(observer)
 
     def remove_observer(self, observer: Observer) -> None:

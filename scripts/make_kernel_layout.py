@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build hekitrace/data/kernel-layout-*.json from a real Debian kernel's System.map.
 
-The simulated Heki guest (hekitrace/sim.py) protects the sections of a real kernel
+The simulated Heki guest (hekitrace/sim/scenarios.py) protects the sections of a real kernel
 rather than invented ranges, so its page lists have the sizes and alignments a real
 guest produces. Debian's linux-image package ships only a stub System.map ("The real
 System.map is in the linux-image-<version>-dbg package"), so the symbols come from the

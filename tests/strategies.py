@@ -23,7 +23,7 @@ from typing import NamedTuple
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from hekitrace.attrmap import ALL_BITS, DEFAULT_BLOCK_SIZE, GFN_LIMIT
+from hekitrace.state.attrmap import ALL_BITS, DEFAULT_BLOCK_SIZE, GFN_LIMIT
 
 settings.register_profile("ci", max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

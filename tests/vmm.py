@@ -24,7 +24,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from hekitrace import kvmuapi
+from hekitrace.capture import kvm_uapi
 
 PAGE = 4096
 HEKI_MAX_ENTRIES = 169
@@ -47,7 +47,7 @@ class Vmm:
 
     def __init__(self, dev: str = "/dev/kvm") -> None:
         self.kvm_fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
-        self.vm_fd = fcntl.ioctl(self.kvm_fd, kvmuapi.KVM_CREATE_VM, 0)
+        self.vm_fd = fcntl.ioctl(self.kvm_fd, kvm_uapi.KVM_CREATE_VM, 0)
         self.slots: dict[int, Slot] = {}
 
     def __enter__(self) -> Vmm:  # noqa: PYI034 (typing.Self needs 3.11 callers only; keep it plain)
@@ -64,8 +64,8 @@ class Vmm:
             slot = max(self.slots, default=-1) + 1
         memory = mmap.mmap(-1, size_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         hva = ctypes.addressof(ctypes.c_char.from_buffer(memory))
-        region = kvmuapi.USERSPACE_MEMORY_REGION.pack(slot, flags, gpa, size_bytes, hva)
-        fcntl.ioctl(self.vm_fd, kvmuapi.KVM_SET_USER_MEMORY_REGION, region)
+        region = kvm_uapi.USERSPACE_MEMORY_REGION.pack(slot, flags, gpa, size_bytes, hva)
+        fcntl.ioctl(self.vm_fd, kvm_uapi.KVM_SET_USER_MEMORY_REGION, region)
         s = Slot(slot, gpa, size_bytes, hva, memory, flags)
         self.slots[slot] = s
         return s
@@ -73,8 +73,8 @@ class Vmm:
     def delete_memslot(self, slot: int) -> None:
         """Size 0 deletes the slot in KVM (the memory stays mapped until close)."""
         s = self.slots[slot]
-        region = kvmuapi.USERSPACE_MEMORY_REGION.pack(slot, s.flags, s.gpa, 0, s.hva)
-        fcntl.ioctl(self.vm_fd, kvmuapi.KVM_SET_USER_MEMORY_REGION, region)
+        region = kvm_uapi.USERSPACE_MEMORY_REGION.pack(slot, s.flags, s.gpa, 0, s.hva)
+        fcntl.ioctl(self.vm_fd, kvm_uapi.KVM_SET_USER_MEMORY_REGION, region)
 
     def _locate(self, gpa: int, length: int) -> tuple[Slot, int]:
         for s in self.slots.values():
@@ -120,9 +120,9 @@ class Vmm:
     def set_memory_attributes(self, address: int, size_bytes: int, attributes: int,
                               flags: int = 0) -> int:
         """KVM_SET_MEMORY_ATTRIBUTES on the VM fd: 0 or the kernel's -errno."""
-        arg = kvmuapi.MEMORY_ATTRIBUTES.pack(address, size_bytes, attributes, flags)
+        arg = kvm_uapi.MEMORY_ATTRIBUTES.pack(address, size_bytes, attributes, flags)
         try:
-            fcntl.ioctl(self.vm_fd, kvmuapi.KVM_SET_MEMORY_ATTRIBUTES, arg)
+            fcntl.ioctl(self.vm_fd, kvm_uapi.KVM_SET_MEMORY_ATTRIBUTES, arg)
         except OSError as exc:
             return -(exc.errno or errno.EIO)
         return 0

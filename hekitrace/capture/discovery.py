@@ -34,7 +34,7 @@ from pathlib import Path
 
 from hekitrace.capture.uevents import tgid_of
 from hekitrace.capture.vmmnames import VmIdentity, identify
-from hekitrace.events import VmCreated
+from hekitrace.state.events import VmCreated
 
 VM_FD_LINK = "anon_inode:kvm-vm"
 _DEBUGFS_VM = re.compile(r"^(\d+)-(\d+)$")

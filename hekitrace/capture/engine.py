@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from hekitrace.abi import DEFAULT_PROFILE, AbiProfile
 from hekitrace.capture import loader, records
+from hekitrace.capture.assemble import LossTracker, ProtectAssembler
 from hekitrace.capture.btf import KernelBtf
-from hekitrace.capture.decode import LossTracker, ProtectAssembler
+from hekitrace.config.abi import DEFAULT_PROFILE, AbiProfile
 from hekitrace.errors import AttachError, BtfError
-from hekitrace.events import Event, Fault, FaultAccess
+from hekitrace.state.events import Event, Fault, FaultAccess
 
 HOOKS = ("hypercall", "attr_applied", "ioctl", "page_fault", "cr")
 ATTR_FUNCTION = "kvm_arch_post_set_memory_attributes"

@@ -1,7 +1,7 @@
 """Compile bpf/capture.c once, with every setting passed as a -D flag.
 
 Settings come from the config (``capture`` section and the ABI profile); kernel struct
-offsets from the running kernel's BTF (btf.py); ioctl numbers from kvmuapi.py; tracepoint
+offsets from the running kernel's BTF (btf.py); ioctl numbers from kvm_uapi.py; tracepoint
 context structs declared in the C are checked against tracefs ``format`` files so a
 kernel that moved a field fails loudly (AttachError) instead of reading garbage.
 ``dump_source=True`` or ``HEKITRACE_DUMP_BPF=1`` prints the exact C and flags compiled.
@@ -16,9 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hekitrace import kvmuapi
-from hekitrace.abi import AbiProfile
+from hekitrace.capture import kvm_uapi
 from hekitrace.capture.btf import Btf, KernelBtf
+from hekitrace.config.abi import AbiProfile
 from hekitrace.errors import AttachError, BtfError
 
 DUMP_ENV = "HEKITRACE_DUMP_BPF"
@@ -184,7 +184,7 @@ def build_cflags(settings: CaptureSettings, abi: AbiProfile, offsets: dict[str, 
                      ("HK_NR_MAP_GPA_RANGE", abi.map_gpa_range)):
         if nr is not None:
             flags.append(f"-D{name}={int(nr)}ULL")
-    for name, number in kvmuapi.WATCHED_IOCTLS.items():
+    for name, number in kvm_uapi.WATCHED_IOCTLS.items():
         flags.append(f"-DHK_{name}={number:#x}U")
     for name, value in offsets.items():
         flags.append(f"-D{name}={value}")

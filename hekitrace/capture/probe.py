@@ -38,7 +38,7 @@ from hekitrace.capture.hostenv import (
     read_privileges,
 )
 from hekitrace.capture.loader import BPF_DIR_ENV, bpf_dir
-from hekitrace.config import Config
+from hekitrace.config.settings import Config
 
 #: the KVM misc device in sysfs: its uevents announce VM creation and destruction
 #: (virt/kvm/kvm_main.c kvm_uevent_notify_change)

@@ -36,8 +36,8 @@ import struct
 from itertools import repeat
 from typing import NamedTuple
 
-from hekitrace import kvmuapi
-from hekitrace.events import (
+from hekitrace.capture import kvm_uapi
+from hekitrace.state.events import (
     AttrApplied,
     AttrIoctl,
     CrPinRequest,
@@ -278,8 +278,8 @@ def _decode(buf, spans, epoch_offset_ns: int, numbers: HypercallNumbers,
     out: list[Event] = []
     append = out.append
     lock_cr = numbers.lock_cr_update
-    create_vm = kvmuapi.KVM_CREATE_VM
-    set_attrs = kvmuapi.KVM_SET_MEMORY_ATTRIBUTES
+    create_vm = kvm_uapi.KVM_CREATE_VM
+    set_attrs = kvm_uapi.KVM_SET_MEMORY_ATTRIBUTES
     ioctl_u, hc_u, fault_u, cr_u = (_IOCTL.unpack_from, _HYPERCALL.unpack_from,
                                     _FAULT.unpack_from, _CR.unpack_from)
     attr_u, end_u, page_u = _ATTR.unpack_from, _END.unpack_from, _PAGE_HEAD.unpack_from

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from hekitrace.capture.vmmnames import VmIdentity, identify
 from hekitrace.errors import AttachError
-from hekitrace.events import Event, Lost, VmCreated, VmDestroyed
+from hekitrace.state.events import Event, Lost, VmCreated, VmDestroyed
 
 KVM_DEVPATH = "/devices/virtual/misc/kvm"
 # pyroute2.netlink.uevent.MONITOR_GROUP_KERNEL: uevents as the kernel sends them (group 2

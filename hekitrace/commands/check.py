@@ -12,8 +12,8 @@ import argparse
 import json
 import textwrap
 
-from hekitrace import config as config_mod
 from hekitrace.capture import probe
+from hekitrace.config import settings
 
 EPILOG = """examples:
   hekitrace check                      # table, default config
@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="output format (default: table)")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="config whose hooks: section says which hooks are required "
-                             f"(default: {config_mod.DEFAULT_CONFIG_PATH} if it exists, "
+                             f"(default: {settings.DEFAULT_CONFIG_PATH} if it exists, "
                              "else built-in defaults)")
     parser.add_argument("--no-mount", action="store_true",
                         help="do not mount tracefs when it is not mounted (default: mount)")
@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_mod.resolve_config(args.config)
+    cfg = settings.resolve_config(args.config)
     report = probe.probe_environment(cfg, may_mount=not args.no_mount)
     if args.output == "json":
         data = report.to_dict()

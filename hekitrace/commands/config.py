@@ -12,7 +12,7 @@ import json
 
 import yaml
 
-from hekitrace import config as config_mod
+from hekitrace.config import settings
 from hekitrace.errors import ConfigError
 
 EPILOG = """examples:
@@ -40,11 +40,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     show = actions.add_parser(
         "show", help="print the effective configuration",
         description="Print the effective configuration: the file (default: "
-                    f"{config_mod.DEFAULT_CONFIG_PATH} if it exists, else the built-in "
+                    f"{settings.DEFAULT_CONFIG_PATH} if it exists, else the built-in "
                     "defaults) with every default filled in.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("--config", metavar="FILE", default=None,
-                      help=f"config file (default: {config_mod.DEFAULT_CONFIG_PATH} "
+                      help=f"config file (default: {settings.DEFAULT_CONFIG_PATH} "
                            "if it exists, else built-in defaults)")
     show.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml",
                       help="output format (default: yaml)")
@@ -58,15 +58,15 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
                         help="override one key, value parsed as YAML (repeatable)")
 
 
-def _load(path: str, overrides: list[str]) -> config_mod.Config:
+def _load(path: str, overrides: list[str]) -> settings.Config:
     if not overrides:
-        return config_mod.load_config(path)
+        return settings.load_config(path)
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read the file: {error}", path=path) from None
-    return config_mod.parse_config(text, path, overrides)
+    return settings.parse_config(text, path, overrides)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{path}: ok")
         return 0
     if args.config is None and not args.overrides:
-        cfg = config_mod.resolve_config(None)
+        cfg = settings.resolve_config(None)
     elif args.config is None:
-        cfg = config_mod.parse_config("", "<defaults>", args.overrides)
+        cfg = settings.parse_config("", "<defaults>", args.overrides)
     else:
         cfg = _load(args.config, args.overrides)
     data = cfg.to_dict()

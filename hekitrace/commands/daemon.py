@@ -1,20 +1,25 @@
 """``hekitrace daemon``: run the monitoring service in the foreground.
 
 This module only parses options and wires real components into
-:class:`hekitrace.daemon.Daemon`; everything the daemon does is in the library. Parts
-that are not installed (the capture engine, uevents, discovery, the journal) are
-announced in one line each at start-up, never skipped silently.
+:class:`hekitrace.service.daemon.Daemon`; everything the daemon does is in the library.
 """
 
 from __future__ import annotations
 
 import argparse
 import faulthandler
-import importlib
 import signal
-import sys
 from collections.abc import Callable
 from typing import Any
+
+from hekitrace.capture.discovery import discover_vms
+from hekitrace.capture.engine import Capture
+from hekitrace.capture.uevents import UeventSource
+from hekitrace.config.settings import resolve_config
+from hekitrace.journal.recovery import JournalRecovery
+from hekitrace.pipeline import Pipeline
+from hekitrace.service.alerts import AlertSink
+from hekitrace.service.daemon import Daemon
 
 EPILOG = """\
 examples:
@@ -44,48 +49,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _optional(module: str, attr: str) -> Any:
-    """``module.attr`` if that part of hekitrace is installed, else None (announced)."""
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as error:
-        print(f"hekitrace daemon: {module}.{attr} unavailable ({error}); continuing without it",
-              file=sys.stderr)
-        return None
-
-
 _HOOKS = ("hypercall", "attr_applied", "ioctl", "page_fault", "cr")
 
 
 def build_daemon(args: argparse.Namespace) -> Any:
-    from hekitrace.config import resolve_config
-    from hekitrace.daemon import Daemon
-    from hekitrace.pipeline import Pipeline
-
     config = resolve_config(args.config)
-    capture_cls = _optional("hekitrace.capture.engine", "Capture")
 
     def capture_factory(cfg: Any, say: Callable[[str], None]) -> Any:
         # Every hook optional for the engine: a missing required hook makes the daemon
         # "not ready" (with the reason, /readyz and hekitrace_ready) instead of exiting.
-        assert capture_cls is not None
-        return capture_cls(cfg, required={h: False for h in _HOOKS}, say=say).start()
+        return Capture(cfg, required={h: False for h in _HOOKS}, say=say).start()
 
-    uevents_cls = _optional("hekitrace.capture.uevents", "UeventSource")
-    discover_fn = _optional("hekitrace.capture.discovery", "discover_vms")
-    # the state journal (issue 9): checkpoint + replay at start, then every event journaled
-    recovery_cls = (_optional("hekitrace.recovery", "JournalRecovery")
-                    if config.journal.enabled else None)
-    alerts_cls = _optional("hekitrace.alerts", "AlertSink")
-    alert_sink = alerts_cls.from_config(config.alerts) if alerts_cls is not None else None
+    # the state journal: checkpoint + replay at start, then every event journaled
+    recovery = JournalRecovery(config) if config.journal.enabled else None
     return Daemon(
         config, config.path, load_config=resolve_config,
         pipeline_factory=lambda cfg, applied: Pipeline(cfg, applied_hook_active=applied),
-        capture_factory=capture_factory if capture_cls is not None else None,
-        uevents_factory=uevents_cls,
-        discover=discover_fn,
-        recovery=recovery_cls(config) if recovery_cls is not None else None,
-        alert_sink=alert_sink,
+        capture_factory=capture_factory,
+        uevents_factory=UeventSource,
+        discover=discover_vms,
+        recovery=recovery,
+        alert_sink=AlertSink.from_config(config.alerts),
         foreground_status=args.foreground_status)
 
 

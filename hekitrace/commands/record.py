@@ -20,7 +20,7 @@ from typing import Any
 
 from hekitrace import __version__
 from hekitrace.errors import AttachError, UsageError
-from hekitrace.events import Event, Lost, event_name
+from hekitrace.state.events import Event, Lost, event_name
 
 EPILOG = """\
 examples:
@@ -113,7 +113,7 @@ def record_loop(write: Callable[[Sequence[Event]], None], capture: Any, uevents:
 
 
 def _header(config: Any) -> Any:
-    from hekitrace.trace import TraceHeader
+    from hekitrace.trace.file import TraceHeader
 
     return TraceHeader(kernel_release=platform.release(), abi_profile=config.abi.profile,
                        start_time_ns=time.time_ns(), hostname=platform.node(),
@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     from hekitrace.capture.discovery import discover_vms
     from hekitrace.capture.engine import Capture
     from hekitrace.capture.uevents import UeventSource, unavailable_message
-    from hekitrace.config import resolve_config
-    from hekitrace.trace import TraceWriter
+    from hekitrace.config.settings import resolve_config
+    from hekitrace.trace.file import TraceWriter
 
     config = resolve_config(args.config)
     to_stdout = args.output == "-"

@@ -1,6 +1,6 @@
 """``hekitrace simulate``: write the trace a simulated Heki v2 guest would produce.
 
-The events come from :mod:`hekitrace.sim` (a real Debian kernel's layout, page lists
+The events come from :mod:`hekitrace.sim.scenarios` (a real Debian kernel's layout, page lists
 built as the guest builds them, the host's applied attributes); the file is a normal
 trace that ``hekitrace replay`` reads like a recording from a real host.
 """
@@ -11,11 +11,12 @@ import argparse
 import os
 import sys
 
-from hekitrace import sim, simpages
-from hekitrace.abi import HEKI_V2
+from hekitrace.config.abi import HEKI_V2
 from hekitrace.errors import UsageError
-from hekitrace.trace import TraceHeader, TraceWriter
-from hekitrace.tracejson import parse_time
+from hekitrace.sim import page_lists
+from hekitrace.sim import scenarios as sim
+from hekitrace.trace.file import TraceHeader, TraceWriter
+from hekitrace.trace.jsonl import parse_time
 
 EPILOG = """scenarios:
   clean-boot, module-load-unload, bpf-jit, text-poke, confidential-vm, multi-vm:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         # no creation date or real hostname: the same arguments give the same bytes
         extra={"mbec": True, "producer": "hekitrace simulate",
                "scenarios": names, "vms": args.vms, "seed": args.seed,
-               "kernel_layout": simpages.load_layout().provenance})
+               "kernel_layout": page_lists.load_layout().provenance})
     if args.output == "-":
         if encoding != "jsonl":
             raise UsageError("standard output takes --format jsonl only")

@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from hekitrace.commands.snapshot import Rebuilt, add_source_options, ask, dump
+from hekitrace.commands.common import Rebuilt, add_source_options, ask, dump
 from hekitrace.errors import UsageError
 from hekitrace.render.table import Column, Table, human_duration, human_size
 

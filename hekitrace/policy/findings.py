@@ -11,8 +11,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from hekitrace.changes import VmKey
-from hekitrace.events import Event, event_name
+from hekitrace.state.changes import VmKey
+from hekitrace.state.events import Event, event_name
 
 
 def format_time(time_ns: int) -> str:
@@ -84,7 +84,7 @@ class Finding:
 
 
 def vm_identity(guest: Any) -> dict:
-    """The ``vm`` object of a finding (``guest``: a :class:`hekitrace.host.Guest`)."""
+    """The ``vm`` object of a finding (``guest``: a :class:`hekitrace.state.host.Guest`)."""
     return {"name": guest.name or f"pid-{guest.pid}", "uuid": guest.uuid, "pid": guest.pid,
             "created_ns": guest.created_ns}
 

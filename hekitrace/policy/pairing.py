@@ -8,7 +8,7 @@ when the host never applied any Heki bit). Time is event time, so a replay gives
 daemon's findings. It needs the ``attr_applied`` hook: without it ``Policy`` turns
 pairing off and says so in ``status``.
 
-:class:`Pairing` is a mixin of :class:`hekitrace.policy.Policy` (its ``_pending`` queue,
+:class:`Pairing` is a mixin of :class:`hekitrace.policy.engine.Policy` (its ``_pending`` queue,
 ``_window_ns``, ``_enabled``, ``_heki``, ``abi``, ``stats`` and storm control's ``_emit``).
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hekitrace.abi import AbiProfile
+from hekitrace.config.abi import AbiProfile
 from hekitrace.policy.findings import Finding
 from hekitrace.policy.storm import StormControl, _VmState
 

@@ -1,11 +1,11 @@
 """The rules: what each kind of change record means for a Heki guest.
 
-Every rule looks only at the :class:`~hekitrace.changes.Change` that ``Host.apply``
+Every rule looks only at the :class:`~hekitrace.state.changes.Change` that ``Host.apply``
 returned (the event, the changed ranges, rejections and anomalies) or at one page / one
 range of a map, never at whole maps. Rule ids and meanings are documented in
 docs/findings.md; the background is reference/heki-kvm.md 1.8-1.11 and 5.
 
-:class:`Rules` is a mixin of :class:`hekitrace.policy.Policy`: one method per event kind,
+:class:`Rules` is a mixin of :class:`hekitrace.policy.engine.Policy`: one method per event kind,
 ``(change, event, state, guest, out)``, appending findings to ``out`` through storm
 control (``_emit``, or ``_admit`` + ``_record`` when evidence is costly to build).
 """
@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from hekitrace.abi import cr_bit_names
-from hekitrace.changes import Change
-from hekitrace.events import (
+from hekitrace.config.abi import cr_bit_names
+from hekitrace.policy.findings import Finding, event_json
+from hekitrace.policy.pairing import Pairing, _clip
+from hekitrace.policy.storm import _VmState
+from hekitrace.state.changes import Change
+from hekitrace.state.events import (
     PAGE_SHIFT,
     CrPinRequest,
     CrWrite,
@@ -25,9 +28,6 @@ from hekitrace.events import (
     FaultAccess,
     ProtectRequest,
 )
-from hekitrace.policy.findings import Finding, event_json
-from hekitrace.policy.pairing import Pairing, _clip
-from hekitrace.policy.storm import _VmState
 
 #: anomaly kinds that are not the guest's malformed input (handled elsewhere or benign)
 _NOT_MALFORMED = frozenset({"vm_replaced", "internal_error", "unknown_event"})

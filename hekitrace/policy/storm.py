@@ -12,7 +12,7 @@ findings:
 * ``counts`` ({(VmKey, rule, severity): n}, read by metrics as
   ``hekitrace_findings_total``) counts every occurrence, collapsed or limited.
 
-:class:`StormControl` is a mixin of :class:`hekitrace.policy.Policy`: it uses the
+:class:`StormControl` is a mixin of :class:`hekitrace.policy.engine.Policy`: it uses the
 policy's settings and tables (``_dedup_ns``, ``_rate_n``, ``_rate_ns``, ``_severity``,
 ``counts``, ``stats``, ``_vms``, ``_dedup_expiry``, ``_limited_vms``, ``_pending``,
 ``next_deadline_ns``) set up by ``Policy.__init__``.
@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from hekitrace.changes import VmKey
 from hekitrace.policy.findings import Finding
+from hekitrace.state.changes import VmKey
 
 #: bound on the "announced writable" ranges remembered per VM (text_poke near-miss)
 MAX_RECENT_WRITABLE = 256

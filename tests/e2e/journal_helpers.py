@@ -15,8 +15,8 @@ TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 from vmm import Vmm
 
-from hekitrace.abi import DEFAULT_PROFILE
 from hekitrace.capture.testrun import run_raw_tracepoint
+from hekitrace.config.abi import DEFAULT_PROFILE
 
 READ, WRITE, EXEC = 1, 2, 4
 LIST_BASE = 0x100000

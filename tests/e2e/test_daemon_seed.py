@@ -15,10 +15,10 @@ import tempfile
 import pytest
 
 from hekitrace.capture.engine import Capture
-from hekitrace.config import parse_config
-from hekitrace.daemon import Daemon
-from hekitrace.events import Memslot, VmCreated
+from hekitrace.config.settings import parse_config
 from hekitrace.pipeline import Pipeline
+from hekitrace.service.daemon import Daemon
+from hekitrace.state.events import Memslot, VmCreated
 
 pytestmark = pytest.mark.e2e
 

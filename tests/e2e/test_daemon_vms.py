@@ -19,10 +19,10 @@ from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value,
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vmm import Vmm
 
-from hekitrace.abi import DEFAULT_PROFILE
 from hekitrace.capture.testrun import run_raw_tracepoint
-from hekitrace.control import ControlClient, ControlReplyError
+from hekitrace.config.abi import DEFAULT_PROFILE
 from hekitrace.errors import ControlError, VmLookupError
+from hekitrace.service.control import ControlClient, ControlReplyError
 
 pytestmark = pytest.mark.e2e
 

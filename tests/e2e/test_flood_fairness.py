@@ -38,9 +38,9 @@ TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 from vmm import Vmm
 
-from hekitrace.abi import DEFAULT_PROFILE
 from hekitrace.capture.testrun import run_raw_tracepoint
-from hekitrace.control import ControlClient
+from hekitrace.config.abi import DEFAULT_PROFILE
+from hekitrace.service.control import ControlClient
 
 pytestmark = pytest.mark.e2e
 

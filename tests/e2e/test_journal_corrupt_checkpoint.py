@@ -11,8 +11,8 @@ import pytest
 from daemon_proc import wait_for
 from journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect
 
-from hekitrace.control import ControlClient
-from hekitrace.journal import scan
+from hekitrace.journal.segments import scan
+from hekitrace.service.control import ControlClient
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ import pytest
 from daemon_proc import metric_value, wait_for
 from journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect
 
-from hekitrace.control import ControlClient
+from hekitrace.service.control import ControlClient
 
 pytestmark = pytest.mark.e2e
 

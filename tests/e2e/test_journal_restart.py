@@ -41,13 +41,13 @@ from journal_helpers import (
     send_protect,
 )
 
-from hekitrace.config import load_config
-from hekitrace.control import ControlClient
-from hekitrace.events import ProtectRequest
-from hekitrace.journal import scan
+from hekitrace.config.settings import load_config
+from hekitrace.journal.segments import scan
 from hekitrace.pipeline import Pipeline
-from hekitrace.trace import read_events
-from hekitrace.views import vm_snapshot
+from hekitrace.render.documents import vm_snapshot
+from hekitrace.service.control import ControlClient
+from hekitrace.state.events import ProtectRequest
+from hekitrace.trace.file import read_events
 
 pytestmark = pytest.mark.e2e
 

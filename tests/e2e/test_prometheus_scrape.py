@@ -138,8 +138,8 @@ def test_prometheus_scrapes_daemon_and_cli_reads_it(tmp_path):
     from test_daemon_vms import prog_fd_by_id
     from vmm import Vmm
 
-    from hekitrace.abi import DEFAULT_PROFILE
     from hekitrace.capture.testrun import run_raw_tracepoint
+    from hekitrace.config.abi import DEFAULT_PROFILE
 
     if shutil.which("prometheus") is None:
         pytest.fail("prometheus missing: scripts/setup.sh installs Debian's prometheus")

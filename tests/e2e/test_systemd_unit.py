@@ -52,7 +52,7 @@ def test_systemd_unit_settings():
 
 
 def test_systemd_unit_directories_match_the_default_config():
-    from hekitrace.config import DEFAULT_CONFIG_PATH, default_config
+    from hekitrace.config.settings import DEFAULT_CONFIG_PATH, default_config
     svc = _unit()["Service"]
     cfg = default_config()
     assert cfg.control.socket.startswith(f"/run/{svc['RuntimeDirectory']}/")

@@ -24,9 +24,9 @@ import tempfile
 
 
 def _records(data: bytes) -> None:
-    from hekitrace.abi import DEFAULT_PROFILE
     from hekitrace.capture import records
-    from hekitrace.capture.decode import ProtectAssembler
+    from hekitrace.capture.assemble import ProtectAssembler
+    from hekitrace.config.abi import DEFAULT_PROFILE
     if len(data) < 2:
         return
     # first byte: how many spans; the rest is the ring data, spans cut evenly
@@ -44,8 +44,8 @@ def _records(data: bytes) -> None:
 
 
 def _trace(data: bytes) -> None:
-    from hekitrace import trace
     from hekitrace.errors import TraceFormatError
+    from hekitrace.trace import file as trace
     with tempfile.NamedTemporaryFile(suffix=".trace") as f:
         f.write(data)
         f.flush()
@@ -61,7 +61,7 @@ def _trace(data: bytes) -> None:
 
 
 def _config(data: bytes) -> None:
-    from hekitrace.config import parse_config
+    from hekitrace.config.settings import parse_config
     from hekitrace.errors import ConfigError
     try:
         parse_config(data.decode("utf-8", "replace"), "fuzz.yaml")
@@ -70,7 +70,7 @@ def _config(data: bytes) -> None:
 
 
 def _control(data: bytes) -> None:
-    from hekitrace.control import RequestError, parse_request
+    from hekitrace.service.control import RequestError, parse_request
     try:
         parse_request(data)
     except RequestError:
@@ -88,13 +88,13 @@ def main() -> int:
         return 2
     target = TARGETS[sys.argv[1]]
     with atheris.instrument_imports():
-        import hekitrace.capture.decode
+        import hekitrace.capture.assemble
         import hekitrace.capture.records
-        import hekitrace.config
-        import hekitrace.control
-        import hekitrace.trace
-        import hekitrace.tracecodec
-        import hekitrace.tracejson  # noqa: F401
+        import hekitrace.config.settings
+        import hekitrace.service.control
+        import hekitrace.trace.binary
+        import hekitrace.trace.file
+        import hekitrace.trace.jsonl  # noqa: F401
     atheris.Setup([sys.argv[0]] + sys.argv[2:], target)
     atheris.Fuzz()
     return 0

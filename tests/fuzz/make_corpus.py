@@ -9,13 +9,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hekitrace import sim, trace
+from hekitrace.sim import scenarios
+from hekitrace.trace import file as trace
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
 
 def main() -> int:
-    events = sim.simulate(["attack-write-text"], seed=11)[:60]
+    events = scenarios.simulate(["attack-write-text"], seed=11)[:60]
     header = trace.TraceHeader()
     with trace.TraceWriter(CORPUS / "seed-small-blocks.htrace", header,
                            block_bytes=256) as w:   # many small blocks: damage stays local

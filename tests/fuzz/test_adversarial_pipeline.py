@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import tracemalloc
 
-import pytest
-
-from hekitrace.alerts import AlertSink
-from hekitrace.config import default_config
-from hekitrace.events import (
+from hekitrace.config.settings import default_config
+from hekitrace.pipeline import Pipeline
+from hekitrace.service.alerts import AlertSink
+from hekitrace.state.events import (
     AttrApplied,
     Fault,
     FaultAccess,
@@ -30,7 +29,6 @@ from hekitrace.events import (
     VmCreated,
     VmDestroyed,
 )
-from hekitrace.pipeline import Pipeline
 
 R, W, X, I = 1, 2, 4, 8
 T0 = 1_795_000_000_000_000_000

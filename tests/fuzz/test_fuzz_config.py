@@ -20,7 +20,7 @@ from fuzzbudget import budget
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hekitrace.config import Config, parse_config
+from hekitrace.config.settings import Config, parse_config
 from hekitrace.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

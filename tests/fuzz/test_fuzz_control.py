@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from daemon_proc import DaemonProcess
 
-from hekitrace.control import ControlClient
+from hekitrace.service.control import ControlClient
 
 pytestmark = pytest.mark.e2e
 

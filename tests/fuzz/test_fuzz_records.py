@@ -18,12 +18,12 @@ from fuzzbudget import budget
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hekitrace.abi import DEFAULT_PROFILE
 from hekitrace.capture import records
-from hekitrace.capture.decode import ProtectAssembler
-from hekitrace.config import default_config
-from hekitrace.events import ProtectRequest
+from hekitrace.capture.assemble import ProtectAssembler
+from hekitrace.config.abi import DEFAULT_PROFILE
+from hekitrace.config.settings import default_config
 from hekitrace.pipeline import Pipeline
+from hekitrace.state.events import ProtectRequest
 
 SIZES = records.RECORD_SIZES
 NUMBERS = records.HypercallNumbers.from_profile(DEFAULT_PROFILE)

@@ -1,7 +1,7 @@
 """Fuzz the trace reader (both encodings) with damaged copies of valid traces.
 
 Traces come from disks that fill up, machines that crash and people who edit them by
-hand. The reader's promise (hekitrace/trace.py docstring): a file that is not a trace at
+hand. The reader's promise (hekitrace/trace/file.py docstring): a file that is not a trace at
 all raises TraceFormatError; anything else is read to the end, and every damaged block or
 line becomes a TraceProblem with a position (byte offset or line number), never an
 exception and never a silent skip. The mutations: flipped bytes, truncations, inserted
@@ -21,8 +21,8 @@ from fuzzbudget import CORPUS, budget
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hekitrace import trace
 from hekitrace.errors import TraceFormatError
+from hekitrace.trace import file as trace
 
 SEEDS = {"binary": (CORPUS / "seed-small-blocks.htrace").read_bytes(),
          "jsonl": (CORPUS / "seed.jsonl").read_bytes()}

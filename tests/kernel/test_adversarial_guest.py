@@ -35,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
 from fuzzbudget import budget
 from vmm import PAGE, Vmm
 
-from hekitrace.abi import DEFAULT_PROFILE
 from hekitrace.capture import loader, testrun
 from hekitrace.capture.engine import Capture
-from hekitrace.config import default_config
-from hekitrace.events import (
+from hekitrace.config.abi import DEFAULT_PROFILE
+from hekitrace.config.settings import default_config
+from hekitrace.pipeline import Pipeline
+from hekitrace.state.events import (
     CrPinRequest,
     Fault,
     Hypercall,
@@ -48,7 +49,6 @@ from hekitrace.events import (
     ProtectRequest,
     VmCreated,
 )
-from hekitrace.pipeline import Pipeline
 
 pytestmark = pytest.mark.kernel
 

@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vmm import Vmm
 
-from hekitrace.abi import DEFAULT_PROFILE
 from hekitrace.capture import loader, testrun
 from hekitrace.capture.engine import Capture
-from hekitrace.events import (
+from hekitrace.config.abi import DEFAULT_PROFILE
+from hekitrace.state.events import (
     AttrApplied,
     AttrIoctl,
     CrPinRequest,

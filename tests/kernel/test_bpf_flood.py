@@ -9,10 +9,10 @@ import os
 
 import pytest
 
-from hekitrace.abi import DEFAULT_PROFILE
 from hekitrace.capture import loader, records, testrun
 from hekitrace.capture.engine import Capture
-from hekitrace.events import CrPinRequest, Hypercall, Lost
+from hekitrace.config.abi import DEFAULT_PROFILE
+from hekitrace.state.events import CrPinRequest, Hypercall, Lost
 
 pytestmark = pytest.mark.kernel
 

@@ -19,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vmm import Vmm
 
-from hekitrace.abi import DEFAULT_PROFILE
 from hekitrace.capture import loader, testrun
 from hekitrace.capture.btf import Btf
 from hekitrace.capture.engine import Capture
+from hekitrace.config.abi import DEFAULT_PROFILE
 from hekitrace.errors import AttachError, BtfError
-from hekitrace.events import Lost, ProtectFlags, ProtectRequest
+from hekitrace.state.events import Lost, ProtectFlags, ProtectRequest
 
 pytestmark = pytest.mark.kernel
 SMALL = {"control_ring_bytes": 65536, "telemetry_ring_bytes": 65536}

@@ -172,7 +172,7 @@ def _bpf_fds() -> list[str]:
 def test_probing_in_process_releases_every_program_and_attachment():
     """probe_environment() as the daemon would call it: afterwards this process holds no
     more BPF programs, links or perf events than before (everything was detached)."""
-    from hekitrace.config import default_config
+    from hekitrace.config.settings import default_config
     before = _bpf_fds()
     report = probe.probe_environment(default_config())
     assert report.hook("hypercall").attachable      # it did attach things

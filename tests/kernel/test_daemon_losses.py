@@ -15,10 +15,10 @@ import pytest
 
 from hekitrace.capture import loader, testrun
 from hekitrace.capture.engine import Capture
-from hekitrace.config import parse_config
-from hekitrace.daemon import Daemon
-from hekitrace.events import VmCreated, VmDestroyed
+from hekitrace.config.settings import parse_config
 from hekitrace.pipeline import Pipeline
+from hekitrace.service.daemon import Daemon
+from hekitrace.state.events import VmCreated, VmDestroyed
 
 pytestmark = pytest.mark.kernel
 

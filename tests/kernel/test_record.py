@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from hekitrace.events import Memslot, VmCreated, VmDestroyed
-from hekitrace.trace import TraceReader
+from hekitrace.state.events import Memslot, VmCreated, VmDestroyed
+from hekitrace.trace.file import TraceReader
 
 pytestmark = pytest.mark.kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vmm import Vmm  # noqa: E402  (tests/vmm.py, the tests' tiny VMM)
+from vmm import Vmm
 
 if os.geteuid() != 0:
     pytest.skip("kernel tests need root (BPF, /dev/kvm)", allow_module_level=True)

@@ -31,7 +31,7 @@ if os.geteuid() != 0:
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
-from bench_consumer import xdp_test_run  # noqa: E402  (bench/ is not a package)
+from bench_consumer import xdp_test_run
 
 GEN = str(REPO / "bench" / "gen_ringbuf.c").encode()
 PAGE = mmap.PAGESIZE

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from hekitrace.capture.uevents import UeventSource, parse_uevent
-from hekitrace.events import Lost, VmCreated, VmDestroyed
+from hekitrace.state.events import Lost, VmCreated, VmDestroyed
 
 pytestmark = pytest.mark.kernel
 

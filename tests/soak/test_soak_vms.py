@@ -32,7 +32,7 @@ TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS / "e2e"))
 from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs
 
-from hekitrace.control import ControlClient
+from hekitrace.service.control import ControlClient
 
 if os.environ.get("HEKITRACE_SOAK") != "1":
     pytest.skip("soak test (minutes long): run with HEKITRACE_SOAK=1 (make soak)",
@@ -116,7 +116,7 @@ def daemon():
 
 
 def run_wave(daemon: DaemonProcess, hc_id: int, stopped: bool) -> list[int]:
-    from hekitrace.abi import DEFAULT_PROFILE
+    from hekitrace.config.abi import DEFAULT_PROFILE
     if stopped:
         daemon.signal(signal.SIGSTOP)
     try:

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from hekitrace.alerts import AlertSink, format_text
-from hekitrace.changes import VmKey
-from hekitrace.policy import Finding
+from hekitrace.policy.findings import Finding
+from hekitrace.service.alerts import AlertSink, format_text
+from hekitrace.state.changes import VmKey
 
 T0 = 1_795_000_000_123_456_000
 

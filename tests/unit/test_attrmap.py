@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import SetOp, Universe
 
-from hekitrace.attrmap import ALL_BITS, GFN_LIMIT, AttrMap, AttrMapInvariantError
+from hekitrace.state.attrmap import ALL_BITS, GFN_LIMIT, AttrMap, AttrMapInvariantError
 
 
 class CellModel:

@@ -1,4 +1,4 @@
-"""hekitrace.checkpoint: a pipeline's whole state survives encode -> decode -> restore.
+"""hekitrace.journal.checkpoint: a pipeline's whole state survives encode -> decode -> restore.
 
 Streams come from the Heki simulator (every attack scenario, several VMs), so maps,
 memslots, CR pins, rejections, anomalies and findings counts are all non-trivial.
@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import pytest
 
-from hekitrace import checkpoint
-from hekitrace.attrmap import AttrMap
-from hekitrace.config import parse_config
+from hekitrace.config.settings import parse_config
 from hekitrace.errors import TraceFormatError
-from hekitrace.events import VmDestroyed
-from hekitrace.host import Guest
-from hekitrace.metrics import PageCounts
+from hekitrace.journal import checkpoint
 from hekitrace.pipeline import Pipeline
-from hekitrace.sim import simulate
+from hekitrace.service.metrics import PageCounts
+from hekitrace.sim.scenarios import simulate
+from hekitrace.state.attrmap import AttrMap
+from hekitrace.state.events import VmDestroyed
+from hekitrace.state.host import Guest
 
 CONFIG = parse_config("abi:\n  mbec: true\n", "<test>")
 

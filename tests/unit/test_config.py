@@ -1,4 +1,4 @@
-"""hekitrace.config: every error names file, line and key; the default documents all keys."""
+"""hekitrace.config.settings: every error names file, line and key; the default documents all keys."""
 
 from __future__ import annotations
 
@@ -12,9 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hekitrace import abi
-from hekitrace.config import (RULE_IDS, Config, PolicyConfig, default_config, load_config,
-                              parse_config)
+from hekitrace.config import abi
+from hekitrace.config.settings import (
+    RULE_IDS,
+    Config,
+    PolicyConfig,
+    default_config,
+    load_config,
+    parse_config,
+)
 from hekitrace.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""hekitrace.control: the control protocol over real Unix sockets.
+"""hekitrace.service.control: the control protocol over real Unix sockets.
 
 The server runs in a selector loop on a thread of the test (as in the daemon, where the
 loop thread drives it); clients are real sockets, a forked child with uid 65534 plays
@@ -19,14 +19,14 @@ import time
 
 import pytest
 
-from hekitrace.control import (
+from hekitrace.errors import ControlError, NoDaemonError, VmLookupError
+from hekitrace.service.control import (
     MAX_REQUEST_BYTES,
     ControlClient,
     ControlReplyError,
     ControlServer,
     RequestError,
 )
-from hekitrace.errors import ControlError, NoDaemonError, VmLookupError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="setuid(65534) needs root")
 

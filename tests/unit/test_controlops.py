@@ -1,14 +1,14 @@
-"""hekitrace.controlops: control replies built from a real Host (no sockets)."""
+"""hekitrace.service.control_ops: control replies built from a real Host (no sockets)."""
 
 from __future__ import annotations
 
 import pytest
 
-from hekitrace.abi import DEFAULT_PROFILE
-from hekitrace.control import RequestError
-from hekitrace.controlops import answer, find_vm, findings_count
-from hekitrace.events import AttrApplied, Memslot, VmCreated, VmDestroyed
-from hekitrace.host import Host
+from hekitrace.config.abi import DEFAULT_PROFILE
+from hekitrace.service.control import RequestError
+from hekitrace.service.control_ops import answer, find_vm, findings_count
+from hekitrace.state.events import AttrApplied, Memslot, VmCreated, VmDestroyed
+from hekitrace.state.host import Host
 
 T0 = 1_795_000_000_000_000_000
 

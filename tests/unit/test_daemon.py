@@ -1,4 +1,4 @@
-"""hekitrace.daemon: the queue, loss accounting and source merging, without sockets.
+"""hekitrace.service.daemon: the queue, loss accounting and source merging, without sockets.
 
 The daemon's loop pieces are driven directly with a real Pipeline and real events; the
 process-level behaviour (signals, sd_notify, HTTP, control socket, BPF) is in tests/e2e.
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import io
 
-from hekitrace.config import parse_config
-from hekitrace.daemon import PREEXISTING_REASON, Daemon, exited_implicit_vms
-from hekitrace.events import Hypercall, VmCreated, VmDestroyed
+from hekitrace.config.settings import parse_config
 from hekitrace.pipeline import Pipeline
+from hekitrace.service.daemon import PREEXISTING_REASON, Daemon, exited_implicit_vms
+from hekitrace.state.events import Hypercall, VmCreated, VmDestroyed
 
 T0 = 1_795_000_000_000_000_000
 
@@ -131,7 +131,7 @@ def test_daemon_destroyed_vm_is_retired_and_its_counters_forgotten():
 def test_daemon_reload_swaps_the_policy_and_keeps_counts(tmp_path):
     path = tmp_path / "h.yaml"
     path.write_text("alerts:\n  stdout: false\n")
-    from hekitrace.config import load_config
+    from hekitrace.config.settings import load_config
     config = load_config(str(path))
     d = Daemon(config, str(path), load_config=load_config,
                pipeline_factory=lambda cfg, applied: Pipeline(cfg, applied),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hekitrace.capture.discovery import debugfs_vms, discover_vms, vm_fds
-from hekitrace.events import VmCreated
+from hekitrace.state.events import VmCreated
 
 HOST = Path(__file__).resolve().parents[1] / "fixtures" / "proc" / "host1"
 PROC, DEBUGFS, NO_DEBUGFS = HOST / "proc", HOST / "debugfs", HOST / "nodebugfs"

@@ -1,10 +1,10 @@
-"""hekitrace.faultfilter: the pages and accesses the kernel fault filter reports."""
+"""hekitrace.state.fault_filter: the pages and accesses the kernel fault filter reports."""
 
 from __future__ import annotations
 
-from hekitrace.abi import DEFAULT_PROFILE as ABI
-from hekitrace.events import FaultAccess
-from hekitrace.faultfilter import protected_ranges
+from hekitrace.config.abi import DEFAULT_PROFILE as ABI
+from hekitrace.state.events import FaultAccess
+from hekitrace.state.fault_filter import protected_ranges
 
 W, X = int(FaultAccess.WRITE), int(FaultAccess.FETCH)
 R = 1 << ABI.kvm_read

@@ -8,12 +8,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hekitrace.abi import HEKI_V2, AbiProfile
-from hekitrace.changes import VmKey
-from hekitrace.events import (AttrApplied, AttrIoctl, CrPinRequest, CrWrite, Fault,
-                              Hypercall, Lost, Memslot, ProtectEntry, ProtectFlags,
-                              ProtectRequest, VmCreated, VmDestroyed)
-from hekitrace.host import REASON_PREEXISTING, Host
+from hekitrace.config.abi import HEKI_V2, AbiProfile
+from hekitrace.state.changes import VmKey
+from hekitrace.state.events import (
+    AttrApplied,
+    AttrIoctl,
+    CrPinRequest,
+    CrWrite,
+    Fault,
+    Hypercall,
+    Lost,
+    Memslot,
+    ProtectEntry,
+    ProtectFlags,
+    ProtectRequest,
+    VmCreated,
+    VmDestroyed,
+)
+from hekitrace.state.host import REASON_PREEXISTING, Host
 
 R, W, X, I = 1, 2, 4, 8          # guest MEM_ATTR_* bits (heki-kvm.md 1.6)
 KR, KW, KX, KI, KP = 1 << 4, 1 << 5, 1 << 6, 1 << 7, 1 << 3   # KVM attribute bits
@@ -338,7 +350,7 @@ def test_protect_requests_match_naive_heki_host(requests, mbec):
 
 
 def test_creation_reports_of_one_vm_merge_and_fill_missing_fields():
-    from hekitrace.host import MERGE_WINDOW_NS
+    from hekitrace.state.host import MERGE_WINDOW_NS
     host = Host(MBEC)
     created = host.apply(VmCreated(T0, PID, PID, vm_fd=7, source="ioctl"))
     assert created.lifecycle == "created"

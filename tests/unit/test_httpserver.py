@@ -1,4 +1,4 @@
-"""hekitrace.httpserver: the listen parser, the probes' verdicts, and a real server on a
+"""hekitrace.service.http: the listen parser, the probes' verdicts, and a real server on a
 loopback port answering /metrics, /healthz, /readyz and 404."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from hekitrace.errors import ConfigError
-from hekitrace.httpserver import Health, HttpServer, parse_listen
+from hekitrace.service.http import Health, HttpServer, parse_listen
 
 
 @pytest.mark.parametrize("text, want", [

@@ -1,4 +1,4 @@
-"""hekitrace.journal: segments, flush per batch, checkpoints, rotation and retention.
+"""hekitrace.journal.segments: segments, flush per batch, checkpoints, rotation and retention.
 
 Everything runs on real files in a temporary directory; the disk-full behaviour is
 tested against a real full filesystem in tests/e2e/test_journal_disk_full.py.
@@ -10,12 +10,12 @@ import os
 import time
 from pathlib import Path
 
-from hekitrace import checkpoint
-from hekitrace.config import parse_config
-from hekitrace.journal import Journal, checkpoint_name, expand_paths, scan, segment_name
+from hekitrace.config.settings import parse_config
+from hekitrace.journal import checkpoint
+from hekitrace.journal.segments import Journal, checkpoint_name, expand_paths, scan, segment_name
 from hekitrace.pipeline import Pipeline
-from hekitrace.sim import simulate
-from hekitrace.trace import read_events
+from hekitrace.sim.scenarios import simulate
+from hekitrace.trace.file import read_events
 
 
 def _config(tmp_path, **journal):

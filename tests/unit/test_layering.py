@@ -1,54 +1,74 @@
-"""The import arrows of docs/internals.md ("Modules and the direction of imports").
+"""The import arrows of docs/internals.md ("Layout and the direction of imports").
 
 Every ``import`` in every hekitrace module (including imports inside functions) is read
-with ``ast`` and checked against the layer table below. Modules that do not exist yet are
-simply not checked. A module the table does not name counts as a leaf when everything it
-imports from hekitrace is a leaf (e.g. a new module of kernel constants); otherwise only
-the global rules apply to it: nothing imports the wiring (daemon, pipeline, commands, cli),
-and nothing below the wiring imports it either.
+with ``ast`` and checked against the layer table below; no module may import another by
+name at run time (``importlib``, ``__import__``), so nothing escapes the check. The
+checker checks itself: a made-up package with one backward arrow of each kind must be
+caught, and so must a real module of the package with a planted backward import.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "hekitrace"
 
-#: the contract's leaves: import nothing from hekitrace (changes may import events)
-LEAVES = {"errors", "events", "abi", "attrmap", "changes", ""}   # "" = hekitrace/__init__
-LEAF_EXCEPTIONS = {"changes": {"events"}}
-SOURCES = {"trace", "tracecodec", "tracejson", "sim"}
-SINKS = {"metrics", "alerts", "control", "journal"}
-WIRING = {"daemon", "pipeline", "cli", "__main__"}
-
-#: group -> groups it may import
-ALLOWED = {
-    "leaf": {"leaf"},
+#: layer -> the layers its modules may import (its own layer is always allowed)
+ALLOWED: dict[str, set[str]] = {
+    "leaf": set(),
     "config": {"leaf"},
-    "capture": {"leaf", "config", "capture"},
-    "source": {"leaf", "source"},
-    "host": {"leaf"},
-    "policy": {"leaf", "config", "host"},
-    "views": {"leaf", "host", "policy"},
-    "sink": {"leaf", "config", "host", "policy", "views", "source", "sink"},
-    "wiring": {"leaf", "config", "capture", "source", "host", "policy", "views", "sink",
-               "wiring", "other"},
+    "state": {"leaf", "config", "vocabulary"},
+    "vocabulary": {"leaf"},                       # state.events: what every source speaks
+    "capture": {"leaf", "config", "vocabulary"},
+    "trace": {"leaf", "config", "vocabulary"},
+    "sim": {"leaf", "config", "vocabulary"},
+    "policy": {"leaf", "config", "state", "vocabulary"},
+    "journal": {"leaf", "config", "state", "vocabulary", "trace"},
+    "pipeline": {"leaf", "config", "state", "vocabulary", "policy"},
+    "render": {"leaf", "config", "state", "vocabulary", "policy"},
+    "service": {"leaf", "config", "state", "vocabulary", "capture", "trace", "policy",
+                "journal", "pipeline", "render"},
+    "replay": {"leaf", "config", "state", "vocabulary", "trace", "policy", "journal",
+               "pipeline", "render", "service"},
+    "commands": {"leaf", "config", "state", "vocabulary", "capture", "trace", "sim",
+                 "policy", "journal", "pipeline", "render", "service", "replay"},
+    "cli": {"leaf", "commands"},
 }
 
+#: modules that import nothing from hekitrace but the exception tree
+STRICT_LEAVES = {"", "errors", "state.events", "state.attrmap", "config.abi",
+                 "config.schema", "capture.kvm_uapi"}
 
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(PACKAGE).with_suffix("")
-    parts = list(rel.parts)
+#: modules every subcommand may share (subcommands never import each other)
+COMMANDS_SHARED = {"commands", "commands.common"}
+
+
+def layer_of(module: str) -> str:
+    """The layer of a module named relative to hekitrace ('' is the package itself)."""
+    if module in ("", "errors"):
+        return "leaf"
+    if module == "state.events":
+        return "vocabulary"
+    top = module.split(".")[0]
+    if top in ALLOWED:
+        return top
+    raise AssertionError(f"hekitrace.{module} is in no layer: add it to test_layering.ALLOWED "
+                         "and docs/internals.md")
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+def _modules(root: Path) -> dict[str, Path]:
+    return {_module_name(p, root): p for p in sorted(root.rglob("*.py"))}
 
 
 def _resolve(name: str, known: set[str]) -> str:
@@ -58,9 +78,11 @@ def _resolve(name: str, known: set[str]) -> str:
     return name
 
 
-def _imports(module: str, path: Path, known: set[str]) -> set[str]:
-    tree = ast.parse(path.read_text(), str(path))
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+def imports_of(module: str, source: str, known: set[str]) -> set[str]:
+    """Every hekitrace module that ``source`` (the text of ``module``) imports."""
+    tree = ast.parse(source)
+    is_package = module in known and any(k.startswith(module + ".") for k in known)
+    package = module if is_package else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
         names: list[str] = []
@@ -75,7 +97,7 @@ def _imports(module: str, path: Path, known: set[str]) -> set[str]:
             else:
                 mod = node.module or ""
             # "from hekitrace.capture import probe" imports the module capture.probe;
-            # "from hekitrace.abi import X" imports abi (the longest known prefix)
+            # "from hekitrace.state.events import X" imports state.events
             names = [f"{mod}.{a.name}" for a in node.names]
         for name in names:
             if name == "hekitrace" or name.startswith("hekitrace."):
@@ -85,123 +107,109 @@ def _imports(module: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
-def _import_graph() -> dict[str, set[str]]:
-    modules = _modules()
+def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
+    modules = _modules(root)
     known = set(modules)
-    return {m: _imports(m, p, known) for m, p in modules.items()}
+    return {m: imports_of(m, p.read_text(), known) for m, p in modules.items()}
 
 
-def _group(module: str, graph: dict[str, set[str]], leaves: set[str]) -> str:
-    top = module.split(".")[0]
-    if module in leaves:
-        return "leaf"
-    if module == "config":
-        return "config"
-    if top == "capture":
-        return "capture"
-    if module in SOURCES:
-        return "source"
-    if module in ("host", "policy", "views"):
-        return module
-    if module in SINKS:
-        return "sink"
-    if module in WIRING or top == "commands":
-        return "wiring"
-    return "other"
+def violations(module: str, graph: dict[str, set[str]]) -> list[str]:
+    """The imports of ``module`` that break the arrows, each with the reason."""
+    layer = layer_of(module)
+    bad = []
+    for dep in sorted(graph[module]):
+        dep_layer = layer_of(dep)
+        if module in STRICT_LEAVES and dep not in ("", "errors"):
+            bad.append(f"{dep} ({module} is a leaf: it imports nothing from hekitrace)")
+        elif dep_layer == "cli":
+            bad.append(f"{dep} (nothing imports the command line)")
+        elif layer == "commands" and dep_layer == "commands" \
+                and module not in COMMANDS_SHARED and dep not in COMMANDS_SHARED:
+            bad.append(f"{dep} (subcommands never import each other: share through "
+                       "commands.common or the library)")
+        elif dep_layer != layer and dep_layer not in ALLOWED[layer]:
+            bad.append(f"{dep} ({layer} must not import {dep_layer})")
+    return bad
 
 
-def _leaves(graph: dict[str, set[str]]) -> set[str]:
-    """The contract's leaves plus unnamed modules that only import leaves."""
-    leaves = {m for m in graph if m in LEAVES}
-    named = LEAVES | SOURCES | SINKS | WIRING | {"config", "host", "policy", "views"}
-    changed = True
-    while changed:
-        changed = False
-        for module, deps in graph.items():
-            top = module.split(".")[0]
-            if module in leaves or module in named or top in ("capture", "commands"):
-                continue
-            if deps <= leaves:
-                leaves.add(module)
-                changed = True
-    return leaves
-
-
-GRAPH = _import_graph()
+GRAPH = import_graph()
 
 
 def test_the_package_is_found():
-    assert {"errors", "events", "abi", "cli"} <= set(GRAPH)
-
-
-@pytest.mark.parametrize("module", sorted(m for m in GRAPH if m in LEAVES))
-def test_contract_leaves_import_nothing_from_hekitrace(module):
-    allowed = LEAF_EXCEPTIONS.get(module, set()) | {""}
-    assert GRAPH[module] <= allowed, f"{module} imports {sorted(GRAPH[module] - allowed)}"
-
-
-def _violations(module: str, graph: dict[str, set[str]]) -> list[str]:
-    """The imports of ``module`` that break the arrows, each with the reason."""
-    leaves = _leaves(graph)
-    group = _group(module, graph, leaves)
-    bad = []
-    for dep in sorted(graph[module]):
-        dep_group = _group(dep, graph, leaves)
-        if dep == "cli" or (dep_group == "wiring" and group != "wiring"):
-            bad.append(f"{dep} (wiring: nothing below it imports it)")
-        elif group == "other":
-            continue      # not named by the contract: only the global rules apply
-        elif dep_group not in ALLOWED[group]:
-            bad.append(f"{dep} ({dep_group})")
-    return bad
+    assert {"errors", "state.events", "config.abi", "cli", "service.daemon", "replay",
+            "trace.file", "policy.engine"} <= set(GRAPH)
 
 
 @pytest.mark.parametrize("module", sorted(GRAPH))
 def test_imports_follow_the_arrows(module):
-    bad = _violations(module, GRAPH)
-    assert not bad, f"{module} must not import: {', '.join(bad)}"
+    bad = violations(module, GRAPH)
+    assert not bad, f"hekitrace.{module} must not import: {', '.join(bad)}"
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: p.name)
+def test_no_module_is_imported_by_name_at_run_time(path):
+    """importlib.import_module and __import__ would hide an arrow from this test
+    (importlib.resources, which reads package data, imports nothing)."""
+    text = path.read_text()
+    assert not re.search(r"\bimport_module\b|\b__import__\b|importlib\.util", text), path
+
+
+def test_top_level_stays_small():
+    """At most about ten modules directly under hekitrace/: the rest live in layers."""
+    top = [p.name for p in PACKAGE.glob("*.py")]
+    assert len(top) <= 10, sorted(top)
 
 
 def test_the_rules_catch_each_kind_of_violation():
-    """A made-up package with one wrong arrow of each kind."""
-    graph = {"": set(), "errors": set(), "events": set(), "abi": set(), "config": {"abi"},
-             "host": {"events"}, "policy": {"host", "config"}, "daemon": {"policy"},
-             "cli": set(), "pipeline": set(),
-             "capture.loader": {"host"},          # capture must not read state
-             "trace": {"policy"},                 # nor may trace
-             "metrics": {"daemon"},               # sinks never import the wiring
-             "views": {"cli"},                    # nobody imports cli
-             "consts": set(), "helper": {"consts", "errors"},   # derived leaves
-             "sim": {"helper"},                   # fine: helper only uses leaves
-             "odd": {"policy"}, "capture.x": {"odd"}}           # odd is no leaf
-    assert _violations("capture.loader", graph) == ["host (host)"]
-    assert _violations("trace", graph) == ["policy (policy)"]
-    assert _violations("metrics", graph) == ["daemon (wiring: nothing below it imports it)"]
-    assert _violations("views", graph) == ["cli (wiring: nothing below it imports it)"]
-    assert _violations("sim", graph) == []
-    assert _violations("capture.x", graph) == ["odd (other)"]
-    assert _violations("daemon", graph) == [] and _violations("policy", graph) == []
+    """A made-up package with one backward arrow of each kind."""
+    graph = {"": set(), "errors": set(), "state.events": set(), "config.abi": set(),
+             "config.settings": {"config.abi"}, "state.host": {"state.events"},
+             "policy.engine": {"state.host", "config.settings"},
+             "capture.loader": {"state.host"},          # capture reads only the vocabulary
+             "trace.file": {"policy.engine"},           # sources never read policy
+             "service.metrics": {"commands.daemon"},    # nothing below commands imports them
+             "render.documents": {"cli"},               # nobody imports cli
+             "commands.vms": {"commands.snapshot"},     # subcommands never import each other
+             "commands.snapshot": {"commands.common", "replay"},
+             "commands.common": {"replay"}, "replay": {"policy.engine"},
+             "commands.daemon": set(), "cli": {"commands.vms"},
+             "state.attrmap": {"state.host"}}           # a strict leaf
+    assert violations("capture.loader", graph) == ["state.host (capture must not import state)"]
+    assert violations("trace.file", graph) == ["policy.engine (trace must not import policy)"]
+    assert violations("service.metrics", graph) == [
+        "commands.daemon (service must not import commands)"]
+    assert violations("render.documents", graph) == ["cli (nothing imports the command line)"]
+    assert violations("commands.vms", graph)[0].startswith("commands.snapshot (subcommands never")
+    assert violations("state.attrmap", graph)[0].startswith("state.host (state.attrmap is a leaf")
+    for fine in ("commands.snapshot", "commands.common", "policy.engine", "cli", "replay"):
+        assert violations(fine, graph) == [], fine
 
 
-def test_the_checker_sees_relative_and_lazy_imports(tmp_path):
+def test_a_planted_backward_import_in_a_real_module_is_caught():
+    """The checker on the real package, with one real module changed: state.host made to
+    import the daemon's loop (a state module reading the service would run backwards)."""
+    known = set(GRAPH)
+    source = (PACKAGE / "state" / "host.py").read_text()
+    planted = dict(GRAPH)
+    planted["state.host"] = imports_of("state.host", source + "\n"
+                                       "def _oops():\n    from hekitrace.service import daemon\n",
+                                       known)
+    assert violations("state.host", GRAPH) == []
+    assert violations("state.host", planted) == [
+        "service.daemon (state must not import service)"]
+
+
+def test_the_checker_sees_relative_and_lazy_imports():
     """The parser itself: relative, from-package and function-level imports count."""
-    src = tmp_path / "x.py"
-    src.write_text("from . import host\nfrom .capture import probe\n"
-                   "def f():\n    import hekitrace.policy\n")
-    known = {"host", "policy", "capture", "capture.probe", "x", ""}
-    assert _imports("x", src, known) == {"host", "policy", "capture.probe"}
+    known = {"state.host", "policy.engine", "capture", "capture.probe", "x", ""}
+    text = ("from .state import host\nfrom .capture import probe\n"
+            "def f():\n    import hekitrace.policy.engine\n")
+    assert imports_of("x", text, known) == {"state.host", "policy.engine", "capture.probe"}
 
 
-@pytest.mark.parametrize("module", ["yamlschema", "simpages", "simvm"])
-def test_split_out_helpers_stay_leaves(module):
-    """Helpers split out of a layer (config's YAML machinery) import only leaves, so any
-    layer may use them; if one starts importing a layer it must be placed in the table."""
-    assert module in GRAPH and module in _leaves(GRAPH), GRAPH.get(module)
-
-
-@pytest.mark.parametrize("codec", ["tracecodec", "tracejson"])
+@pytest.mark.parametrize("codec", ["trace.binary", "trace.jsonl"])
 def test_trace_codecs_never_import_the_trace_file_format(codec):
-    """The arrow between sources: ``trace`` (header, blocks, reader, writer) imports the
-    record codecs, never the other way, so a codec can be used and read on its own."""
-    assert codec in GRAPH and "trace" in GRAPH and codec in GRAPH["trace"]
-    assert "trace" not in GRAPH[codec], GRAPH[codec]
+    """trace.file (header, blocks, reader, writer) imports the record codecs, never the
+    other way, so a codec can be used and read on its own."""
+    assert codec in GRAPH["trace.file"]
+    assert "trace.file" not in GRAPH[codec], GRAPH[codec]

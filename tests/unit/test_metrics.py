@@ -1,4 +1,4 @@
-"""hekitrace.metrics: golden /metrics for a fixed scenario, VM series lifecycle, docs.
+"""hekitrace.service.metrics: golden /metrics for a fixed scenario, VM series lifecycle, docs.
 
 The state is built by the real ``Host`` from events; the exposition is rendered by
 prometheus_client from the real collector. Set HEKITRACE_UPDATE_GOLDEN=1 to rewrite the
@@ -17,9 +17,17 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from hekitrace.abi import DEFAULT_PROFILE
-from hekitrace.changes import VmKey
-from hekitrace.events import (
+from hekitrace.config.abi import DEFAULT_PROFILE
+from hekitrace.service.metrics import (
+    METRICS,
+    SPEC_BY_NAME,
+    HekitraceCollector,
+    LoopStats,
+    PageCounts,
+    vm_labels,
+)
+from hekitrace.state.changes import VmKey
+from hekitrace.state.events import (
     AttrApplied,
     CrPinRequest,
     Lost,
@@ -29,15 +37,7 @@ from hekitrace.events import (
     VmCreated,
     VmDestroyed,
 )
-from hekitrace.host import Host
-from hekitrace.metrics import (
-    METRICS,
-    SPEC_BY_NAME,
-    HekitraceCollector,
-    LoopStats,
-    PageCounts,
-    vm_labels,
-)
+from hekitrace.state.host import Host
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "fixtures" / "metrics" / "scenario.prom"

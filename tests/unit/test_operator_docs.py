@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hekitrace import config
+from hekitrace.config import settings as config
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "docs" / "man" / "hekitrace.8"

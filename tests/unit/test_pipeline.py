@@ -4,34 +4,43 @@ from __future__ import annotations
 
 import pytest
 
-from hekitrace import sim
-from hekitrace.changes import NO_CHANGE
-from hekitrace.config import parse_config
-from hekitrace.events import (AttrApplied, Fault, FaultAccess, Hypercall, Lost, ProtectEntry,
-                              ProtectRequest, VmCreated, VmDestroyed)
+from hekitrace.config.settings import parse_config
 from hekitrace.pipeline import Pipeline
+from hekitrace.sim import scenarios
+from hekitrace.state.changes import NO_CHANGE
+from hekitrace.state.events import (
+    AttrApplied,
+    Fault,
+    FaultAccess,
+    Hypercall,
+    Lost,
+    ProtectEntry,
+    ProtectRequest,
+    VmCreated,
+    VmDestroyed,
+)
 
 S = 1_000_000_000
-T0 = sim.DEFAULT_START_NS
+T0 = scenarios.DEFAULT_START_NS
 
 
 @pytest.fixture(scope="module")
 def config():
-    # the simulated host has MBEC (sim.SimVm default); the monitor must be told the same
+    # the simulated host has MBEC (scenarios.SimVm default); the monitor must be told the same
     return parse_config("abi:\n  mbec: true\n")
 
 
-@pytest.mark.parametrize("scenario", [n for n in sim.SCENARIO_NAMES if n != "stress"])
+@pytest.mark.parametrize("scenario", [n for n in scenarios.SCENARIO_NAMES if n != "stress"])
 def test_scenario_raises_exactly_the_expected_rules(config, scenario):
-    events = sim.simulate([scenario], seed=3)
+    events = scenarios.simulate([scenario], seed=3)
     pipeline = Pipeline(config, applied_hook_active=True)
     findings = pipeline.feed_many(events) + pipeline.flush()
-    assert {f.rule for f in findings} == set(sim.expected_findings([scenario]))
+    assert {f.rule for f in findings} == set(scenarios.expected_findings([scenario]))
     assert pipeline.host.counters["internal_errors"] == 0
 
 
 def test_stress_trace_is_clean_and_counted(config):
-    events = sim.simulate(["stress"], seed=1, stress_events=20_000)
+    events = scenarios.simulate(["stress"], seed=1, stress_events=20_000)
     pipeline = Pipeline(config)
     findings = pipeline.feed_many(events) + pipeline.flush()
     assert findings == []
@@ -41,7 +50,7 @@ def test_stress_trace_is_clean_and_counted(config):
 
 
 def test_feed_and_feed_many_agree(config):
-    events = sim.simulate(["all-attacks"], seed=5)
+    events = scenarios.simulate(["all-attacks"], seed=5)
     one, many = Pipeline(config), Pipeline(config)
     by_one = [f.to_dict() for e in events for f in one.feed(e)] + \
         [f.to_dict() for f in one.flush()]
@@ -51,7 +60,7 @@ def test_feed_and_feed_many_agree(config):
 
 def test_mbec_mismatch_between_profile_and_host_is_visible():
     # monitor told "no MBEC" while the host enforces exec: requested and applied differ
-    events = sim.simulate(["clean-boot"], seed=3)
+    events = scenarios.simulate(["clean-boot"], seed=3)
     pipeline = Pipeline(parse_config("abi:\n  mbec: false\n"))
     rules = {f.rule for f in pipeline.feed_many(events) + pipeline.flush()}
     assert rules & {"request_not_applied", "applied_without_request"}
@@ -81,7 +90,7 @@ def test_observers_see_every_change_and_timer_findings(config):
     pipeline = Pipeline(config)
     seen = []
     pipeline.add_observer(lambda change, findings: seen.append((change, list(findings))))
-    events = sim.simulate(["attack-wx-request"], seed=2)
+    events = scenarios.simulate(["attack-wx-request"], seed=2)
     pipeline.feed_many(events)
     assert len(seen) == len(events)
     assert [c.event for c, _ in seen] == events
@@ -92,7 +101,7 @@ def test_observers_see_every_change_and_timer_findings(config):
 
 def test_expire_drops_policy_state_of_retired_vms(config):
     pipeline = Pipeline(parse_config("state: {grace_period_seconds: 1}\nabi: {mbec: true}\n"))
-    events = sim.simulate(["attack-write-text"], seed=2)
+    events = scenarios.simulate(["attack-write-text"], seed=2)
     pipeline.feed_many(events)
     key = next(iter(pipeline.host.guests))
     pipeline.feed(VmDestroyed(events[-1].time_ns + 1, key.tgid, key.tgid))
@@ -100,7 +109,7 @@ def test_expire_drops_policy_state_of_retired_vms(config):
     assert [c.lifecycle for c in changes] == ["retired"]
     assert key not in pipeline.host.guests and key not in pipeline.policy._vms
     # a daemon that expires on the host directly is covered by tick's prune
-    pipeline.feed_many(sim.simulate(["attack-write-text"], seed=4))
+    pipeline.feed_many(scenarios.simulate(["attack-write-text"], seed=4))
     key2 = next(iter(pipeline.host.guests))
     pipeline.feed(VmDestroyed(T0 + 100 * S, key2.tgid, key2.tgid))
     pipeline.host.expire(T0 + 200 * S)
@@ -110,7 +119,7 @@ def test_expire_drops_policy_state_of_retired_vms(config):
 
 def test_hostile_fault_storm_from_one_vm_does_not_delay_another(config):
     pipeline = Pipeline(config)
-    events = sim.simulate(["attack-write-text"], seed=2)
+    events = scenarios.simulate(["attack-write-text"], seed=2)
     pipeline.feed_many(events)
     victim = next(iter(pipeline.host.guests))
     text_gpa = next(f for f in events if type(f) is Fault).gpa

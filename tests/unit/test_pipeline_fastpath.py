@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from hekitrace import sim
-from hekitrace.config import parse_config
-from hekitrace.events import CrPinRequest, CrWrite, Fault, FaultAccess, Hypercall
+from hekitrace.config.settings import parse_config
 from hekitrace.pipeline import Pipeline
+from hekitrace.sim import scenarios
+from hekitrace.state.events import CrPinRequest, CrWrite, Fault, FaultAccess, Hypercall
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def _run(config, events, many: bool):
 
 
 def _attack_with_storm() -> list:
-    events = sim.simulate(["attack-write-text", "attack-clear-smep"], seed=2)
+    events = scenarios.simulate(["attack-write-text", "attack-clear-smep"], seed=2)
     fault = next(e for e in events if type(e) is Fault)
     pin = next(e for e in events if type(e) is CrPinRequest)
     t = events[-1].time_ns
@@ -55,7 +55,7 @@ def _attack_with_storm() -> list:
 
 @pytest.mark.parametrize("trace", ["stress", "attack_storm"])
 def test_feed_many_equals_feed_per_event(config, trace):
-    events = (sim.simulate(["stress"], seed=5, stress_events=5000) if trace == "stress"
+    events = (scenarios.simulate(["stress"], seed=5, stress_events=5000) if trace == "stress"
               else _attack_with_storm())
     assert _run(config, events, many=True) == _run(config, events, many=False)
 

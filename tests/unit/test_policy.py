@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 
-from hekitrace.abi import HEKI_V2, AbiProfile
-from hekitrace.config import parse_config
-from hekitrace.events import (AttrApplied, CrPinRequest, CrWrite, Fault, FaultAccess, Lost,
-                              Memslot, ProtectEntry, ProtectRequest, VmCreated)
-from hekitrace.host import Host
-from hekitrace.policy import Policy
+from hekitrace.config.abi import HEKI_V2, AbiProfile
+from hekitrace.config.settings import parse_config
+from hekitrace.policy.engine import Policy
+from hekitrace.state.events import (
+    AttrApplied,
+    CrPinRequest,
+    CrWrite,
+    Fault,
+    FaultAccess,
+    Lost,
+    Memslot,
+    ProtectEntry,
+    ProtectRequest,
+    VmCreated,
+)
+from hekitrace.state.host import Host
 
 R, W, X, I = 1, 2, 4, 8
 KR, KW, KX, KI, KP = 1 << 4, 1 << 5, 1 << 6, 1 << 7, 1 << 3
@@ -357,8 +367,8 @@ def test_rule_bug_or_odd_event_shape_never_raises():
 
 
 def test_first_mismatch_uniform_and_split_ranges():
-    from hekitrace.attrmap import AttrMap
-    from hekitrace.policy import _first_mismatch
+    from hekitrace.policy.pairing import _first_mismatch
+    from hekitrace.state.attrmap import AttrMap
     heki = MBEC.kvm_heki_mask
     req, app = AttrMap(), AttrMap()
     req.set(10, 20, KR | KX)

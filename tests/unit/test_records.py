@@ -4,12 +4,12 @@ numbers derived from their struct sizes, and page-list assembly including lost p
 
 from __future__ import annotations
 
-from hekitrace import kvmuapi
-from hekitrace.abi import DEFAULT_PROFILE
+from hekitrace.capture import kvm_uapi
 from hekitrace.capture import records as r
-from hekitrace.capture.decode import ProtectAssembler
+from hekitrace.capture.assemble import ProtectAssembler
 from hekitrace.capture.engine import filter_buckets
-from hekitrace.events import (
+from hekitrace.config.abi import DEFAULT_PROFILE
+from hekitrace.state.events import (
     AttrApplied,
     AttrIoctl,
     CrPinRequest,
@@ -55,18 +55,18 @@ def test_record_sizes_match_the_header_comments():
 
 
 def test_ioctl_numbers_are_derived_from_struct_sizes():
-    assert kvmuapi.KVM_CREATE_VM == 0xAE01
-    assert kvmuapi.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
-    assert kvmuapi.KVM_SET_USER_MEMORY_REGION2 == 0x40A0AE49
-    assert kvmuapi.KVM_SET_MEMORY_ATTRIBUTES == 0x4020AED2   # heki-kvm.md 2.5
+    assert kvm_uapi.KVM_CREATE_VM == 0xAE01
+    assert kvm_uapi.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
+    assert kvm_uapi.KVM_SET_USER_MEMORY_REGION2 == 0x40A0AE49
+    assert kvm_uapi.KVM_SET_MEMORY_ATTRIBUTES == 0x4020AED2   # heki-kvm.md 2.5
 
 
 def test_each_record_type_decodes_to_its_event():
     evs = decode(
-        pack("ioctl", *hdr(1), kvmuapi.KVM_CREATE_VM, 3, 7, 0, 0, 0, 0),
-        pack("ioctl", *hdr(1), kvmuapi.KVM_SET_USER_MEMORY_REGION, 7, 0,
+        pack("ioctl", *hdr(1), kvm_uapi.KVM_CREATE_VM, 3, 7, 0, 0, 0, 0),
+        pack("ioctl", *hdr(1), kvm_uapi.KVM_SET_USER_MEMORY_REGION, 7, 0,
              2 | (1 << 32), 0x100000, 0x200000, 0x7F0000000000),
-        pack("ioctl", *hdr(1), kvmuapi.KVM_SET_MEMORY_ATTRIBUTES, 7, -25, 0x1000, 0x2000, 8, 0),
+        pack("ioctl", *hdr(1), kvm_uapi.KVM_SET_MEMORY_ATTRIBUTES, 7, -25, 0x1000, 0x2000, 8, 0),
         pack("hypercall", *hdr(2), 13, 4, 0x300000, 0, 0),
         pack("hypercall", *hdr(2), 99, 1, 2, 3, 4),
         pack("attr", *hdr(5), 0x10, 0x20, 0x50),

@@ -8,8 +8,8 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hekitrace.abi import DEFAULT_PROFILE
 from hekitrace.capture import records as r
+from hekitrace.config.abi import DEFAULT_PROFILE
 
 NUM = r.HypercallNumbers.from_profile(DEFAULT_PROFILE)
 OFF = 1_000_000_000_000
@@ -17,7 +17,7 @@ LOCK_CR = NUM.lock_cr_update
 
 
 def _record(kind: str, rng: random.Random) -> bytes:
-    u64 = lambda: rng.choice([0, 1, 2**64 - 1, rng.getrandbits(64)])  # noqa: E731
+    u64 = lambda: rng.choice([0, 1, 2**64 - 1, rng.getrandbits(64)])
     hdr = (getattr(r, "REC_" + kind.upper()), 1, 0, rng.randrange(1, 5), rng.randrange(9),
            rng.randrange(4), rng.getrandbits(62))
     body = {"hypercall": lambda: (rng.choice([LOCK_CR, 9, u64()]), u64(), u64(), u64(), u64()),
@@ -95,7 +95,7 @@ def test_run_at_the_end_of_an_unpadded_buffer():
 
 
 def test_the_garbage_collector_is_left_as_it_was():
-    import gc   # noqa: PLC0415
+    import gc
     buf, spans = _ring([_record("cr", random.Random(3)) for _ in range(20)])
     assert gc.isenabled()
     _batch(buf, spans)

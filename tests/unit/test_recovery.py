@@ -1,4 +1,4 @@
-"""hekitrace.recovery: checkpoint + journal replay + reconciliation with running VMs.
+"""hekitrace.journal.recovery: checkpoint + journal replay + reconciliation with running VMs.
 
 A "crash" is a journal that is simply abandoned (no close, no final checkpoint) after
 its last end-of-batch flush: what a kill -9 leaves on disk.
@@ -9,19 +9,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hekitrace import checkpoint
-from hekitrace.config import parse_config
-from hekitrace.events import VmCreated
-from hekitrace.journal import scan
-from hekitrace.pipeline import Pipeline
-from hekitrace.recovery import (
+from hekitrace.config.settings import parse_config
+from hekitrace.journal import checkpoint
+from hekitrace.journal.recovery import (
     INCOMPLETE_REASON,
     NOT_DISCOVERED_REASON,
     JournalRecovery,
     gap_reason,
     gone_reason,
 )
-from hekitrace.sim import simulate
+from hekitrace.journal.segments import scan
+from hekitrace.pipeline import Pipeline
+from hekitrace.sim.scenarios import simulate
+from hekitrace.state.events import VmCreated
 
 T_UP = 1_795_000_000_000_000_000 + 3600 * 10**9
 

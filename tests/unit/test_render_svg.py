@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hekitrace.abi import DEFAULT_PROFILE as ABI
+from hekitrace.config.abi import DEFAULT_PROFILE as ABI
 from hekitrace.render.svg import MAX_PIECES, render_svg
 
 ROOT = Path(__file__).resolve().parents[2]

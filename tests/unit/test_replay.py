@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from hekitrace import sim
 from hekitrace.commands import replay as replay_cmd
-from hekitrace.config import default_config
+from hekitrace.replay import replay
+from hekitrace.config.settings import default_config
 from hekitrace.errors import TraceFormatError, UsageError
-from hekitrace.trace import TraceHeader, write_events
+from hekitrace.sim import scenarios
+from hekitrace.trace.file import TraceHeader, write_events
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "traces"
@@ -59,8 +60,8 @@ def test_json_document(capsys):
     doc = json.loads(out)
     assert status == 1
     assert set(doc) >= {"vms", "findings", "lost", "problems"}
-    assert {v["vm"]["name"] for v in doc["vms"]} == {sim.SCENARIOS[a][1] for a in sim.ATTACKS}
-    assert {f["rule"] for f in doc["findings"]} == sim.expected_findings(["all-attacks"])
+    assert {v["vm"]["name"] for v in doc["vms"]} == {scenarios.SCENARIOS[a][1] for a in scenarios.ATTACKS}
+    assert {f["rule"] for f in doc["findings"]} == scenarios.expected_findings(["all-attacks"])
     first = doc["findings"][0]
     assert set(first) >= {"rule", "severity", "time", "time_ns", "vm", "message", "count",
                           "evidence"}
@@ -97,29 +98,29 @@ def test_not_a_trace_raises_before_replaying(tmp_path):
     junk = tmp_path / "junk.txt"
     junk.write_text("hello\n")
     with pytest.raises(TraceFormatError):
-        replay_cmd.replay([str(EXAMPLES / "attack.jsonl"), str(junk)], default_config())
+        replay([str(EXAMPLES / "attack.jsonl"), str(junk)], default_config())
 
 
 def test_until_stops_at_the_given_time(tmp_path):
-    events = sim.simulate(["attack-write-text"])
+    events = scenarios.simulate(["attack-write-text"])
     path = tmp_path / "a.htrace"
     write_events(path, events, HEADER)
     fault_ns = events[-1].time_ns
-    before = replay_cmd.replay([str(path)], default_config(),
+    before = replay([str(path)], default_config(),
                                until=f"+{(fault_ns - events[0].time_ns) / 1e9 - 0.01:.3f}")
     assert before.findings == [] and before.events == len(events) - 1
-    everything = replay_cmd.replay([str(path)], default_config(), until="2099-01-01T00:00:00Z")
+    everything = replay([str(path)], default_config(), until="2099-01-01T00:00:00Z")
     assert [f.rule for f in everything.findings] == ["protected_write"]
     with pytest.raises(UsageError):
-        replay_cmd.replay([str(path)], default_config(), until="soon")
+        replay([str(path)], default_config(), until="soon")
 
 
 def test_files_replay_in_order_as_one_stream(tmp_path):
-    events = sim.simulate(["attack-clear-smep"])
+    events = scenarios.simulate(["attack-clear-smep"])
     half = len(events) // 2
     write_events(tmp_path / "1.htrace", events[:half], HEADER)
     write_events(tmp_path / "2.jsonl", events[half:], HEADER, encoding="jsonl")
-    result = replay_cmd.replay([str(tmp_path / "1.htrace"), str(tmp_path / "2.jsonl")],
+    result = replay([str(tmp_path / "1.htrace"), str(tmp_path / "2.jsonl")],
                                default_config())
     assert result.events == len(events)
     assert [f.rule for f in result.findings] == ["cr_pin_violation"]
@@ -164,7 +165,7 @@ def test_replay_of_a_journal_directory_equals_replay_of_its_segments(tmp_path):
     """`hekitrace replay DIR` reads the daemon's journal directory segment by segment."""
     import shutil
 
-    from hekitrace.commands.replay import replay, to_document
+    from hekitrace.replay import replay, to_document
 
     shutil.copy(EXAMPLES / "clean-guest.htrace", tmp_path / "journal-000001.htrace")
     from_dir = to_document(replay([str(tmp_path)]))
@@ -179,7 +180,7 @@ T_REC = 1_795_000_000_000_000_000
 def test_duplicated_creation_replays_as_one_named_guest(tmp_path, capsys, order):
     """`record` writes vm_created from the ioctl hook and from the uevent (and discovery)
     for one VM; replay must show one guest, named, as the daemon's state does."""
-    from hekitrace.events import Hypercall, VmCreated
+    from hekitrace.state.events import Hypercall, VmCreated
     ioctl = VmCreated(T_REC, 4242, 4242, vm_fd=11, source="ioctl")
     if order == "ioctl_first":
         uevent = VmCreated(T_REC + 3_000_000, 4242, 4243, vm_fd=11, stats_path="/kvm/4243-11",
@@ -194,7 +195,7 @@ def test_duplicated_creation_replays_as_one_named_guest(tmp_path, capsys, order)
     events += [Hypercall(T_REC + 5_000_000, 4242, 4242, 0x99, 0, 0, 0, 0), discovery]
     path = tmp_path / "dup.jsonl"
     write_events(path, events, HEADER, encoding="jsonl")
-    result = replay_cmd.replay([str(path)], default_config())
+    result = replay([str(path)], default_config())
     host = result.pipeline.host
     assert len(host.guests) == 1
     guest = host.by_tgid(4242)
@@ -206,10 +207,10 @@ def test_duplicated_creation_replays_as_one_named_guest(tmp_path, capsys, order)
 
 
 def test_a_second_vm_of_one_vmm_is_not_merged(tmp_path):
-    from hekitrace.events import VmCreated
+    from hekitrace.state.events import VmCreated
     events = [VmCreated(T_REC, 4242, 4242, vm_fd=11, source="ioctl"),
               VmCreated(T_REC + 1, 4242, 4242, vm_fd=12, source="ioctl")]
     path = tmp_path / "two.jsonl"
     write_events(path, events, HEADER, encoding="jsonl")
-    host = replay_cmd.replay([str(path)], default_config()).pipeline.host
+    host = replay([str(path)], default_config()).pipeline.host
     assert len(host.guests) == 2 and host.counters["merged_creations"] == 0

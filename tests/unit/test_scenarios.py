@@ -1,7 +1,7 @@
 """The policy's regression suite: every simulated scenario, written to a trace and replayed
 through the daemon's pipeline, yields exactly its expected finding ids (none when clean).
 
-The expectations live beside the scenarios (``hekitrace.sim.SCENARIOS``) so that
+The expectations live beside the scenarios (``hekitrace.sim.scenarios.SCENARIOS``) so that
 ``simulate``'s help, the examples' README and this suite cannot drift apart. A failure
 here means the policy, the state model or the simulated host changed behaviour.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from hekitrace import sim
-from hekitrace.commands.replay import replay
-from hekitrace.config import default_config
-from hekitrace.trace import TraceHeader, write_events
+from hekitrace.config.settings import default_config
+from hekitrace.replay import replay
+from hekitrace.sim import scenarios as sim
+from hekitrace.trace.file import TraceHeader, write_events
 
 HEADER = TraceHeader(abi_profile="heki-v2", extra={"mbec": True})
 NAMES = [n for n in sim.SCENARIO_NAMES if n != "stress"]

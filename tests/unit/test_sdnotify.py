@@ -1,4 +1,4 @@
-"""hekitrace.sdnotify: datagrams on a real Unix socket owned by the test."""
+"""hekitrace.service.sdnotify: datagrams on a real Unix socket owned by the test."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from hekitrace.sdnotify import Notifier
+from hekitrace.service.sdnotify import Notifier
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""hekitrace.sim, simvm and simpages: page lists as the v2 guest builds them, the host's
+"""hekitrace.sim.scenarios, simvm and simpages: page lists as the v2 guest builds them, the host's
 answers, the layout, the scenarios."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import itertools
 import random
 
-from hekitrace import sim
-from hekitrace.abi import HEKI_V2
-from hekitrace.events import AttrApplied, CrPinRequest, Memslot, ProtectEntry, ProtectRequest
-from hekitrace.simpages import build_page_list, load_layout
-from hekitrace.simvm import SimVm
+from hekitrace.config.abi import HEKI_V2
+from hekitrace.sim import scenarios as sim
+from hekitrace.sim.guest import SimVm
+from hekitrace.sim.page_lists import build_page_list, load_layout
+from hekitrace.state.events import AttrApplied, CrPinRequest, Memslot, ProtectEntry, ProtectRequest
 
 PAGE = 4096
 

@@ -1,4 +1,4 @@
-"""hekitrace.trace: both encodings round-trip every event; damage is located and survived."""
+"""hekitrace.trace.file: both encodings round-trip every event; damage is located and survived."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hekitrace import trace, tracecodec
 from hekitrace.errors import TraceFormatError
-from hekitrace.events import (
+from hekitrace.state.events import (
     AttrApplied,
     AttrIoctl,
     CrPinRequest,
@@ -26,7 +25,9 @@ from hekitrace.events import (
     VmCreated,
     VmDestroyed,
 )
-from hekitrace.trace import (
+from hekitrace.trace import binary as tracecodec
+from hekitrace.trace import file as trace
+from hekitrace.trace.file import (
     TraceHeader,
     TraceProblem,
     TraceWriter,

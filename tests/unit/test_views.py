@@ -6,13 +6,19 @@ import json
 
 import pytest
 
-from hekitrace.abi import AbiProfile
-from hekitrace.attrmap import AttrMap
-from hekitrace.events import (AttrApplied, CrPinRequest, Memslot, ProtectEntry,
-                              ProtectRequest, VmCreated)
-from hekitrace.host import Host
-from hekitrace.policy import Finding
-from hekitrace.views import merged_ranges, vm_snapshot, vm_summary
+from hekitrace.config.abi import AbiProfile
+from hekitrace.policy.findings import Finding
+from hekitrace.render.documents import merged_ranges, vm_snapshot, vm_summary
+from hekitrace.state.attrmap import AttrMap
+from hekitrace.state.events import (
+    AttrApplied,
+    CrPinRequest,
+    Memslot,
+    ProtectEntry,
+    ProtectRequest,
+    VmCreated,
+)
+from hekitrace.state.host import Host
 
 R, W, X, I = 1, 2, 4, 8
 KR, KW, KX, KI, KP = 1 << 4, 1 << 5, 1 << 6, 1 << 7, 1 << 3

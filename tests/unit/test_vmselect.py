@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hekitrace.errors import VmLookupError
-from hekitrace.vmselect import resolve
+from hekitrace.render.vm_select import resolve
 
 VMS = [
     {"name": "web1", "pid": 100, "uuid": "7F0C0000-0000-0000-0000-000000000001",

@@ -1,4 +1,4 @@
-"""hekitrace.yamlschema: the schema-free YAML-to-dataclass machinery behind config."""
+"""hekitrace.config.schema: the schema-free YAML-to-dataclass machinery behind config."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from hekitrace.errors import ConfigError
-from hekitrace.yamlschema import (
+from hekitrace.config.schema import (
     FrozenMap,
     NodeWalker,
     apply_override,
@@ -19,6 +18,7 @@ from hekitrace.yamlschema import (
     setting,
     subsection,
 )
+from hekitrace.errors import ConfigError
 
 
 @dataclass(frozen=True)

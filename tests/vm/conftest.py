@@ -18,9 +18,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import harness  # noqa: E402
-
-from tier import KERNELS, REPO, boot_tree  # noqa: E402
+import harness
+from tier import KERNELS, REPO, boot_tree
 
 _TIMES_KEY = pytest.StashKey[dict]()
 

@@ -186,7 +186,7 @@ class _Apt:
     def depends(self, pkg: str) -> list[str]:
         out = _run("apt-cache show", ["apt-cache", *self.opts, "show", "--no-all-versions",
                                       pkg])
-        m = re.search(r"^Depends: (.*)$", out, re.M)
+        m = re.search(r"^Depends: (.*)$", out, re.MULTILINE)
         if not m:
             return []
         return [d.split()[0].split(":")[0] for d in m.group(1).split(",")]

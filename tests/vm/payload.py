@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import l2vmm  # noqa: E402
+import l2vmm
 
 VM_NAME = "l2-heki"
 VMM_ARGV0 = "qemu-system-x86_64"
@@ -208,7 +208,7 @@ TRACEPOINT_PROBE(kvm, kvm_page_fault) {
 
 
 def raw_probe(checks: Checks, out: Path) -> dict:
-    import bcc  # noqa: PLC0415  (python3-bpfcc in L1)
+    import bcc
     t0 = time.monotonic()
     b = bcc.BPF(text=RAW_PROBE_C, cflags=["-Wno-ignored-attributes", "-Wno-unused-command-line-argument"])
     compile_s = time.monotonic() - t0
@@ -402,10 +402,10 @@ def read_trace_dicts(trace: Path) -> list[dict]:
     (integers stay integers; ProtectEntry tuples stay tuples)."""
     sys.path.insert(0, str(HERE.parents[1]))
     try:
-        from hekitrace.events import event_name  # noqa: PLC0415
-        from hekitrace.trace import read_events  # noqa: PLC0415
+        from hekitrace.state.events import event_name
+        from hekitrace.trace.file import read_events
     except ImportError as e:
-        raise NotImplementedYet(f"hekitrace.trace reader ({e})")
+        raise NotImplementedYet(f"hekitrace.trace.file reader ({e})")
     problems: list = []
     out = []
     for ev in read_events(trace, problems.append):
@@ -488,7 +488,7 @@ def replay_checks(checks: Checks, events: list[dict], replay: dict, manifest: di
                          if not bad else "; ".join(bad)), None
     checks.run(f"{prefix}.page_lists_equal_written", page_lists_equal)
 
-    # ProtectFlags (hekitrace/events.py): TRUNCATED 1, LOOP 2, OUTSIDE_MEMSLOT 4,
+    # ProtectFlags (hekitrace/state/events.py): TRUNCATED 1, LOOP 2, OUTSIDE_MEMSLOT 4,
     # NPAGES_OVERSIZE 8
     def hostile():
         expect = {"deep_chain": 1, "self_loop": 2, "outside_memslots": 4,

@@ -12,9 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
-
 import payload
+import pytest
 from tier import REPO, boot_tree
 
 pytestmark = pytest.mark.vm

@@ -9,10 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
 import harness
 import image
+import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from hekitrace import __version__
-from hekitrace.events import NAME_OF
+from hekitrace.state.events import NAME_OF
 
 
 class MetricSpec(NamedTuple):

@@ -2,7 +2,7 @@
 
 ``hekitrace record``, the daemon's journal, ``hekitrace simulate`` and the bundled examples
 write traces; ``hekitrace replay`` and journal recovery read them. Both encodings carry
-exactly the events of :mod:`hekitrace.events`, so a replay feeds the daemon's pipeline
+exactly the events of :mod:`hekitrace.state.events`, so a replay feeds the daemon's pipeline
 the same values it saw live (DESIGN.md principle 1). The reader detects the encoding from
 the first bytes. docs/trace-format.md is the user-facing specification.
 
@@ -25,7 +25,7 @@ sync found inside data. Blocks are bounded (:data:`MAX_BLOCK_BYTES`), so reading
 constant memory. The per-record ``body_len`` lets a reader skip a kind it does not know.
 
 JSON Lines encoding: an optional header line ``{"kind": "header", ...}`` then one event
-per line, field names of :mod:`hekitrace.events`; blank lines and lines starting with
+per line, field names of :mod:`hekitrace.state.events`; blank lines and lines starting with
 ``#`` are ignored so scenarios can be written and commented by hand.
 
 Problems (a bad block, a bad line) never end the read and are never dropped: each becomes
@@ -33,8 +33,8 @@ a :class:`TraceProblem` handed to the caller's ``errors`` list or callback. Only
 that is not a trace at all raises :class:`~hekitrace.errors.TraceFormatError`.
 
 This module is the file around the events: header, blocks, lines, damage and recovery.
-What one event looks like inside a block is :mod:`hekitrace.tracecodec`'s (the hot
-decoder), on one line :mod:`hekitrace.tracejson`'s; neither codec imports this module.
+What one event looks like inside a block is :mod:`hekitrace.trace.binary`'s (the hot
+decoder), on one line :mod:`hekitrace.trace.jsonl`'s; neither codec imports this module.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 from typing import IO, Any, NamedTuple, Self
 
 from hekitrace.errors import TraceFormatError
-from hekitrace.events import NAME_OF, Event
-from hekitrace.tracecodec import decode_block, encode_event
-from hekitrace.tracejson import event_from_dict, event_to_json_line, parse_int, parse_time
+from hekitrace.state.events import NAME_OF, Event
+from hekitrace.trace.binary import decode_block, encode_event
+from hekitrace.trace.jsonl import event_from_dict, event_to_json_line, parse_int, parse_time
 
 MAGIC = b"\x89HKT\r\n\x1a\n"
 FORMAT_VERSION = 1

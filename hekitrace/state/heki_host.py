@@ -2,10 +2,10 @@
 
 What a Heki host would do with a guest's PROTECT_MEMORY page list and LOCK_CR_UPDATE
 request, applied to one guest's state (its ``requested`` map, memslots, CR pins); kept
-apart from :mod:`hekitrace.host`, which only routes events to guests and keeps their
+apart from :mod:`hekitrace.state.host`, which only routes events to guests and keeps their
 bookkeeping. Everything here reads guest-controlled values and never raises on them:
-malformed input becomes :class:`~hekitrace.changes.Rejection` and
-:class:`~hekitrace.changes.Anomaly` records.
+malformed input becomes :class:`~hekitrace.state.changes.Rejection` and
+:class:`~hekitrace.state.changes.Anomaly` records.
 
 A ``ProtectRequest`` is interpreted exactly as a Heki v2 host would
 (reference/heki-kvm.md 1.6-1.8, ``heki_protect_memory()`` / ``kvm_permissions_set()``):
@@ -34,9 +34,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from hekitrace.abi import AbiProfile
-from hekitrace.changes import Anomaly, MapChange, PinChange, Rejection
-from hekitrace.events import PAGE_SHIFT, CrPinRequest, ProtectFlags, ProtectRequest
+from hekitrace.config.abi import AbiProfile
+from hekitrace.state.changes import Anomaly, MapChange, PinChange, Rejection
+from hekitrace.state.events import PAGE_SHIFT, CrPinRequest, ProtectFlags, ProtectRequest
 
 #: x86 CR bits Heki v2 accepts for pinning (heki-kvm.md 1.11): CR0.WP; CR4 SMEP, SMAP,
 #: UMIP, FSGSBASE, CET (and FRED, added in v3's base).

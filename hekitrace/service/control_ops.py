@@ -2,7 +2,7 @@
 
 control.py is the transport (sockets, limits, framing, peer check) and knows nothing
 about VMs; this module turns a request into a reply from ``Host`` and the findings, with
-the views of views.py, so it can be tested without sockets. ``status`` is answered by the
+the views of documents.py, so it can be tested without sockets. ``status`` is answered by the
 daemon itself (it describes the daemon, not the guests).
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from hekitrace import views
-from hekitrace.control import RequestError
+from hekitrace.render import documents
+from hekitrace.service.control import RequestError
 
 MAPS = ("requested", "applied")
 
@@ -53,7 +53,7 @@ def answer(request: dict, host: Any, abi: Any, counts: Mapping[tuple[Any, str, s
     """The ``result`` of a ``vms`` or ``snapshot`` request; RequestError otherwise."""
     op = request["op"]
     if op == "vms":
-        return {"vms": [views.vm_summary(g, abi, findings_count(counts, g))
+        return {"vms": [documents.vm_summary(g, abi, findings_count(counts, g))
                         for g in host.guests.values()]}
     if op == "snapshot":
         guest = find_vm(host.guests.values(), request.get("vm"))
@@ -63,5 +63,5 @@ def answer(request: dict, host: Any, abi: Any, counts: Mapping[tuple[Any, str, s
             raise RequestError("bad_request", f'"maps" must be a non-empty subset of '
                                               f'["requested", "applied"], got {maps!r}')
         findings = list(recent_findings.get(guest.key, ()))
-        return views.vm_snapshot(guest, abi, findings, maps=tuple(maps))
+        return documents.vm_snapshot(guest, abi, findings, maps=tuple(maps))
     raise RequestError("bad_request", f"unknown op {op!r}; expected status, vms or snapshot")

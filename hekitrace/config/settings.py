@@ -23,10 +23,10 @@ from typing import Any
 
 import yaml
 
-from hekitrace import abi, yamlschema
-from hekitrace.abi import AbiProfile
-from hekitrace.errors import ConfigError
-from hekitrace.yamlschema import (
+from hekitrace.config import abi
+from hekitrace.config import schema as yamlschema
+from hekitrace.config.abi import AbiProfile
+from hekitrace.config.schema import (
     FrozenMap,
     NodeWalker,
     absolute_path,
@@ -41,6 +41,7 @@ from hekitrace.yamlschema import (
     subsection,
     suggestion,
 )
+from hekitrace.errors import ConfigError
 
 #: where the daemon and ``check`` look when no ``--config`` is given
 DEFAULT_CONFIG_PATH = "/etc/hekitrace/hekitrace.yaml"

@@ -18,7 +18,7 @@ matters to hekitrace (heki-kvm.md 1.7-1.11, 5.2):
   and reports each applied range once per memslot it touches (``AttrApplied``), as
   ``kvm_handle_gfn_range`` calls ``kvm_arch_post_set_memory_attributes``.
 
-The memory model is in hekitrace.simpages, the VM and host model in hekitrace.simvm;
+The memory model is in hekitrace.sim.page_lists, the VM and host model in hekitrace.sim.guest;
 this module holds the scenarios (:data:`SCENARIOS`, each returning a list of events in
 time order) and :func:`simulate`. Everything is deterministic for a given seed.
 """
@@ -29,8 +29,8 @@ import heapq
 import random
 from collections.abc import Callable
 
-from hekitrace.events import PAGE_SIZE, Event, FaultAccess, ProtectFlags
-from hekitrace.simvm import DEFAULT_START_NS, X86_CR4_SMEP, SimVm
+from hekitrace.sim.guest import DEFAULT_START_NS, X86_CR4_SMEP, SimVm
+from hekitrace.state.events import PAGE_SIZE, Event, FaultAccess, ProtectFlags
 
 # -- scenarios ------------------------------------------------------------------------------
 

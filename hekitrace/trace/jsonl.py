@@ -1,7 +1,7 @@
 """JSON Lines trace records: one event to a JSON object and back.
 
 This is the record layer of the JSON Lines trace encoding (docs/trace-format.md, "JSON
-Lines encoding"); :mod:`hekitrace.trace` handles the file around it (header line, comments,
+Lines encoding"); :mod:`hekitrace.trace.file` handles the file around it (header line, comments,
 blank lines, problems). It is kept apart from the binary codec because the two share
 nothing but the events: this one is written for people, who read addresses and masks in hex and write
 scenarios by hand, so it accepts several spellings of a time and of an integer and names
@@ -14,7 +14,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from hekitrace.events import CLASS_BY_NAME, NAME_OF, Event, ProtectEntry
+from hekitrace.state.events import CLASS_BY_NAME, NAME_OF, Event, ProtectEntry
 
 #: fields written as hex strings because people read them as addresses or bit masks
 _HEX_FIELDS = frozenset({"gpa", "hva", "list_gpa", "address", "rip", "mask", "value",
@@ -84,7 +84,7 @@ def event_from_dict(data: dict[str, Any], *, start_ns: int = 0, last_ns: int = 0
 
     Time: ``time_ns`` (integer), ``time`` (RFC 3339 UTC) or ``t`` (seconds after
     ``start_ns``, the header's start); when none is given the previous event's time.
-    ``tid`` defaults to ``tgid``; other fields default as in :mod:`hekitrace.events`.
+    ``tid`` defaults to ``tgid``; other fields default as in :mod:`hekitrace.state.events`.
     """
     kind = data.get("kind")
     cls: Any = CLASS_BY_NAME.get(kind) if isinstance(kind, str) else None

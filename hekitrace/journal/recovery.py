@@ -1,6 +1,6 @@
 """Recovery at start-up: latest valid checkpoint, the journal after it, then reality.
 
-The daemon's ``recovery`` seam (hekitrace/daemon.py) calls a :class:`JournalRecovery`
+The daemon's ``recovery`` seam (hekitrace/service/daemon.py) calls a :class:`JournalRecovery`
 with the fresh pipeline and the VMs discovery found running. It
 
 1. loads the newest checkpoint that passes its checksum; a corrupt or truncated one is
@@ -16,7 +16,7 @@ with the fresh pipeline and the VMs discovery found running. It
    "monitoring gap: daemon down from X to Y", because the KVM attribute xarray of
    another process cannot be read back from userspace; VMs that appeared meanwhile are
    left to the daemon, which registers them "running before monitoring started";
-4. starts the :class:`~hekitrace.journal.Journal` with a checkpoint of the result.
+4. starts the :class:`~hekitrace.journal.segments.Journal` with a checkpoint of the result.
 
 Nothing here ends the daemon: an unreadable directory or file is reported and recovery
 continues with what it has (the gap is then explicit in the degraded reasons).
@@ -33,12 +33,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from hekitrace import checkpoint
-from hekitrace.changes import VmKey
 from hekitrace.errors import TraceFormatError
-from hekitrace.events import VmCreated, VmDestroyed
-from hekitrace.journal import Journal, scan
-from hekitrace.trace import TraceHeader, TraceReader
+from hekitrace.journal import checkpoint
+from hekitrace.journal.segments import Journal, scan
+from hekitrace.state.changes import VmKey
+from hekitrace.state.events import VmCreated, VmDestroyed
+from hekitrace.trace.file import TraceHeader, TraceReader
 
 #: problems reported one line each; beyond this only counted (a shredded file must not
 #: flood the log)

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hekitrace.abi import AbiProfile, cr_bit_names
-from hekitrace.events import PAGE_SHIFT, PAGE_SIZE
-from hekitrace.host import Guest
-from hekitrace.policy import Finding, format_time
+from hekitrace.config.abi import AbiProfile, cr_bit_names
+from hekitrace.policy.findings import Finding, format_time
+from hekitrace.state.events import PAGE_SHIFT, PAGE_SIZE
+from hekitrace.state.host import Guest
 
 #: the maps a snapshot can show, in display order
 MAP_NAMES = ("requested", "applied")

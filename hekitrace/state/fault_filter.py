@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from hekitrace.events import FaultAccess
+from hekitrace.state.events import FaultAccess
 
 _WRITE = int(FaultAccess.WRITE)
 _FETCH = int(FaultAccess.FETCH)

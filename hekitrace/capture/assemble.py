@@ -4,17 +4,17 @@ records.decode_batch does the per-record work; this module keeps the little stat
 spans records:
 
 * :class:`ProtectAssembler` joins the page records of one PROTECT_MEMORY hypercall (same
-  ``call_id``) with its end record into one :class:`~hekitrace.events.ProtectRequest`.
+  ``call_id``) with its end record into one :class:`~hekitrace.state.events.ProtectRequest`.
   Pages whose end record never comes (the end was dropped in a full ring) are flushed as a
   request flagged ``LOST_PAGES`` after ``stale_batches`` batches, so nothing waits forever.
 * :class:`LossTracker` reads the kernel's per-CPU drop map and turns each increase into a
-  :class:`~hekitrace.events.Lost` event with the VM's tgid, so that VM is marked degraded.
+  :class:`~hekitrace.state.events.Lost` event with the VM's tgid, so that VM is marked degraded.
 """
 
 from __future__ import annotations
 
 from hekitrace.capture.records import DROP_REASONS, HOOK_NAMES, RING_NAMES, ProtectEnd, ProtectPage
-from hekitrace.events import Lost, ProtectFlags, ProtectRequest
+from hekitrace.state.events import Lost, ProtectFlags, ProtectRequest
 
 LOST_PAGES = int(ProtectFlags.LOST_PAGES)
 

@@ -22,7 +22,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
-from hekitrace.config import split_listen
+from hekitrace.config.settings import split_listen
 from hekitrace.errors import ConfigError
 
 DEFAULT_PORT = 9864

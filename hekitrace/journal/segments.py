@@ -2,8 +2,8 @@
 
 Directory layout (``journal.directory``, /var/lib/hekitrace by default)::
 
-    journal-000007.htrace      events, binary trace format (hekitrace/trace.py)
-    checkpoint-000007.hkck     state before segment 7 (hekitrace/checkpoint.py)
+    journal-000007.htrace      events, binary trace format (hekitrace/trace/file.py)
+    checkpoint-000007.hkck     state before segment 7 (hekitrace/journal/checkpoint.py)
 
 Segment numbers only grow. Every checkpoint starts a new segment, so "checkpoint N plus
 segments >= N" is the whole state and no byte offsets are needed; a segment also ends
@@ -37,8 +37,8 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from hekitrace.changes import NO_CHANGE, Change
-from hekitrace.trace import TraceHeader, TraceWriter
+from hekitrace.state.changes import NO_CHANGE, Change
+from hekitrace.trace.file import TraceHeader, TraceWriter
 
 SEGMENT_RE = re.compile(r"^journal-(\d{6,})\.htrace$")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{6,})\.hkck$")
@@ -122,7 +122,7 @@ class Journal:
     """Appends applied events to segments and writes checkpoints; see the module docstring.
 
     ``cfg`` is ``config.journal``; ``make_checkpoint(segment, time_ns) -> bytes`` encodes
-    the current state (the recovery wires :mod:`hekitrace.checkpoint` in); ``header``
+    the current state (the recovery wires :mod:`hekitrace.journal.checkpoint` in); ``header``
     goes into every segment; ``say`` gets one-line messages; clocks are injectable.
     """
 

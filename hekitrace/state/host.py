@@ -1,13 +1,13 @@
 """Per-guest state rebuilt from the event stream: ``Host`` maps VM identity to ``Guest``.
 
 ``Host.apply(event)`` is the one entry point. It does no I/O, returns a
-:class:`~hekitrace.changes.Change` describing what moved, and never raises on event
+:class:`~hekitrace.state.changes.Change` describing what moved, and never raises on event
 content: everything in an event may come from a hostile guest (page lists, CR masks) and
-malformed input becomes :class:`~hekitrace.changes.Rejection` and
-:class:`~hekitrace.changes.Anomaly` records that the rules read.
+malformed input becomes :class:`~hekitrace.state.changes.Rejection` and
+:class:`~hekitrace.state.changes.Anomaly` records that the rules read.
 
 What the Heki host would do with a guest's requests (PROTECT_MEMORY page lists,
-LOCK_CR_UPDATE) is modelled in :mod:`hekitrace.hekimodel`; this module routes events to
+LOCK_CR_UPDATE) is modelled in :mod:`hekitrace.state.heki_host`; this module routes events to
 guests and keeps their bookkeeping (lifecycle, memslots, counters, degraded reasons).
 ``AttrApplied`` sets the full value it reports (the hook's ``arg.attributes`` is the new
 value, heki-kvm.md 2.2); on a Heki host that also ran private memory this would clear
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hekitrace.abi import AbiProfile
-from hekitrace.attrmap import AttrMap
-from hekitrace.changes import Anomaly, Change, MapChange, VmKey
-from hekitrace.events import (
+from hekitrace.config.abi import AbiProfile
+from hekitrace.state.attrmap import AttrMap
+from hekitrace.state.changes import Anomaly, Change, MapChange, VmKey
+from hekitrace.state.events import (
     NAME_OF,
     PAGE_SHIFT,
     AttrApplied,
@@ -37,7 +37,7 @@ from hekitrace.events import (
     VmCreated,
     VmDestroyed,
 )
-from hekitrace.hekimodel import LOCK_CR_UPDATE_VERSION, MAX_GFN, PINNABLE_CR_BITS, HekiModel
+from hekitrace.state.heki_host import LOCK_CR_UPDATE_VERSION, MAX_GFN, PINNABLE_CR_BITS, HekiModel
 
 __all__ = ["ALL_BITS", "LOCK_CR_UPDATE_VERSION", "MAX_DEGRADED_REASONS", "MAX_GFN",
            "PINNABLE_CR_BITS", "REASON_PREEXISTING", "Guest", "Host", "MemslotInfo"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from hekitrace.events import Event, ProtectEntry
+from hekitrace.state.events import Event, ProtectEntry
 
 
 class VmKey(NamedTuple):

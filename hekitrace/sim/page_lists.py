@@ -1,6 +1,6 @@
 """Guest physical memory of the simulated Heki guest: kernel layout, ranges, page lists.
 
-Split from hekitrace.sim (the VM model and the scenarios) because these three pieces are
+Split from hekitrace.sim.scenarios (the VM model and the scenarios) because these three pieces are
 what the model's faithfulness rests on and each is tested alone: the layout is a real
 Debian kernel's (hekitrace/data/kernel-layout-*.json, from scripts/make_kernel_layout.py),
 :class:`RangeMap` is the simulated host's xarray, and :func:`build_page_list` builds page
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 
-from hekitrace.abi import HEKI_MAX_ENTRIES_PER_PAGE
-from hekitrace.events import PAGE_SIZE, ProtectEntry
+from hekitrace.config.abi import HEKI_MAX_ENTRIES_PER_PAGE
+from hekitrace.state.events import PAGE_SIZE, ProtectEntry
 
 DEFAULT_LAYOUT = "kernel-layout-debian-6.1.json"
 
@@ -50,7 +50,7 @@ class RangeMap:
     """Half-open gfn ranges to a value (0 = nothing stored): the simulated host's xarray.
 
     Small and simple on purpose: it is the model's reference, independent of
-    hekitrace.attrmap, so a bug there cannot hide in both.
+    hekitrace.state.attrmap, so a bug there cannot hide in both.
     """
 
     def __init__(self) -> None:

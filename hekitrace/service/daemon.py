@@ -33,14 +33,15 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
-from hekitrace import __version__, controlops
-from hekitrace.control import ControlServer
+from hekitrace import __version__
 from hekitrace.errors import ConfigError, HekitraceError
-from hekitrace.events import Lost, VmCreated, VmDestroyed
-from hekitrace.faultfilter import protected_ranges
-from hekitrace.httpserver import Health, HttpServer
-from hekitrace.metrics import HekitraceCollector, LoopStats, PageCounts, build_info
-from hekitrace.sdnotify import Notifier
+from hekitrace.service import control_ops
+from hekitrace.service.control import ControlServer
+from hekitrace.service.http import Health, HttpServer
+from hekitrace.service.metrics import HekitraceCollector, LoopStats, PageCounts, build_info
+from hekitrace.service.sdnotify import Notifier
+from hekitrace.state.events import Lost, VmCreated, VmDestroyed
+from hekitrace.state.fault_filter import protected_ranges
 
 #: events applied per loop iteration before the loop looks at sockets and timers again;
 #: at ~2 us per event this keeps control-socket and watchdog latency under ~10 ms.
@@ -110,7 +111,7 @@ class Daemon:
         self.internal_errors = 0
         self._last_error_log = float("-inf")
         self.page_counts = PageCounts()
-        #: the state journal (hekitrace/journal.py), set by a journal-backed recovery
+        #: the state journal (hekitrace/journal/segments.py), set by a journal-backed recovery
         self.journal: Any = None
 
     # -- output -----------------------------------------------------------------------
@@ -605,7 +606,7 @@ class Daemon:
                 return self.status()
             policy = getattr(self.pipeline, "policy", None)
             counts = getattr(policy, "counts", None)
-            return controlops.answer(request, self.pipeline.host, self.config.abi_profile(),
+            return control_ops.answer(request, self.pipeline.host, self.config.abi_profile(),
                                      counts if counts is not None else self.stats.findings,
                                      self.recent_findings)
 
@@ -647,7 +648,7 @@ class Daemon:
         exceptions, windows), keeping the findings counts so ``hekitrace_findings_total``
         stays monotonic. Pairing checks and storm summaries in flight start over: said
         in the log, never silently."""
-        from hekitrace.policy import Policy
+        from hekitrace.policy.engine import Policy
         old = self.pipeline.policy
         policy = Policy(new.policy, self.pipeline.abi, self.pipeline.clock,
                         applied_hook_active=old.applied_hook_active,

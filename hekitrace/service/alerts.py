@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from hekitrace.policy import Finding, format_time
+from hekitrace.policy.findings import Finding, format_time
 
 FORMATS = ("json", "text")
 

@@ -1,7 +1,7 @@
 """Checkpoints: the whole state of a :class:`~hekitrace.pipeline.Pipeline` as one checked blob.
 
 A checkpoint lets a restarted daemon skip replaying months of journal: it holds every
-guest of the :class:`~hekitrace.host.Host` (both attribute maps, memslots, CR pins,
+guest of the :class:`~hekitrace.state.host.Host` (both attribute maps, memslots, CR pins,
 counters, degraded reasons), the pipeline's event and loss counters and the policy's
 findings counts, i.e. everything that metrics, ``vms`` and ``snapshot`` show. It does not
 hold the policy's in-flight pairing windows and storm summaries (seconds long; they
@@ -40,11 +40,11 @@ from array import array
 from itertools import chain
 from typing import Any
 
-from hekitrace.attrmap import AttrMap
-from hekitrace.changes import Change, MapChange, VmKey
 from hekitrace.errors import TraceFormatError
-from hekitrace.events import CLASS_BY_NAME
-from hekitrace.host import Guest, MemslotInfo
+from hekitrace.state.attrmap import AttrMap
+from hekitrace.state.changes import Change, MapChange, VmKey
+from hekitrace.state.events import CLASS_BY_NAME
+from hekitrace.state.host import Guest, MemslotInfo
 
 MAGIC = b"\x89HKCKPT\n"
 VERSION = 1

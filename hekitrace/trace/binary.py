@@ -1,7 +1,7 @@
 """Binary trace records: one event to bytes and a block payload back to events.
 
 This is the record layer of the binary trace encoding (docs/trace-format.md, "Binary
-encoding"); :mod:`hekitrace.trace` frames the records into checked blocks behind a file
+encoding"); :mod:`hekitrace.trace.file` frames the records into checked blocks behind a file
 header. It is kept apart so the hot decoder (BENCHMARKS.md "Replay") reads on its own, and
 so the record layout is declared in one place, next to the code that packs and unpacks it::
 
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hekitrace.errors import TraceFormatError
-from hekitrace.events import (
+from hekitrace.state.events import (
     KIND_OF,
     NAME_OF,
     Event,

@@ -6,7 +6,7 @@ permission bits and ``end > start`` are checked (-EINVAL), immutability too (-EP
 range applies nothing); it stops at the first error, skips ranges that already match,
 re-adds EXEC without MBEC, and reports each applied range once per memslot it touches
 (``AttrApplied``), as ``kvm_handle_gfn_range`` calls
-``kvm_arch_post_set_memory_attributes``. Scenarios that drive it are in hekitrace.sim.
+``kvm_arch_post_set_memory_attributes``. Scenarios that drive it are in hekitrace.sim.scenarios.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import uuid as uuid_mod
 from collections.abc import Iterator
 from dataclasses import replace
 
-from hekitrace.abi import HEKI_V2, KVM_HC_MAP_GPA_RANGE, AbiProfile
-from hekitrace.events import (
+from hekitrace.config.abi import HEKI_V2, KVM_HC_MAP_GPA_RANGE, AbiProfile
+from hekitrace.sim.page_lists import KernelLayout, RangeMap, build_page_list, load_layout
+from hekitrace.state.events import (
     PAGE_SIZE,
     AttrApplied,
     AttrIoctl,
@@ -34,7 +35,6 @@ from hekitrace.events import (
     VmCreated,
     VmDestroyed,
 )
-from hekitrace.simpages import KernelLayout, RangeMap, build_page_list, load_layout
 
 #: 2026-11-25T15:00:00Z: the default start of simulated traces (any fixed value would do)
 DEFAULT_START_NS = 1_795_618_800 * 1_000_000_000

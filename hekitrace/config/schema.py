@@ -7,7 +7,7 @@ tree against the dataclasses' field metadata (type, check, nullable) and raises
 ConfigError at the first problem, with "did you mean ..." for a misspelt key.
 
 This is the machinery only; the schema (sections, keys, defaults, cross-field rules) is
-``hekitrace.config``. A schema declares a field with :func:`setting` (a scalar) or
+``hekitrace.config.settings``. A schema declares a field with :func:`setting` (a scalar) or
 :func:`subsection` (a nested dataclass); other ``kind`` values are the schema's own and
 are handled by a :class:`NodeWalker` subclass overriding :meth:`NodeWalker.value`.
 """

@@ -1,0 +1,1 @@
+"""Configuration: the YAML loader and validator, its schema, the Heki ABI profiles."""

@@ -1,0 +1,1 @@
+"""The daemon's journal: event segments, checkpoints, and recovery at start-up."""
