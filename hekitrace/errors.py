@@ -79,10 +79,13 @@ class NoDaemonError(ControlError):
 
 
 class VmLookupError(HekitraceError):
-    """A VM named on the command line is unknown or ambiguous; ``choices`` lists candidates."""
+    """A VM named by the operator is unknown or (``ambiguous``) matches several;
+    ``choices`` lists candidates."""
 
-    def __init__(self, message: str, *, choices: list[str] | None = None) -> None:
+    def __init__(self, message: str, *, choices: list[str] | None = None,
+                 ambiguous: bool = False) -> None:
         self.choices = choices or []
+        self.ambiguous = ambiguous
         super().__init__(message)
 
 

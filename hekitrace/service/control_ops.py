@@ -11,35 +11,33 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from hekitrace.render import documents
+from hekitrace.errors import VmLookupError
+from hekitrace.render import documents, vm_select
 from hekitrace.service.control import RequestError
 
 MAPS = ("requested", "applied")
 
 
-def find_vm(guests: Iterable[Any], selector: Any) -> Any:
-    """The guest named by ``selector`` (name, UUID or pid, as given by the operator).
+def identity(guest: Any) -> dict:
+    """What the resolver matches on: the fields of a ``vms`` row that name a VM."""
+    return {"name": guest.name or f"pid-{guest.pid}", "uuid": guest.uuid, "pid": guest.pid,
+            "state": "running" if guest.destroyed_ns is None else "destroyed"}
 
-    Several guests may match: a VM recreated under its name while the old one is in
-    its grace period; the single live one wins. Otherwise ``ambiguous_vm`` lists the
-    matches, ``unknown_vm`` lists every known VM (``choices`` of the protocol).
-    """
+
+def find_vm(guests: Iterable[Any], selector: Any) -> Any:
+    """The guest named by ``selector``, by the same rules as ``snapshot --from``
+    (:func:`hekitrace.render.vm_select.resolve`): name, pid-N label, pid, UUID in any
+    case, UUID prefix; errors become ``unknown_vm`` / ``ambiguous_vm`` with the choices."""
     if isinstance(selector, bool) or not isinstance(selector, (str, int)) or selector == "":
         raise RequestError("bad_request", '"vm" must be a VM name, UUID or pid')
-    text = str(selector)
     guests = list(guests)
-    matches = [g for g in guests if text in (g.name, g.uuid, str(g.pid))]
-    live = [g for g in matches if g.destroyed_ns is None]
-    if len(live) == 1:
-        return live[0]
-    if len(matches) == 1:
-        return matches[0]
-    describe = [f"{g.name or '?'} (pid {g.pid}, uuid {g.uuid or '-'})"
-                for g in (matches or guests)]
-    if not matches:
-        raise RequestError("unknown_vm", f"no VM named {text!r}", describe)
-    raise RequestError("ambiguous_vm", f"{len(matches)} VMs match {text!r}; "
-                       "name one by UUID or pid", describe)
+    rows = [identity(g) for g in guests]
+    try:
+        chosen = vm_select.resolve(str(selector), rows)
+    except VmLookupError as error:
+        code = "ambiguous_vm" if error.ambiguous else "unknown_vm"
+        raise RequestError(code, str(error), error.choices) from None
+    return guests[next(i for i, row in enumerate(rows) if row is chosen)]
 
 
 def findings_count(counts: Mapping[tuple[Any, str, str], int], guest: Any) -> int:

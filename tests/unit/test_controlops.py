@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from hekitrace.config.abi import DEFAULT_PROFILE
+from hekitrace.errors import VmLookupError
+from hekitrace.render.documents import vm_summary
+from hekitrace.render.vm_select import resolve
 from hekitrace.service.control import RequestError
 from hekitrace.service.control_ops import answer, find_vm, findings_count
 from hekitrace.state.events import AttrApplied, Memslot, VmCreated, VmDestroyed
@@ -43,11 +46,43 @@ def test_controlops_find_vm_errors():
         assert info.value.code == "bad_request"
 
 
-def test_controlops_live_vm_wins_over_one_in_grace():
+def test_controlops_a_namesake_in_grace_is_ambiguous_not_guessed():
+    """One rule for the daemon and --from (render.vm_select): a VM recreated under its
+    name while the old one is in its grace period must be named by pid or UUID."""
     h = _host()
     h.apply(VmDestroyed(T0 + 5, 10, 10))
     h.apply(VmCreated(T0 + 6, 11, 11, vm_fd=3, name="web"))
-    assert find_vm(h.guests.values(), "web").pid == 11
+    with pytest.raises(RequestError) as info:
+        find_vm(h.guests.values(), "web")
+    assert info.value.code == "ambiguous_vm"
+    assert any("destroyed" in c for c in info.value.choices)
+    assert find_vm(h.guests.values(), "11").pid == 11
+    assert find_vm(h.guests.values(), "pid-11").pid == 11
+
+
+def test_controlops_daemon_and_from_resolve_alike():
+    """The daemon's resolver and the one behind --from, on the same VMs, agree on every
+    query: name, pid-N label of an unnamed VM, pid, UUID in any case, 8-char prefix."""
+    h = _host()
+    h.apply(VmCreated(T0, 40, 40, vm_fd=3))                       # no name: "pid-40"
+    h.apply(VmCreated(T0, 50, 50, vm_fd=3, name="cfg",
+                      uuid="7f0c2a1e-0000-4000-8000-00000000abcd"))
+    rows = [vm_summary(g, DEFAULT_PROFILE) for g in h.guests.values()]
+    queries = ["web", "u-db", "20", "pid-40", "40", "7F0C2A1E-0000-4000-8000-00000000ABCD",
+               "7f0c2a1e", "7F0C2A1E", "twin", "nope", "pid-99", "7f0c"]
+    for query in queries:
+        try:
+            daemon = ("ok", find_vm(h.guests.values(), query).pid)
+        except RequestError as error:
+            daemon = (error.code, sorted(error.choices))
+        try:
+            offline = ("ok", resolve(query, rows)["pid"])
+        except VmLookupError as error:
+            offline = ("ambiguous_vm" if error.ambiguous else "unknown_vm",
+                       sorted(error.choices))
+        assert daemon == offline, query
+    assert find_vm(h.guests.values(), "pid-40").pid == 40
+    assert find_vm(h.guests.values(), "7F0C2A1E").pid == 50
 
 
 def test_controlops_vms_and_snapshot():

@@ -60,3 +60,23 @@ def test_uuid_prefix_from_the_vms_table():
         resolve("7f0c0000", VMS)          # both web1 UUIDs start so
     with pytest.raises(VmLookupError, match="unknown"):
         resolve("7f0c", VMS)              # too short to be taken as a UUID prefix
+
+
+def test_pid_label_names_a_vm_like_its_pid():
+    """'vms' and the findings call an unnamed VM pid-N; that label must resolve."""
+    assert resolve("pid-300", VMS)["name"] == "db1"
+    with pytest.raises(VmLookupError, match="unknown"):
+        resolve("pid-999", VMS)
+
+
+def test_choices_are_bounded_with_a_count():
+    many = [{"name": f"vm{i}", "pid": 1000 + i, "uuid": None, "state": "running"}
+            for i in range(25)]
+    with pytest.raises(VmLookupError) as info:
+        resolve("nope", many)
+    assert len(info.value.choices) == 11 and info.value.choices[-1] == "... and 15 more"
+    twins = [{"name": "twin", "pid": 2000 + i, "uuid": None, "state": "running"}
+             for i in range(12)]
+    with pytest.raises(VmLookupError) as info:
+        resolve("twin", twins)
+    assert info.value.ambiguous and info.value.choices[-1] == "... and 2 more"
