@@ -144,13 +144,21 @@ def _by_vm(findings: list[Finding]) -> dict[Any, list[Finding]]:
     return out
 
 
+def applied_unobserved(pipeline: Pipeline) -> str | None:
+    """Why the replayed host's applied maps say nothing (no attribute hook), or None."""
+    if pipeline.policy.applied_hook_active:
+        return None
+    return "the attribute hook (kvm_arch_post_set_memory_attributes) was not attached"
+
+
 def to_document(result: ReplayResult) -> dict:
     """The ``-o json`` document: vms (documents.vm_snapshot), findings, lost, problems."""
     pipeline = result.pipeline
     per_vm = _by_vm(result.findings)
     guests = sorted(pipeline.host.guests.values(), key=lambda g: (g.created_ns, g.pid))
     return {
-        "vms": [documents.vm_snapshot(g, pipeline.abi, per_vm.get(g.key, []), max_findings=0)
+        "vms": [documents.vm_snapshot(g, pipeline.abi, per_vm.get(g.key, []), max_findings=0,
+                                      applied_unobserved=applied_unobserved(pipeline))
                 for g in guests],
         "findings": [f.to_dict() for f in result.findings],
         "lost": [{"stage": stage, "reason": reason, "count": count}

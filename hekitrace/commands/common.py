@@ -20,7 +20,7 @@ import yaml
 from hekitrace.config import settings
 from hekitrace.errors import NoDaemonError, UsageError
 from hekitrace.render import documents, vm_select
-from hekitrace.replay import replay
+from hekitrace.replay import applied_unobserved, replay
 from hekitrace.service.control import ControlClient
 
 
@@ -94,6 +94,7 @@ class Rebuilt:
         index = self.summaries().index(chosen)
         guest = self.guests[index]
         return documents.vm_snapshot(guest, self.abi, self.findings.get(guest.key, []),
+                                     applied_unobserved=applied_unobserved(self.pipeline),
                                  maps=maps)
 
 

@@ -107,10 +107,14 @@ class AbiProfile:
         return out
 
     def attr_flags(self, attributes: int) -> str:
-        """Short flags for KVM attribute bits: ``r-x I``, ``rw-``, ``rwx`` (default), ``P``.
+        """Short flags for KVM attribute bits: ``r-x I``, ``rw-``, ``rwx P``, ``none``.
 
-        0 means "no attribute", which Heki treats as RWX (kvm_permissions_get).
+        ``none`` is 0, no attribute at all. A Heki host treats such a page as RWX
+        (kvm_permissions_get), but it is shown apart from an explicit RWX: "the guest
+        asked for RWX" and "nobody set anything" are different facts.
         """
+        if attributes == 0:
+            return NO_ATTRIBUTE
         heki = attributes & self.kvm_heki_mask
         if heki:
             rwx = ("r" if attributes >> self.kvm_read & 1 else "-") + \
@@ -149,6 +153,10 @@ class AbiProfile:
                 rwx += "_immutable"
             parts.append(rwx)
         return "_".join(parts)
+
+
+#: the flags of a page with no attribute at all
+NO_ATTRIBUTE = "none"
 
 
 HEKI_V1 = AbiProfile(name="heki-v1", lock_cr_update=14, protect_memory=None,

@@ -13,6 +13,7 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
+from hekitrace.config.abi import NO_ATTRIBUTE
 from hekitrace.errors import UsageError
 from hekitrace.render.table import WIDTH, cut, human_size
 
@@ -34,7 +35,7 @@ def map_changes(old: list[tuple[int, int, str]], new: list[tuple[int, int, str]]
                 ) -> list[tuple[int, int, str, str]]:
     """(gfn_start, gfn_end, old_flags, new_flags) where the two maps differ, coalesced.
 
-    Gaps are ``rwx`` (no attribute). Both inputs ascending and non-overlapping.
+    Gaps are ``none`` (no attribute). Both inputs ascending and non-overlapping.
     """
     bounds = sorted({b for s, e, _ in old + new for b in (s, e)})
     if not bounds:
@@ -45,7 +46,7 @@ def map_changes(old: list[tuple[int, int, str]], new: list[tuple[int, int, str]]
         for lo in bounds[:-1]:
             while i < len(segs) and segs[i][1] <= lo:
                 i += 1
-            yield segs[i][2] if i < len(segs) and segs[i][0] <= lo else "rwx"
+            yield segs[i][2] if i < len(segs) and segs[i][0] <= lo else NO_ATTRIBUTE
 
     out: list[tuple[int, int, str, str]] = []
     for (lo, hi), a, b in zip(itertools.pairwise(bounds), sweep(old), sweep(new)):

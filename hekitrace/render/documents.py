@@ -124,18 +124,24 @@ def _row(item: list[Any], names: Sequence[str], abi: AbiProfile) -> dict:
 
 def vm_snapshot(guest: Guest, abi: AbiProfile, findings: Sequence[Finding | dict] = (),
                 maps: Sequence[str] = MAP_NAMES, *, max_ranges: int | None = None,
-                max_findings: int = SNAPSHOT_FINDINGS) -> dict:
+                max_findings: int = SNAPSHOT_FINDINGS,
+                applied_unobserved: str | None = None) -> dict:
     """One guest's full picture: summary, merged ranges of ``maps``, memslots, findings.
 
     ``findings`` are this VM's findings, oldest first; the newest ``max_findings`` are
-    included. Unknown map names raise ValueError (the control socket turns that into
-    ``bad_request``).
+    included. ``applied_unobserved`` is why the host's applied map cannot be seen (no
+    attribute hook), or None: then no range counts as differing, since an empty applied
+    map says nothing about what the host enforces. Unknown map names raise ValueError
+    (the control socket turns that into ``bad_request``).
     """
     for name in maps:
         if name not in MAP_NAMES:
             raise ValueError(f"unknown map {name!r}: expected one of {', '.join(MAP_NAMES)}")
     selected = {name: getattr(guest, name) for name in maps}
     rows, truncated = merged_ranges(selected, abi, max_ranges)
+    if applied_unobserved and "applied" in maps:
+        for row in rows:
+            row["differs"] = False
     recent = list(findings)[-max_findings:] if max_findings else []
     return {
         "schema": SCHEMA_VERSION,
@@ -144,6 +150,7 @@ def vm_snapshot(guest: Guest, abi: AbiProfile, findings: Sequence[Finding | dict
         "ranges": rows,
         "ranges_truncated": truncated,
         "differing_ranges": sum(1 for r in rows if r["differs"]),
+        "applied_unobserved": applied_unobserved,
         "memslots": [{"slot": slot, "gpa": m.gpa, "size_bytes": m.size_bytes, "hva": m.hva,
                       "flags": m.flags} for slot, m in sorted(guest.memslots.items())],
         "findings": [f.to_dict() if isinstance(f, Finding) else dict(f) for f in recent],

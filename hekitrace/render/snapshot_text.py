@@ -27,9 +27,9 @@ _NO_ATTR = "default"
 
 
 def class_label(cls: str) -> str:
-    """``r-x_immutable`` -> ``r-x immutable``; ``default`` -> ``rwx (no attribute)``."""
+    """``r-x_immutable`` -> ``r-x immutable``; ``default`` -> ``none (no attribute)``."""
     if cls == _NO_ATTR:
-        return "rwx (no attribute)"
+        return "none (no attribute)"
     return cls.replace("_", " ")
 
 
@@ -99,7 +99,12 @@ def render_summary(snap: dict) -> str:
                    + " (list them with --ranges)", WIDTH))
 
     differing = [r for r in snap.get("ranges", ()) if r.get("differs")]
-    if len(maps) > 1:
+    unobserved = snap.get("applied_unobserved")
+    if "applied" in maps and unobserved:
+        out += ["", cut(f"APPLIED MAP NOT OBSERVED ON THIS HOST: {unobserved}", WIDTH),
+                cut("  (the applied column shows nothing the host did; it is not "
+                    "compared)", WIDTH)]
+    elif len(maps) > 1:
         out.append("")
         if differing:
             out.append(f"REQUESTED AND APPLIED DIFFER ON {len(differing)} RANGE(S)"
@@ -162,7 +167,10 @@ def render_ranges(snap: dict) -> Iterator[str]:
     yield cut(f"VM {vm['name']}  pid {vm['pid']}: {len(rows)} range(s)"
               + (f", {snap.get('differing_ranges', 0)} differing (requested vs applied)"
                  if len(maps) > 1 else ""), WIDTH) + "\n"
-    yield "flags: r/w/x allowed, I immutable, P private; rwx = no attribute\n"
+    yield "flags: r/w/x allowed, I immutable, P private; none = no attribute\n"
+    if "applied" in maps and snap.get("applied_unobserved"):
+        yield cut(f"applied: not observed on this host ({snap['applied_unobserved']})",
+                  WIDTH) + "\n"
     for line in range_lines(rows, maps):
         yield line + "\n"
     if snap.get("ranges_truncated"):

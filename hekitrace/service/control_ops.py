@@ -47,8 +47,12 @@ def findings_count(counts: Mapping[tuple[Any, str, str], int], guest: Any) -> in
 
 
 def answer(request: dict, host: Any, abi: Any, counts: Mapping[tuple[Any, str, str], int],
-           recent_findings: Mapping[Any, Iterable[Any]]) -> dict:
-    """The ``result`` of a ``vms`` or ``snapshot`` request; RequestError otherwise."""
+           recent_findings: Mapping[Any, Iterable[Any]],
+           applied_unobserved: str | None = None) -> dict:
+    """The ``result`` of a ``vms`` or ``snapshot`` request; RequestError otherwise.
+
+    ``applied_unobserved``: why this host's applied maps cannot be seen (the attribute
+    hook is not attached), or None."""
     op = request["op"]
     if op == "vms":
         return {"vms": [documents.vm_summary(g, abi, findings_count(counts, g))
@@ -61,5 +65,6 @@ def answer(request: dict, host: Any, abi: Any, counts: Mapping[tuple[Any, str, s
             raise RequestError("bad_request", f'"maps" must be a non-empty subset of '
                                               f'["requested", "applied"], got {maps!r}')
         findings = list(recent_findings.get(guest.key, ()))
-        return documents.vm_snapshot(guest, abi, findings, maps=tuple(maps))
+        return documents.vm_snapshot(guest, abi, findings, maps=tuple(maps),
+                                     applied_unobserved=applied_unobserved)
     raise RequestError("bad_request", f"unknown op {op!r}; expected status, vms or snapshot")

@@ -163,7 +163,7 @@ def test_request_not_applied_after_window():
     assert rig.tick(1 * S) == []                             # window is 2 s
     out = rig.tick(3 * S)
     assert rules(out) == ["request_not_applied"]
-    assert out[0].evidence["requested"] == "rw-" and out[0].evidence["applied"] == "rwx"
+    assert out[0].evidence["requested"] == "rw-" and out[0].evidence["applied"] == "none"
 
 
 def test_request_not_applied_near_miss_applied_within_window():

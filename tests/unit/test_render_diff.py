@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_map_changes_sweep():
     old = [(0, 10, "r-x I"), (20, 30, "rw-")]
     new = [(0, 5, "r-x I"), (5, 10, "rw-"), (25, 40, "rw-")]
-    assert map_changes(old, new) == [(5, 10, "r-x I", "rw-"), (20, 25, "rw-", "rwx"),
-                                     (30, 40, "rwx", "rw-")]
+    assert map_changes(old, new) == [(5, 10, "r-x I", "rw-"), (20, 25, "rw-", "none"),
+                                     (30, 40, "none", "rw-")]
     assert map_changes(old, old) == []
     assert map_changes([], []) == []
 

@@ -94,7 +94,7 @@ def test_immutable_is_hatched_and_sizes_in_legend():
     assert hatched, "immutable ranges carry the hatch pattern"
     assert "r-x immutable: 14.0 MiB / 14.0 MiB" in svg
     assert "r-- immutable: 9.0 MiB / 0 B" in svg        # requested, not applied
-    assert "rwx (no attribute)" in svg
+    assert "none (no attribute)" in svg
 
 
 def test_small_ranges_stay_visible_in_a_huge_guest():

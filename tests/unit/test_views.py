@@ -9,6 +9,7 @@ import pytest
 from hekitrace.config.abi import AbiProfile
 from hekitrace.policy.findings import Finding
 from hekitrace.render.documents import merged_ranges, vm_snapshot, vm_summary
+from hekitrace.render.snapshot_text import render_summary
 from hekitrace.state.attrmap import AttrMap
 from hekitrace.state.events import (
     AttrApplied,
@@ -59,6 +60,18 @@ def test_summary_row():
     json.dumps(row)
 
 
+def test_snapshot_without_attribute_hook_says_applied_is_unobserved():
+    """No attribute hook: the applied side is 'not observed', never a difference."""
+    guest = guest_after_boot()
+    snap = vm_snapshot(guest, MBEC, applied_unobserved="no attribute hook on this kernel")
+    assert snap["applied_unobserved"] == "no attribute hook on this kernel"
+    assert snap["differing_ranges"] == 0 and not any(r["differs"] for r in snap["ranges"])
+    text = render_summary(snap)
+    assert "APPLIED MAP NOT OBSERVED ON THIS HOST: no attribute hook on this kernel" in text
+    assert "DIFFER" not in text
+    assert vm_snapshot(guest, MBEC)["applied_unobserved"] is None
+
+
 def test_snapshot_ranges_mark_where_maps_differ():
     guest = guest_after_boot()
     f = Finding("request_not_applied", "warning", T0 + 5, {"name": "web1"}, guest.key,
@@ -68,8 +81,8 @@ def test_snapshot_ranges_mark_where_maps_differ():
                r["differs"]) for r in snap["ranges"]]
     assert ranges == [(0x1000, 0x1400, "r-x I", "r-x I", False),
                       (0x1400, 0x1500, "r-- I", "r-- I", False),
-                      (0x1500, 0x1600, "r-- I", "rwx", True),
-                      (0x1600, 0x1800, "rw-", "rwx", True)]
+                      (0x1500, 0x1600, "r-- I", "none", True),
+                      (0x1600, 0x1800, "rw-", "none", True)]
     assert snap["differing_ranges"] == 2
     assert snap["ranges"][0]["gpa_start"] == 0x1000000
     assert snap["ranges"][0]["size_bytes"] == 0x400 * 4096
