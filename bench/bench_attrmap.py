@@ -58,7 +58,7 @@ from intervaltree import IntervalTree  # noqa: E402
 
 from hekitrace.state.attrmap import ALL_BITS, AttrMap  # noqa: E402
 
-# KVM attribute bits as Heki v2 stores them (reference/heki-kvm.md 1.6): PRIVATE 0x8,
+# KVM attribute bits as Heki v2 stores them (docs/heki-abi.md section 3): PRIVATE 0x8,
 # HEKI_READ 0x10, HEKI_WRITE 0x20, HEKI_EXEC 0x40, HEKI_IMMUTABLE 0x80.
 VALUES = (0x10, 0x30, 0x50, 0x70, 0x90, 0xD0, 0x18, 0x38)
 MASKS = (0xF0, 0xF0, 0x20, 0x40, 0x80, 0x08, ALL_BITS)

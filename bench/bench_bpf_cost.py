@@ -5,7 +5,7 @@ host) while run-time stats are enabled (BPF_ENABLE_STATS, scoped to this process
 the figure is the kernel's own run_time_ns / run_cnt for the program, so the test-run
 syscall overhead is not included. Baseline, measured in the same run: an empty raw
 tracepoint program (the floor any BPF program pays). Target: the fault program under
-150 ns per run (DESIGN.md performance budget). Usage (root)::
+150 ns per run (docs/internals.md, Performance budget). Usage (root)::
 
     .venv/bin/python bench/bench_bpf_cost.py [--runs 20000]
 """

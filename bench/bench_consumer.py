@@ -18,8 +18,8 @@ the real decoder, ``records.decode_batch`` -> ``Hypercall`` events. One ring the
 two consumers take turns on it: flood N, bcc callback drains; flood N, RingReader +
 decode_batch drains (order alternating per round).
 
-Part 1 records: 40-byte payloads (48 bytes in the ring), as in build-host.md's baseline
-figure. Usage (root)::
+Part 1 records: 40-byte payloads (48 bytes in the ring), as in the baseline figures
+of docs/kernel-support.md section 5. Usage (root)::
 
     .venv/bin/python bench/bench_consumer.py [--records 300000] [--rounds 3]
         [--gc-threshold 100000] [--skip-real]

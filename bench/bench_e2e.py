@@ -3,8 +3,8 @@
 
 Records are produced in the kernel by the capture's flood generator (bpf/flood.c, an XDP
 program run with BPF_PROG_TEST_RUN ``repeat``: 64-byte hypercall records in the telemetry
-ring, build-host.md). Two consumers take turns on the same ring, each timed alone after
-the generator has filled it (alternating order per round):
+ring, docs/kernel-support.md section 5). Two consumers take turns on the same ring, each
+timed alone after the generator has filled it (alternating order per round):
 
 (a) baseline, bcc's callback idiom: ``open_ring_buffer(cb)`` + ``ring_buffer_consume()``,
     the callback doing ``table.event(data)``, building the ``Hypercall`` event and calling

@@ -2,10 +2,11 @@
  *
  * Why XDP: BPF_PROG_TEST_RUN accepts `repeat` for XDP programs (not for raw
  * tracepoints), so one bpf(2) call makes the kernel run this program N times and write N
- * records at kernel speed, with no guest and no tracepoint firing (build-host.md measured
- * about 6.5 M records/s). The program always returns XDP_PASS; the packet is ignored.
+ * records at kernel speed, with no guest and no tracepoint firing (about 6.5 M records/s:
+ * docs/kernel-support.md section 5). The program always returns XDP_PASS; the packet is
+ * ignored.
  *
- * Settings (cflags, STYLE habit 3):
+ * Settings (cflags, never edits of the C text):
  *   -DGEN_RING_PAGES=n     pages of the ring buffer `ring` (power of 2; default 1024)
  *   -DGEN_MIRROR           also write every record, identically, to a second ring `mirror`
  *                          (same size), so two consumers can be compared on the same records
@@ -36,7 +37,7 @@ struct gen_small {          /* 16 bytes */
     u32 cpu;
 };
 
-struct gen_record {         /* 40 bytes, the size build-host.md's figures use */
+struct gen_record {         /* 40 bytes, the size of docs/kernel-support.md's baselines */
     u64 seq;
     u32 kind;
     u32 cpu;

@@ -1,6 +1,6 @@
 /* kvm_arch_post_set_memory_attributes(struct kvm *kvm, struct kvm_gfn_range *range):
  * the attributes KVM actually applied, once per memslot overlapping the request
- * (heki-kvm.md 2.1-2.3). fentry first, then kprobe; a raw-tracepoint twin shares the logic
+ * (docs/heki-abi.md section 8). fentry first, then kprobe; a raw-tracepoint twin shares the logic
  * so BPF_PROG_TEST_RUN can drive it on kernels without the function. struct kvm_gfn_range
  * offsets come from the running kernel's BTF (HK_GFN_RANGE_*_OFF). Included by capture.c. */
 

@@ -92,7 +92,7 @@ static __always_inline u32 hk_tgid(void)
  * attributes): a token bucket in bytes, HK_VM_BUDGET_BURST deep, refilled by
  * HK_VM_BUDGET_PER_JIFFY each jiffy. The control ring is shared by every VM; without
  * this a guest looping on PROTECT_MEMORY with 16-page chains (64 KiB of records per
- * hypercall) could fill it and push out other VMs' records (DESIGN.md principle 5).
+ * hypercall) could fill it and push out other VMs' records (docs/internals.md, principle 5).
  * Over budget, the record is counted lost for that VM only (reason vm_budget), which
  * marks that VM degraded. Updates from several vCPUs race benignly: the budget is
  * approximate, never unbounded. VMM ioctls are not budgeted (the VMM is not the guest). */

@@ -12,7 +12,7 @@
  * of 128 bytes per VM. Not preallocated, so an empty filter costs nothing.
  */
 
-/* tracefs format of kvm:kvm_page_fault (checked by the loader, heki-kvm.md 3.2) */
+/* tracefs format of kvm:kvm_page_fault (checked by the loader, docs/heki-abi.md section 10.2) */
 struct hk_tp_page_fault {
     u64 common;
     u32 vcpu_id;
@@ -304,7 +304,7 @@ int hk_fault_tp(struct hk_tp_page_fault *ctx)
 
 /* ---- kvm:kvm_cr: guest writes to CR0 and CR4 ------------------------------------------ */
 
-/* tracefs format of kvm:kvm_cr (heki-kvm.md 3.3) */
+/* tracefs format of kvm:kvm_cr (docs/heki-abi.md section 10.3) */
 struct hk_tp_cr {
     u64 common;
     u32 rw;

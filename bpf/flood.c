@@ -1,7 +1,8 @@
 /* Test- and bench-only flood generator (compiled with -DHK_WITH_FLOOD): an XDP program
  * that BPF_PROG_TEST_RUN runs `repeat` times, writing hypercall records (nr 0xF100D,
- * a0 = sequence) into the telemetry ring at kernel speed (build-host.md), counting what it
- * sent and what it lost exactly like the real hooks do. Included by capture.c. */
+ * a0 = sequence) into the telemetry ring at kernel speed (docs/kernel-support.md section 5),
+ * counting what it sent and what it lost exactly like the real hooks do. Included by
+ * capture.c. */
 
 #ifdef HK_WITH_FLOOD
 #define HK_FLOOD_NR 0xF100D

@@ -53,7 +53,8 @@
 #define HK_ACC_WRITE  (1 << 1)
 #define HK_ACC_FETCH  (1 << 2)
 
-/* Heki v2 page list: (4096 - 24-byte header) / 24-byte entries = 169 (heki-kvm.md 1.7) */
+/* Heki v2 page list: (4096 - 24-byte header) / 24-byte entries = 169
+ * (docs/heki-abi.md section 4) */
 #define HK_HEKI_MAX_ENTRIES   169
 
 /* 24 bytes, first in every record */

@@ -6,7 +6,8 @@
  * declares more than 169 entries. Entries are copied verbatim; judging them is userspace's job.
  */
 
-/* tracefs format of kvm:kvm_hypercall (offsets checked by the loader, heki-kvm.md 3.1) */
+/* tracefs format of kvm:kvm_hypercall (offsets checked by the loader;
+ * docs/heki-abi.md section 10.1) */
 struct hk_tp_hypercall {
     u64 common;
     u64 nr;

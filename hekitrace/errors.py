@@ -36,7 +36,7 @@ class ConfigError(HekitraceError):
 class AttachError(HekitraceError):
     """A BPF program could not be compiled, loaded or attached.
 
-    ``hook`` names the hook (as in DESIGN.md), ``method`` the attach method tried.
+    ``hook`` names the hook (as in docs/internals.md, Hooks), ``method`` the attach method tried.
     """
 
     def __init__(self, message: str, *, hook: str | None = None,

@@ -5,7 +5,7 @@ event: ``feed(event)`` applies it, evaluates the rules, runs the policy's timers
 event's time passes their next deadline (so a replay reproduces the daemon's pairing and
 storm summaries from event time alone), tells the observers, and returns the findings.
 Replaying a trace through this class is therefore "exactly the daemon's state and rules"
-(DESIGN.md principle 1). It counts events by kind and losses by (stage, reason) in
+(docs/internals.md, principle 1). It counts events by kind and losses by (stage, reason) in
 ``stats``; it does no I/O itself: sinks are observers.
 """
 

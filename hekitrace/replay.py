@@ -55,7 +55,7 @@ def _until_ns(spec: str, first_ns: int) -> int:
 def configure_for(headers: list[TraceHeader], config: Any) -> tuple[Any, list[str]]:
     """Adopt the recording host's MBEC setting, announced in one line.
 
-    Without MBEC a Heki host re-adds EXEC to every request (heki-kvm.md 1.8 step 4), so
+    Without MBEC a Heki host re-adds EXEC to every request (docs/heki-abi.md section 5, step 4), so
     replaying an MBEC host's trace with ``mbec: false`` (or the reverse) would invent
     mismatches. ``abi.mbec`` in the config describes the live host; the header records
     how the traced host behaved, which is the fact a replay needs, so it wins.

@@ -6,7 +6,7 @@
 #    rsvg-convert, QEMU + debootstrap for the vm test tier. Packages the distribution does
 #    not have are skipped with a warning, except the ones bcc itself needs.
 #  - Kernel headers for the running kernel; where the distribution packages none for it,
-#    its generic headers linked in with a warning (reference/build-host.md): safe because
+#    its generic headers linked in with a warning (docs/kernel-support.md section 4): safe because
 #    no hekitrace BPF program takes a struct layout from headers; offsets come from BTF.
 #  - A venv in .venv made from /usr/bin/python3 (3.11+) with --system-site-packages (to see
 #    bcc), with hekitrace installed editable plus its test dependencies.

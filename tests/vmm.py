@@ -3,7 +3,8 @@
 The test process becomes the VMM the capture watches: its ioctls go through the real
 ``syscalls:sys_{enter,exit}_ioctl`` tracepoints, and a BPF program run with
 BPF_PROG_TEST_RUN in this process reads "guest memory" from it exactly as it would read a
-real VMM's (build-host.md). No vCPU is created: nothing here needs to run guest code.
+real VMM's (docs/kernel-support.md section 3). No vCPU is created: nothing here needs to
+run guest code.
 
     with Vmm() as vm:
         slot = vm.add_memslot(gpa=0x100000, size_bytes=1 << 20)

@@ -2,8 +2,8 @@
 plus the split BTF of the KVM modules when KVM is not built in: :class:`KernelBtf`).
 
 BPF programs must never take a kernel struct layout from headers (the build host's
-headers are not even for the running kernel: build-host.md); the loader asks this module
-for byte offsets and passes them to the C as -D constants. The BTF format is small
+headers are not even for the running kernel: docs/kernel-support.md section 4); the loader
+asks this module for byte offsets and passes them to the C as -D constants. The BTF format is small
 (Documentation/bpf/btf.rst: a header, a type section of variable-length records, a string
 section), so a self-contained parser avoids depending on bpftool at run time.
 

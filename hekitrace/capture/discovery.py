@@ -10,13 +10,13 @@ before that moment is unknown). Two independent sources, merged:
     every process holding a VM fd (needs root or CAP_SYS_PTRACE to read other processes'
     fd links) and gives the VMM's tgid directly.
 ``<debugfs>/kvm/<tid>-<fd>``
-    KVM's per-VM debugfs directory (heki-kvm.md 3.6; ``<tid>`` is the thread that created
-    the VM, ``<fd>`` the number ``KVM_CREATE_VM`` returned). It gives the ``stats_path``
-    the uevents carry (``/kvm/<tid>-<fd>``) and still finds a VM whose creator closed
-    its fd while vCPU fds or mappings keep it alive. debugfs is only **read where it is
-    already mounted**; hekitrace never mounts it (mounting debugfs on a production host
-    is the operator's decision). Without it, discovery says so in one line and uses
-    ``/proc`` alone (``stats_path`` is then "").
+    KVM's per-VM debugfs directory (docs/heki-abi.md section 11; ``<tid>`` is the thread
+    that created the VM, ``<fd>`` the number ``KVM_CREATE_VM`` returned). It gives the
+    ``stats_path`` the uevents carry (``/kvm/<tid>-<fd>``) and still finds a VM whose
+    creator closed its fd while vCPU fds or mappings keep it alive. debugfs is only **read
+    where it is already mounted**; hekitrace never mounts it (mounting debugfs on a
+    production host is the operator's decision). Without it, discovery says so in one line
+    and uses ``/proc`` alone (``stats_path`` is then "").
 
 A VM found in both is reported once: the debugfs entry ``<tid>-<fd>`` matches the fd
 ``<fd>`` of the process that thread belongs to. Names come from

@@ -1,7 +1,7 @@
 """The capture engine: compile once, attach each hook by its preference chain, read both
 rings, hand out event batches, keep the kernel-side fault filter in sync.
 
-Hooks and their chains (DESIGN.md "Hooks"): hypercall raw_tracepoint -> tracepoint;
+Hooks and their chains (docs/internals.md, Hooks): hypercall raw_tracepoint -> tracepoint;
 attr_applied fentry -> kprobe; ioctl tracepoint; page_fault raw_tracepoint -> tracepoint;
 cr raw_tracepoint -> tracepoint. What worked (or why not) is in :meth:`Capture.hook_status`;
 a required hook that attaches by no method raises AttachError naming hook and methods.

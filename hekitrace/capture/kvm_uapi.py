@@ -4,7 +4,7 @@ A leaf shared by capture (which filters these ioctls in the kernel) and the test
 tiny VMM issues them). Numbers are computed from ``_IOC`` exactly as
 ``include/uapi/asm-generic/ioctl.h`` does, from the struct sizes declared here, so a wrong
 size shows up as a wrong number in ``tests/unit/test_records.py`` rather than as a filter
-that silently never matches. Sources: include/uapi/linux/kvm.h (v6.12; heki-kvm.md 2.5).
+that silently never matches. Sources: include/uapi/linux/kvm.h (v6.12; docs/heki-abi.md section 9).
 """
 
 from __future__ import annotations

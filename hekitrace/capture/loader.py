@@ -75,7 +75,8 @@ class CaptureSettings:
 def bpf_dir() -> Path:
     """Where ``bpf/*.c`` are: ``$HEKITRACE_BPF_DIR`` or the checkout's ``bpf/``.
 
-    bcc compiles C from files at run time (STYLE habit 3); they are not package data.
+    bcc compiles the C from these files at run time (BPF C lives in files, not in Python
+    strings); they are not package data.
     Capture and the feature probes (capture/probe.py) both read them from here.
     """
     override = os.environ.get(BPF_DIR_ENV)
@@ -88,7 +89,8 @@ def detect_vendor(settings_vendor: str, sys_module: str = "/sys/module",
                   say=None) -> int:
     """VENDOR_VMX or VENDOR_SVM: from the config (intel/amd/vmx/svm) or, for ``auto``,
     from which of kvm_intel / kvm_amd is loaded. Neither (e.g. a PVM host): VMX, said
-    in one line, since the fault tracepoint then never fires anyway (build-host.md)."""
+    in one line, since the fault tracepoint then never fires anyway
+    (docs/kernel-support.md section 2)."""
     v = settings_vendor.lower()
     if v in ("intel", "vmx"):
         return VENDOR_VMX

@@ -1,10 +1,10 @@
 """Feature probing: which hooks exist on the running kernel and how each would attach.
 
-Why probe instead of reading version numbers (STYLE habit 5): the facts that matter vary
+Why probe instead of reading version numbers: the facts that matter vary
 independently of the release. On the build host a 6.18 kernel has the kvm tracepoints but
 no kprobes (CONFIG_KPROBES unset), refuses fentry with EPERM even as root although bcc's
 ``support_kfunc()`` says yes, and lacks ``kvm_arch_post_set_memory_attributes``
-(CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES unset). So for every hook of DESIGN.md ("Hooks") this
+(CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES unset). So for every hook (docs/internals.md, Hooks) this
 module compiles tiny do-nothing programs (``bpf/probe_*.c``), loads and attaches them by
 each method in preference order, records what happened, and detaches.
 
@@ -67,8 +67,9 @@ class MethodResult:
 
 @dataclass(frozen=True)
 class HookReport:
-    """Whether hook ``hook`` (DESIGN.md name; ``key`` is its ``hooks:`` config key, None
-    for the unconfigurable uevents) exists here and by which method it attaches.
+    """Whether hook ``hook`` (named as in docs/internals.md, Hooks; ``key`` is its
+    ``hooks:`` config key, None for the unconfigurable uevents) exists here and by which
+    method it attaches.
 
     ``method`` is the first attachable method in preference order, None when none is;
     ``reason`` says why the hook is unusable (None when attachable).
@@ -173,7 +174,7 @@ class _Prober:
             try:
                 action()
                 error = None
-            except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception (STYLE habit 8)
+            except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception
                 error = exc
             err = ctypes.get_errno()
         if error is None:

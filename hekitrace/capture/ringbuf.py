@@ -2,7 +2,7 @@
 
 Why not bcc's ``ring_buffer_consume()``: it calls back into Python once per record
 (about 0.55 M records/s with the usual ``table.event(data)`` idiom on the build host,
-reference build-host.md), which is the capture's bottleneck. :class:`RingReader` instead
+docs/kernel-support.md section 5), which is the capture's bottleneck. :class:`RingReader` instead
 walks the record headers in the shared pages, copies the whole committed span with one
 ``bytes()`` slice and hands the decoder ``(buf, spans)`` to decode in a batch.
 

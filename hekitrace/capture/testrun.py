@@ -1,6 +1,6 @@
 """BPF_PROG_TEST_RUN through bpf(2), for tests and benchmarks.
 
-libbcc does not export ``bpf_prog_test_run_opts`` (build-host.md), so this issues
+libbcc does not export ``bpf_prog_test_run_opts`` (docs/kernel-support.md section 1), so this issues
 ``bpf(BPF_PROG_TEST_RUN = 10, union bpf_attr *, size)`` with ctypes. On this host the
 KVM tracepoints never fire, so tests drive the raw-tracepoint programs this way
 (ctx = the tracepoint's arguments as u64[]) and flood rings with an XDP program run with

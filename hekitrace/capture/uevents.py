@@ -2,8 +2,8 @@
 
 KVM announces every VM's creation and its last reference going away with a uevent on
 the kvm misc device (``kvm_uevent_notify_change()`` in ``virt/kvm/kvm_main.c``, added
-in Linux 4.13 by "KVM: trigger uevents when creating or destroying a VM"; heki-kvm.md
-3.5)::
+in Linux 4.13 by "KVM: trigger uevents when creating or destroying a VM"; docs/heki-abi.md section
+11)::
 
     change@/devices/virtual/misc/kvm  ACTION=change DEVPATH=/devices/virtual/misc/kvm
     SUBSYSTEM=misc CREATED=<ever> COUNT=<alive> EVENT=create|destroy PID=<tid>
@@ -124,7 +124,7 @@ def _bind_kernel_group(nl) -> None:
 
 
 def _fd_of(stats_path: str) -> int:
-    """The VM fd in ``/kvm/<tid>-<fd>`` (debugfs naming, heki-kvm.md 3.6), else -1."""
+    """The VM fd in ``/kvm/<tid>-<fd>`` (debugfs naming, docs/heki-abi.md section 11), else -1."""
     _, _, tail = stats_path.rpartition("-")
     return int(tail) if tail.isdigit() else -1
 

@@ -1,6 +1,6 @@
 """Heki ABI profiles: hypercall numbers and attribute bits, as data.
 
-Heki was never merged and its numbers moved between RFC versions (heki-kvm.md 1.5-1.6):
+Heki was never merged and its numbers moved between RFC versions (docs/heki-abi.md sections 2-3):
 v1 used 13 for LOCK_MEM_PAGE_RANGES and 14 for LOCK_CR_UPDATE, v2 13 for LOCK_CR_UPDATE
 and 14 for PROTECT_MEMORY, v3 kept only LOCK_CR_UPDATE=13. A monitor must therefore be
 told which build the host runs; the profile is chosen in the config.
@@ -18,10 +18,11 @@ KVM_HC_MAP_GPA_RANGE = 12
 #: upstream include/uapi/linux/kvm_para.h: returned by KVM for an unknown hypercall
 KVM_ENOSYS = 1000
 
-#: Heki v2 struct heki_page_list: (4096 - 24-byte header) / 24-byte entries (heki-kvm.md 1.7)
+#: Heki v2 struct heki_page_list: (4096 - 24-byte header) / 24-byte entries
+#: (docs/heki-abi.md section 4)
 HEKI_MAX_ENTRIES_PER_PAGE = 169
 
-# x86 control-register bits that Heki may pin (heki-kvm.md 1.11, processor-flags.h)
+# x86 control-register bits that Heki may pin (docs/heki-abi.md section 7, processor-flags.h)
 CR_BIT_NAMES: dict[int, dict[int, str]] = {
     0: {16: "WP"},
     4: {11: "UMIP", 16: "FSGSBASE", 20: "SMEP", 21: "SMAP", 23: "CET", 32: "FRED"},

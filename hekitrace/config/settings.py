@@ -46,7 +46,7 @@ from hekitrace.errors import ConfigError
 #: where the daemon and ``check`` look when no ``--config`` is given
 DEFAULT_CONFIG_PATH = "/etc/hekitrace/hekitrace.yaml"
 
-#: every policy rule id (DESIGN.md "Findings", docs/findings.md); policy.py imports this
+#: every policy rule id (docs/findings.md); policy.py imports this
 RULE_IDS = (
     "wx_request", "immutable_change", "immutable_relaxed", "request_not_applied",
     "applied_without_request", "protected_write", "protected_fetch", "cr_pin_violation",

@@ -68,7 +68,7 @@ UNIMPLEMENTED_RULES: dict[str, str] = {
     "cr_pin_cleared": "same evidence as cr_pin_violation (a CR write clearing a pinned "
                       "bit, reported whether or not the host blocked it)",
     "privileged_hypercall_from_user": "events carry no CPL: kvm:kvm_hypercall has no "
-                                      "privilege field (heki-kvm.md 3.1)",
+                                      "privilege field (docs/heki-abi.md section 10.1)",
 }
 #: entries of one request inspected by the per-entry rules (matches the state default)
 MAX_ENTRIES_INSPECTED = 4096

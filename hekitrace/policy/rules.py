@@ -3,7 +3,7 @@
 Every rule looks only at the :class:`~hekitrace.state.changes.Change` that ``Host.apply``
 returned (the event, the changed ranges, rejections and anomalies) or at one page / one
 range of a map, never at whole maps. Rule ids and meanings are documented in
-docs/findings.md; the background is reference/heki-kvm.md 1.8-1.11 and 5.
+docs/findings.md; the background is docs/heki-abi.md sections 5-7 and 12.
 
 :class:`Rules` is a mixin of :class:`hekitrace.policy.engine.Policy`: one method per event kind,
 ``(change, event, state, guest, out)``, appending findings to ``out`` through storm

@@ -1,6 +1,6 @@
 """The daemon: one event loop wiring capture, state, rules and sinks together.
 
-Data flow (DESIGN.md): ring buffers and KVM uevents -> bounded queue -> Pipeline (Host +
+Data flow (docs/internals.md): ring buffers and KVM uevents -> bounded queue -> Pipeline (Host +
 Policy) -> findings to the alert sink; metrics, the control socket and the probes read the
 state. Everything runs in one thread, a ``selectors`` loop over the ring-buffer fds, the
 uevent socket, the control socket, a signal wake-up pipe and timers; only the HTTP server
@@ -224,7 +224,7 @@ class Daemon:
     def _sync_fault_filter(self) -> None:
         """Tell the kernel which pages of each changed VM are write/fetch protected.
 
-        Only faults on those pages reach userspace (DESIGN.md "Hooks"); the map used is
+        Only faults on those pages reach userspace (docs/internals.md, Hooks); the map used is
         the applied one when the applied hook runs, else the requested one.
         """
         dirty = list(self._dirty_vms)
@@ -437,7 +437,7 @@ class Daemon:
     def _guarded(self, events: list, one: bool = False) -> None:
         """Apply ``events``; a bug in the state machine costs these events, not the daemon.
 
-        Guest input is never supposed to raise (DESIGN.md principle 5); if it does
+        Guest input is never supposed to raise (docs/internals.md, principle 5); if it does
         anyway, a guest that found the bug must not be able to stop the monitoring of
         every VM (a crash, then systemd's start limit). The events are counted lost
         (stage "pipeline", reason "internal_error"; some may have been applied before the

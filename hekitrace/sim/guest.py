@@ -1,7 +1,7 @@
 """One simulated Heki v2 guest and the host's handling of its hypercalls (:class:`SimVm`).
 
 The host model is the part hekitrace is checked against, so it follows KVM where it
-matters (heki-kvm.md 1.7-1.11, 5.2): entries are applied in reverse order; alignment,
+matters (docs/heki-abi.md sections 4-7 and 12): entries are applied in reverse order; alignment,
 permission bits and ``end > start`` are checked (-EINVAL), immutability too (-EPERM, the
 range applies nothing); it stops at the first error, skips ranges that already match,
 re-adds EXEC without MBEC, and reports each applied range once per memslot it touches
@@ -50,7 +50,7 @@ X86_CR4_PGE = 1 << 7
 GUEST_CR0 = 0x80050033
 #: PSE|PAE|MCE|PGE|OSFXSR|OSXMMEXCPT|UMIP|FSGSBASE|PCIDE|OSXSAVE|SMEP|SMAP
 GUEST_CR4 = 0x370EF0
-#: cr4_pinned_mask of Heki v2 (heki-kvm.md 1.11)
+#: cr4_pinned_mask of Heki v2 (docs/heki-abi.md section 7)
 CR4_PINNED_MASK = X86_CR4_SMEP | X86_CR4_SMAP | X86_CR4_UMIP | X86_CR4_FSGSBASE | X86_CR4_CET
 
 # VMX EPT-violation exit qualification bits (SDM 28.3.3.2): access W=1, fetch=2; the
@@ -256,7 +256,7 @@ class SimVm:
                     walk.append((s * PAGE_SIZE, e * PAGE_SIZE, perms))
         self.protect(walk)
 
-    # -- runtime: what the guest kernel does on purpose (heki-kvm.md 5.2) ------------------
+    # -- runtime: what the guest kernel does on purpose (docs/heki-abi.md section 12) ---
     def load_module(self, text_pages: int, ro_pages: int, data_pages: int) -> dict:
         """vmap (RW), then set_memory_ro on rodata and set_memory_rox on text."""
         p = self.perm

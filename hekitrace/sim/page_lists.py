@@ -4,7 +4,7 @@ Split from hekitrace.sim.scenarios (the VM model and the scenarios) because thes
 what the model's faithfulness rests on and each is tested alone: the layout is a real
 Debian kernel's (hekitrace/data/kernel-layout-*.json, from scripts/make_kernel_layout.py),
 :class:`RangeMap` is the simulated host's xarray, and :func:`build_page_list` builds page
-lists exactly as the v2 guest's ``heki_add_pa()`` does (heki-kvm.md 1.7-1.11, 5.2).
+lists exactly as the v2 guest's ``heki_add_pa()`` does (docs/heki-abi.md section 4).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Real Heki hosts are rare (the series was never merged), so the examples, the policy's
 regression suite and the benchmarks run on this model instead. It is faithful where it
-matters to hekitrace (heki-kvm.md 1.7-1.11, 5.2):
+matters to hekitrace (docs/heki-abi.md sections 4-7 and 12):
 
 * the guest's memory is a real kernel's: section boundaries from the System.map of a
   Debian linux-image package (hekitrace/data/kernel-layout-*.json, made by

@@ -33,13 +33,13 @@ above 256 adds a 32-byte int object).
 
 The public view is the contract of docs/internals.md ("AttrMap"): half-open ranges
 ``[start, end)`` with non-zero values ("stored ranges"), 0 meaning "no attribute", exactly as
-``kvm_vm_set_mem_attributes()`` stores NULL for 0 (reference/heki-kvm.md 2.3).
+``kvm_vm_set_mem_attributes()`` stores NULL for 0 (docs/heki-abi.md section 5, step 6).
 
 Inputs are validated only as far as the invariant needs (ints, bounds, start < end): the
 host validates guest input and turns it into anomalies before it gets here, so a ValueError
 from this module is a bug in the caller, never a guest's doing. :meth:`AttrMap.check` is the
-slow validator that tests call after every operation and the daemon never calls
-(STYLE habit 12).
+slow validator that tests call after every operation and the daemon never calls, so the
+hot path pays nothing for it.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class AttrMapInvariantError(AssertionError):
     It derives from AssertionError rather than HekitraceError on purpose: HekitraceError is
     what the CLI turns into a one-line user error, and a corrupted map is not something a
     user caused or can fix; it must surface as a failed assertion with a traceback. (The
-    module is also a leaf and must not import hekitrace.errors, STYLE habit 1.)
+    module is also a leaf and must not import hekitrace.errors: imports point one way.)
 
     ``problems`` holds one line per violation, naming breakpoint indices and the ranges
     around them; ``ranges`` holds the offending ``(start, end, value)`` triples.
@@ -254,8 +254,8 @@ class AttrMap:
             ) -> list[ChangedSegment]:
         """Set ``new = (old & ~mask) | (attrs & mask)`` on every page of gfns [start, end).
 
-        This is the update ``kvm_vm_set_mem_attributes()`` performs (reference/heki-kvm.md
-        1.8 step 6, 2.3). Returns the uniform segments that actually changed, as
+        This is the update ``kvm_vm_set_mem_attributes()`` performs (docs/heki-abi.md section 5,
+        step 6). Returns the uniform segments that actually changed, as
         ``(gfn_start, gfn_end, old, new)`` in ascending order, split where the old value
         changes; ``[]`` when nothing changed, in which case the map's content is not touched
         (KVM's early return, when no hook fires). ``attrs`` and ``mask`` are 64-bit values.
@@ -551,7 +551,7 @@ class AttrMap:
         """Verify the representation invariant; raise AttrMapInvariantError naming ranges.
 
         Slow and thorough (O(n) Python); tests call it after every operation, the daemon
-        never does (STYLE habit 12).
+        never does, so the hot path pays nothing for it.
         """
         b, v = self._flat()
         problems: list[str] = []

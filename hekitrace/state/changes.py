@@ -1,7 +1,7 @@
 """What one event changed: the records ``Host.apply`` returns.
 
 Rules, metrics and the journal consume these instead of rescanning whole maps per event
-(DESIGN.md principle 2). They are plain NamedTuples so the hot path stays cheap; the
+(docs/internals.md, principle 2). They are plain NamedTuples so the hot path stays cheap; the
 shared :data:`NO_CHANGE` stands for events that changed nothing.
 """
 

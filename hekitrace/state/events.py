@@ -1,7 +1,7 @@
 """The typed events every part of hekitrace speaks.
 
 Live capture, recorded traces and the simulator all produce these records, and
-everything downstream (state, rules, sinks) consumes only them (DESIGN.md, principle 1).
+everything downstream (state, rules, sinks) consumes only them (docs/internals.md, principle 1).
 They are NamedTuples rather than dataclasses because one is built per kernel record on
 the hot path: a NamedTuple costs about a third of a frozen dataclass to create.
 
@@ -141,7 +141,7 @@ class ProtectRequest(NamedTuple):
     """A ``KVM_HC_PROTECT_MEMORY`` hypercall with its page list as read from the VMM.
 
     ``entries`` are in the order they were read (list page by list page, head first);
-    the host applies them in reverse (heki-kvm.md 1.7), which is the state's concern.
+    the host applies them in reverse (docs/heki-abi.md section 4), which is the state's concern.
     ``pages`` is the number of list pages read; ``flags`` are :class:`ProtectFlags`.
     ``declared_entries`` sums the guest's ``npages`` fields before any cut.
     """
@@ -238,7 +238,7 @@ class Lost(NamedTuple):
 Event = (VmCreated | VmDestroyed | Memslot | Hypercall | ProtectRequest | CrPinRequest
          | AttrApplied | AttrIoctl | Fault | CrWrite | Lost)
 
-#: event class -> kind, and the snake_case name used in JSON (DESIGN.md event table)
+#: event class -> kind, and the snake_case name used in JSON (docs/internals.md, Event kinds)
 KIND_OF: dict[type, EventKind] = {
     VmCreated: EventKind.VM_CREATED,
     VmDestroyed: EventKind.VM_DESTROYED,

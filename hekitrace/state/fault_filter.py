@@ -1,6 +1,6 @@
 """Which pages of a guest the kernel's fault filter should report, and for which access.
 
-Only write and fetch faults on protected pages reach userspace (DESIGN.md "Hooks"); the
+Only write and fetch faults on protected pages reach userspace (docs/internals.md, Hooks); the
 daemon computes the set from a guest map after each batch that changed it and hands it
 to ``Capture.protect_filter_update``. Pure, so it is tested apart from the kernel.
 """

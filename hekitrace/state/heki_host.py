@@ -8,7 +8,7 @@ malformed input becomes :class:`~hekitrace.state.changes.Rejection` and
 :class:`~hekitrace.state.changes.Anomaly` records.
 
 A ``ProtectRequest`` is interpreted exactly as a Heki v2 host would
-(reference/heki-kvm.md 1.6-1.8, ``heki_protect_memory()`` / ``kvm_permissions_set()``):
+(docs/heki-abi.md sections 3-5, ``heki_protect_memory()`` / ``kvm_permissions_set()``):
 
 * entries are applied in reverse order of reading (the host reverses the chain);
 * per entry: misaligned ``gpa``/``end_gpa`` -> EINVAL; permissions 0 or outside
@@ -20,10 +20,10 @@ A ``ProtectRequest`` is interpreted exactly as a Heki v2 host would
 
 Entries outside every known memslot are still applied to the requested map, because
 ``kvm_vm_set_mem_attributes`` stores into the attribute xarray without consulting
-memslots (only the arch hooks are per memslot, heki-kvm.md 2.2-2.3); they are reported
+memslots (only the arch hooks are per memslot, docs/heki-abi.md section 8); they are reported
 as an ``outside_memslots`` anomaly. A guest with no known memslot (found running) is not
 checked. ``AttrApplied`` sets the full value it reports (the hook's ``arg.attributes`` is
-the new value, heki-kvm.md 2.2); on a Heki host that also ran private memory this would
+the new value, docs/heki-abi.md section 8); on a Heki host that also ran private memory this would
 clear PRIVATE where Heki bits were set (not a combination any Heki build supported). A
 request with more entries than ``max_entries_per_request`` is cut to the first
 ones the host would apply and the guest is marked degraded, since the model then
@@ -38,13 +38,14 @@ from hekitrace.config.abi import AbiProfile
 from hekitrace.state.changes import Anomaly, MapChange, PinChange, Rejection
 from hekitrace.state.events import PAGE_SHIFT, CrPinRequest, ProtectFlags, ProtectRequest
 
-#: x86 CR bits Heki v2 accepts for pinning (heki-kvm.md 1.11): CR0.WP; CR4 SMEP, SMAP,
+#: x86 CR bits Heki v2 accepts for pinning (docs/heki-abi.md section 7): CR0.WP; CR4 SMEP, SMAP,
 #: UMIP, FSGSBASE, CET (and FRED, added in v3's base).
 PINNABLE_CR_BITS: dict[int, int] = {
     0: 1 << 16,
     4: (1 << 20) | (1 << 21) | (1 << 11) | (1 << 16) | (1 << 23) | (1 << 32),
 }
-#: ``KVM_LOCK_CR_UPDATE_VERSION``: with cr=mask=0 the call is a version query (1.5)
+#: ``KVM_LOCK_CR_UPDATE_VERSION``: with cr=mask=0 the call is a version query
+#: (docs/heki-abi.md section 7)
 LOCK_CR_UPDATE_VERSION = 1 << 0
 
 #: largest gfn an AttrMap holds (52-bit guest-physical address space)
@@ -116,7 +117,8 @@ class HekiModel:
 
         entries = event.entries
         limit = self.max_entries_per_request
-        # the host applies entries in reverse order of reading (heki-kvm.md 1.7)
+        # the host applies list pages in reverse order of reading (docs/heki-abi.md
+        # section 4; inside one page it keeps the stored order, not modelled here yet)
         order = entries[::-1]
         if len(order) > limit:
             anomalies.append(Anomaly(
@@ -167,7 +169,8 @@ class HekiModel:
                                          {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
                 break
             if not mbec and not perms & exec_bit:
-                perms |= exec_bit  # "Clearing kernel exec depends on MBEC" (1.8 step 4)
+                # "Clearing kernel exec depends on MBEC" (docs/heki-abi.md section 5)
+                perms |= exec_bit
             if requested.any_bits(start, end, immutable):
                 rejections.append(Rejection(entry, "EPERM",
                                             "range overlaps an immutable page"))

@@ -10,7 +10,7 @@ What the Heki host would do with a guest's requests (PROTECT_MEMORY page lists,
 LOCK_CR_UPDATE) is modelled in :mod:`hekitrace.state.heki_host`; this module routes events to
 guests and keeps their bookkeeping (lifecycle, memslots, counters, degraded reasons).
 ``AttrApplied`` sets the full value it reports (the hook's ``arg.attributes`` is the new
-value, heki-kvm.md 2.2); on a Heki host that also ran private memory this would clear
+value, docs/heki-abi.md section 8); on a Heki host that also ran private memory this would clear
 PRIVATE where Heki bits were set (not a combination any Heki build supported).
 """
 

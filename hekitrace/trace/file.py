@@ -3,7 +3,7 @@
 ``hekitrace record``, the daemon's journal, ``hekitrace simulate`` and the bundled examples
 write traces; ``hekitrace replay`` and journal recovery read them. Both encodings carry
 exactly the events of :mod:`hekitrace.state.events`, so a replay feeds the daemon's pipeline
-the same values it saw live (DESIGN.md principle 1). The reader detects the encoding from
+the same values it saw live (docs/internals.md, principle 1). The reader detects the encoding from
 the first bytes. docs/trace-format.md is the user-facing specification.
 
 Binary encoding (all integers little-endian)::

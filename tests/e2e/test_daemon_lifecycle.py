@@ -104,8 +104,9 @@ def test_daemon_sigterm_detaches_every_program(daemon):
 
 
 def test_daemon_missing_required_hook_is_not_ready_but_runs():
-    # kvm_arch_post_set_memory_attributes does not exist on this kernel (build-host.md):
-    # requiring its hook must give "not ready" with the reason, not a crash loop.
+    # kvm_arch_post_set_memory_attributes does not exist on this kernel
+    # (docs/kernel-support.md section 1): requiring its hook must give "not ready" with the
+    # reason, not a crash loop.
     d = DaemonProcess(extra_config="hooks:\n  attr_applied: required\n")
     try:
         d.start()

@@ -1,6 +1,6 @@
 """Hostile guests through the real BPF programs: the test process is the VMM
 (tests/vmm.py) and plays the guest's part by writing its "guest memory" and driving the
-hypercall program with BPF_PROG_TEST_RUN (build-host.md).
+hypercall program with BPF_PROG_TEST_RUN (docs/kernel-support.md section 3).
 
 * Random page-list pages (hypothesis): whatever the guest writes, the walker reports one
   ProtectRequest whose entries are exactly those of the first ``pages`` pages of the

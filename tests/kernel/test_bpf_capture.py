@@ -1,6 +1,6 @@
 """Kernel tests of the capture programs: the test process is the VMM (tests/vmm.py) and
 drives the KVM tracepoint programs with BPF_PROG_TEST_RUN (they never fire on this host:
-build-host.md). Every assertion is on events decoded from the real rings."""
+docs/kernel-support.md section 2). Every assertion is on events decoded from the real rings."""
 
 from __future__ import annotations
 
@@ -105,7 +105,8 @@ def test_vm_memslots_and_attribute_ioctl_are_seen(cap):
         attrs = [e for e in evs if isinstance(e, AttrIoctl)]
         assert len(attrs) == 1
         assert (attrs[0].address, attrs[0].size_bytes, attrs[0].attributes) == (BASE, 4096, 8)
-        assert err < 0, "this kernel has no KVM_CAP_MEMORY_ATTRIBUTES (build-host.md)"
+        assert err < 0, ("this kernel has no KVM_CAP_MEMORY_ATTRIBUTES "
+                         "(docs/kernel-support.md section 2)")
         assert attrs[0].result == err
     cap.forget_vm(os.getpid())
 

@@ -1,6 +1,6 @@
 """``hekitrace check`` on the real kernel, run as a real process.
 
-The facts asserted are those of the build host (reference/build-host.md): the kvm and
+The facts asserted are those of the build host (docs/kernel-support.md): the kvm and
 ioctl tracepoints attach as raw tracepoints and tracepoints, the memory-attribute function
 is absent, kprobes are unavailable and fentry is refused with EPERM. Where a fact is a
 property of a kernel rather than of hekitrace (kprobes, fentry, the function), it is
@@ -91,7 +91,7 @@ def test_attr_function_absent_fentry_refused_kprobes_unavailable(report):
     assert list(methods) == ["fentry", "kprobe"]
     if _kallsyms(probe.ATTR_FUNCTION):
         pytest.fail("this kernel has kvm_arch_post_set_memory_attributes: the facts of "
-                    "reference/build-host.md no longer hold (update this test)")
+                    "docs/kernel-support.md no longer hold (update this test)")
     assert hook["exists"] is False and hook["attachable"] is False
     assert hook["reason"].startswith("absent from this kernel")
     # the methods were still tried, on a stand-in function, to learn what works here

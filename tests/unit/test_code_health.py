@@ -1,4 +1,5 @@
-"""STYLE habit 15: ruff and mypy report nothing in hekitrace/ (pyproject.toml settings).
+"""Types and names are checked by tools: ruff and mypy report nothing in hekitrace/
+(pyproject.toml settings).
 
 The whole package is checked, but the modules in ``PENDING`` had findings when this test
 was written (their owners were still changing them); their findings are left out until

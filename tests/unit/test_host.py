@@ -27,7 +27,7 @@ from hekitrace.state.events import (
 )
 from hekitrace.state.host import REASON_PREEXISTING, Host
 
-R, W, X, I = 1, 2, 4, 8          # guest MEM_ATTR_* bits (heki-kvm.md 1.6)
+R, W, X, I = 1, 2, 4, 8          # guest MEM_ATTR_* bits (docs/heki-abi.md section 3)
 KR, KW, KX, KI, KP = 1 << 4, 1 << 5, 1 << 6, 1 << 7, 1 << 3   # KVM attribute bits
 PID = 4242
 T0 = 1_795_000_000_000_000_000
@@ -300,7 +300,7 @@ def test_mark_degraded_reports_new_reasons_only():
     assert host.mark_degraded(key, "journal gap").degraded == ()
 
 
-# -- the Heki v2 host model against a naive per-page reading of heki-kvm.md 1.8 ------------
+# -- the Heki v2 host model against a naive per-page reading of docs/heki-abi.md section 5 --
 
 _PAGES = 48
 

@@ -58,7 +58,7 @@ def test_ioctl_numbers_are_derived_from_struct_sizes():
     assert kvm_uapi.KVM_CREATE_VM == 0xAE01
     assert kvm_uapi.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
     assert kvm_uapi.KVM_SET_USER_MEMORY_REGION2 == 0x40A0AE49
-    assert kvm_uapi.KVM_SET_MEMORY_ATTRIBUTES == 0x4020AED2   # heki-kvm.md 2.5
+    assert kvm_uapi.KVM_SET_MEMORY_ATTRIBUTES == 0x4020AED2   # docs/heki-abi.md section 9
 
 
 def test_each_record_type_decodes_to_its_event():

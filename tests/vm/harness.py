@@ -2,7 +2,7 @@
 
 Why TCG: this build host has no kvm_amd, and QEMU's software emulation of SVM lets a stock
 Debian kernel load kvm_amd with nested paging, so a tiny L2 guest makes the real KVM
-tracepoints fire (reference/nested-kvm-tcg.md: flags, timings, the missing kvm_cr).
+tracepoints fire (docs/vm-tier.md: how L1 is built, timings, the missing kvm_cr).
 
 Two 9p shares: ``host0`` is a fresh per-run directory (read-write) holding ``run.sh``
 and receiving ``out.log`` and ``results.json``; ``src`` is the project working tree,
@@ -93,9 +93,9 @@ class VmRun:
 
 def qemu_command(image: L1Image, run_dir: Path, src: Path, memory: str = "2G",
                  cpus: int = 1) -> list[str]:
-    """The QEMU invocation of nested-kvm-tcg.md ("Design" 5), plus the src share.
+    """The QEMU invocation of docs/vm-tier.md ("How the L1 machine is built"), plus src.
 
-    One vCPU, not the reference's two: every L1 hang seen with two (about one boot in
+    One vCPU, not the two first used: every L1 hang seen with two (about one boot in
     ten under CI) had the second vCPU stop taking timer interrupts, leaving the first
     waiting on it (RCU stalls, KVM_CREATE_VM stuck in a cross-CPU call). With one vCPU
     a boot takes as long (about 105 s for the 6.1 payload, against 97-140 s with two):

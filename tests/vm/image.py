@@ -16,10 +16,11 @@ Layout of the cache::
     current-<flavour>       the ABI last resolved for a flavour ("6.1", "6.12")
     .lock                   flock: two runs never build at once
 
-Debian facts used (reference/nested-kvm-tcg.md): virtio_blk and ext4 are modules, so a
-tiny busybox initramfs loads them and switch_roots into ``/sbin/l1init``; 6.12 backports
-modules are ``.ko.xz`` and are decompressed for busybox's insmod; the headers debs are
-extracted, not installed (installing would pull in gcc), and carry the ``build`` symlink.
+Debian facts used (docs/vm-tier.md, "How the L1 machine is built"): virtio_blk and ext4
+are modules, so a tiny busybox initramfs loads them and switch_roots into
+``/sbin/l1init``; 6.12 backports modules are ``.ko.xz`` and are decompressed for busybox's
+insmod; the headers debs are extracted, not installed (installing would pull in gcc), and
+carry the ``build`` symlink.
 
 Run by hand: ``python3 tests/vm/image.py 6.1`` (prints the image directory).
 """

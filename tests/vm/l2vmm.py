@@ -2,7 +2,7 @@
 
 Why it exists: the only way to prove hekitrace on a real KVM host here is to make a real
 guest issue real ``vmmcall``s and real nested page faults under the L1 kernel's kvm_amd
-(reference/nested-kvm-tcg.md). This script is the VMM: ioctls on /dev/kvm, guest memory
+(docs/vm-tier.md). This script is the VMM: ioctls on /dev/kvm, guest memory
 in an anonymous mmap, one vCPU in real mode (CS base 0, RIP 0x1000, no irqchip).
 
 What the guest does, in order (each step is a separate KVM_RUN of a two-byte program, the
@@ -16,7 +16,7 @@ registers being set by the VMM so any 64-bit value reaches the hypercall):
 3. touches: a write to a text page and an instruction fetch from a rodata page, both
    never touched before, so L1's nested page tables fault (kvm:kvm_page_fault).
 On an unpatched kernel every Heki hypercall returns -KVM_ENOSYS (RAX = 0xfffffc18, as a
-real-mode guest sees 32 bits). Page list layout (heki-kvm.md 1.7): header ``{next (guest
+real-mode guest sees 32 bits). Page list layout (docs/heki-abi.md section 4): header ``{next (guest
 VA, ignored), next_pa, npages}`` then ``npages`` entries ``{pa, epa (exclusive),
 permissions}``, 24 bytes each, 169 per 4 KiB page, ``next_pa == 0`` ends the chain.
 
@@ -66,7 +66,7 @@ KVM_GET_REGS = _ior(0x81, 144)
 KVM_SET_REGS = _iow(0x82, 144)
 KVM_GET_SREGS = _ior(0x83, 312)
 KVM_SET_SREGS = _iow(0x84, 312)
-KVM_SET_MEMORY_ATTRIBUTES = _iow(0xD2, 32)     # 0x4020AED2 (heki-kvm.md 2.5)
+KVM_SET_MEMORY_ATTRIBUTES = _iow(0xD2, 32)     # 0x4020AED2 (docs/heki-abi.md section 9)
 KVM_CAP_MEMORY_ATTRIBUTES = 233
 KVM_CAP_VM_TYPES = 235
 KVM_EXIT_HLT = 5
@@ -77,7 +77,7 @@ ENTRIES_PER_PAGE = 169          # (4096 - 24) / 24
 HEADER = struct.Struct("<QQQ")  # next (guest VA), next_pa, npages
 ENTRY = struct.Struct("<QQQ")   # pa, epa (exclusive), permissions
 
-# heki-v2 numbers and guest permission bits (heki-kvm.md 1.5, 1.6)
+# heki-v2 numbers and guest permission bits (docs/heki-abi.md sections 2, 3)
 LOCK_CR_UPDATE = 13
 PROTECT_MEMORY = 14
 MEM_ATTR_READ, MEM_ATTR_WRITE, MEM_ATTR_EXEC, MEM_ATTR_IMMUTABLE = 1, 2, 4, 8
@@ -197,7 +197,7 @@ def build_lists(kvm: Kvm) -> list[dict]:
                                     len(e) if np is None else np, "entries": e}
                                    for g, n, e, np in pages]})
 
-    # the guest's newest page is the head (heki-kvm.md 1.7): full page -> tail page
+    # the guest's newest page is the head (docs/heki-abi.md section 4): full page -> tail page
     put("valid", VALID_HEAD, [(VALID_HEAD, VALID_TAIL, full, None),
                               (VALID_TAIL, 0, tail, None)], "valid")
     deep = []

@@ -504,7 +504,7 @@ def replay_checks(checks: Checks, events: list[dict], replay: dict, manifest: di
     checks.run(f"{prefix}.hostile_lists_flagged", hostile)
 
     def faults():
-        # DESIGN.md "Hooks": only write/fetch faults on pages the *applied* map protects
+        # docs/internals.md, Hooks: only write/fetch faults on pages the *applied* map protects
         # reach userspace, filtered in the kernel. On this unpatched host nothing is ever
         # applied, so the guest's real write and fetch faults (raw.nested_page_faults_seen
         # proves they fired) must all be dropped in the kernel: a fault event here means
@@ -612,7 +612,7 @@ def _fault_findings(checks: Checks, out: Path, manifest: dict) -> tuple[bool, st
 def _requested_map(snapshot: dict, manifest: dict) -> tuple[bool, str, object]:
     """The snapshot (views.vm_snapshot) shows the text range requested r-x immutable and
     the rodata range requested read-only immutable (EXEC may be added back without MBEC,
-    heki-kvm.md 1.8 step 4)."""
+    docs/heki-abi.md section 5, step 4)."""
     ranges = snapshot.get("ranges")
     if ranges is None:
         raise NotImplementedYet("snapshot JSON has no 'ranges' (docs/snapshot.md)")
