@@ -11,14 +11,8 @@ from __future__ import annotations
 import sys
 
 from hekitrace import __version__
-from hekitrace.errors import (
-    ConfigError,
-    ControlError,
-    HekitraceError,
-    TraceFormatError,
-    UsageError,
-    VmLookupError,
-)
+from hekitrace.commands import exit_status
+from hekitrace.errors import HekitraceError, VmLookupError
 
 #: typing.TYPE_CHECKING without importing typing (7 ms of 'hekitrace --version');
 #: mypy treats any constant of this name as true
@@ -28,22 +22,15 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import ModuleType
 
-# Named exit statuses (documented in the man page and the README).
-EXIT_OK = 0
-EXIT_FINDINGS = 1        # replay: a critical finding; check: a required hook cannot attach
-EXIT_USAGE = 2           # bad arguments, unknown/ambiguous VM, no daemon
-EXIT_CONFIG = 3          # invalid configuration
-EXIT_DATA = 4            # corrupt or unreadable trace/journal
-EXIT_FAILURE = 5         # anything else that went wrong
-EXIT_INTERRUPTED = 130
-
 #: subcommand names, in --help order (each is a module under hekitrace.commands)
-COMMANDS = ("daemon", "snapshot", "vms", "check", "record", "replay", "simulate",
-            "config", "version")
+COMMANDS = ("daemon", "status", "top", "snapshot", "vms", "check", "record", "replay",
+            "simulate", "config", "version")
 
 #: one-line help of each subcommand, shown by 'hekitrace --help' without importing any
 SUMMARIES = {
     "daemon": "run the monitoring daemon (metrics, control socket, alerts)",
+    "status": "the daemon's health: hooks, rules, losses, journal, readiness",
+    "top": "a live view of the VMs: hypercalls, protection, faults, findings",
     "snapshot": "one VM's memory-protection map, pins, lockdown and findings",
     "vms": "list the VMs the daemon (or a trace) knows",
     "check": "which hooks attach on this kernel, and how",
@@ -61,6 +48,12 @@ def _command_module(name: str) -> ModuleType:
     if name == "daemon":
         from hekitrace.commands import daemon
         return daemon
+    if name == "status":
+        from hekitrace.commands import status
+        return status
+    if name == "top":
+        from hekitrace.commands import top
+        return top
     if name == "snapshot":
         from hekitrace.commands import snapshot
         return snapshot
@@ -118,16 +111,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_status_for(error: HekitraceError) -> int:
-    if isinstance(error, ConfigError):
-        return EXIT_CONFIG
-    if isinstance(error, TraceFormatError):
-        return EXIT_DATA
-    if isinstance(error, (UsageError, VmLookupError, ControlError)):
-        return EXIT_USAGE
-    return EXIT_FAILURE
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
     words = list(sys.argv[1:] if argv is None else argv)
@@ -135,29 +118,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         # answered before argparse is even imported: scripts call this in loops, and it
         # must cost no more than starting Python
         print(f"hekitrace {__version__}")
-        return EXIT_OK
+        return exit_status.OK
     parser = build_parser(_chosen_command(words))
     args = parser.parse_args(words)
     try:
         return int(args._run(args))
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return exit_status.INTERRUPTED
     except BrokenPipeError:
         # `hekitrace ... | head`: the reader went away; not an error worth a message.
         sys.stderr.close()
-        return EXIT_OK
+        return exit_status.OK
     except HekitraceError as error:
         if args.debug:
             raise
         print(f"hekitrace {args.command}: error: {error}", file=sys.stderr)
         if isinstance(error, VmLookupError) and error.choices:
             print("  known: " + ", ".join(error.choices), file=sys.stderr)
-        return _exit_status_for(error)
+        return exit_status.for_error(error)
     except OSError as error:
         if args.debug:
             raise
         print(f"hekitrace {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+        return exit_status.FAILURE
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ class NoDaemonError(ControlError):
     """No daemon listens on the control socket."""
 
 
+class ControlPermissionError(ControlError):
+    """The control socket refused the caller (it is for root only)."""
+
+
 class VmLookupError(HekitraceError):
     """A VM named by the operator is unknown or (``ambiguous``) matches several;
     ``choices`` lists candidates."""

@@ -24,8 +24,22 @@ from hekitrace.replay import applied_unobserved, replay
 from hekitrace.service.control import ControlClient
 
 
+def _add_socket_config(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--socket", metavar="PATH",
+                       help="the daemon's control socket (default: control.socket of the "
+                            "config, /run/hekitrace/control.sock)")
+    group.add_argument("--config", metavar="FILE",
+                       help="configuration file (default: /etc/hekitrace/hekitrace.yaml if "
+                            "present, else built-in defaults)")
+
+
+def add_daemon_options(parser: argparse.ArgumentParser) -> None:
+    """--socket/--config: how to reach the running daemon."""
+    _add_socket_config(parser.add_argument_group("the daemon"))
+
+
 def add_source_options(parser: argparse.ArgumentParser) -> None:
-    """--from/--at/--socket/--config, shared with ``hekitrace vms``."""
+    """--from/--at/--socket/--config, for subcommands that can also read files."""
     group = parser.add_argument_group("where the state comes from")
     group.add_argument("--from", dest="from_files", action="append", metavar="FILE",
                        help="rebuild the state from a trace or journal file instead of "
@@ -33,12 +47,7 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--at", metavar="TIME",
                        help="with --from: stop at TIME, RFC 3339 (2026-11-25T15:00:03Z) or "
                             "+SECONDS after the first event (default: the end)")
-    group.add_argument("--socket", metavar="PATH",
-                       help="the daemon's control socket (default: control.socket of the "
-                            "config, /run/hekitrace/control.sock)")
-    group.add_argument("--config", metavar="FILE",
-                       help="configuration file (default: /etc/hekitrace/hekitrace.yaml if "
-                            "present, else built-in defaults)")
+    _add_socket_config(group)
 
 
 # -- where the state comes from ------------------------------------------------------------
@@ -49,10 +58,11 @@ def socket_path(args: argparse.Namespace) -> str:
     return str(settings.resolve_config(args.config).control.socket)
 
 
-def no_daemon(path: str) -> NoDaemonError:
-    """The one-line 'no daemon' error, with the two ways forward."""
+def no_daemon(path: str, can_read_files: bool = True) -> NoDaemonError:
+    """The one-line 'no daemon' error, with the ways forward."""
     return NoDaemonError(f"no daemon is running (control socket {path} not found); start it "
-                         "with 'systemctl start hekitrace' or use --from FILE")
+                         "with 'systemctl start hekitrace'"
+                         + (" or use --from FILE" if can_read_files else ""))
 
 
 def ask(args: argparse.Namespace, command: str, op: str, **request: Any) -> Any:
@@ -61,7 +71,7 @@ def ask(args: argparse.Namespace, command: str, op: str, **request: Any) -> Any:
     try:
         return ControlClient(path).request(op, **request)
     except NoDaemonError:
-        raise no_daemon(path) from None
+        raise no_daemon(path, can_read_files=hasattr(args, "from_files")) from None
 
 
 class Rebuilt:

@@ -18,14 +18,12 @@ import threading
 
 from prometheus_client.exposition import generate_latest
 
+from hekitrace.commands import exit_status
 from hekitrace.config import settings
 from hekitrace.errors import UsageError
 from hekitrace.render.replay_text import render_text
 from hekitrace.replay import ReplayResult, metrics_registry, replay, to_document
 from hekitrace.service.http import HttpServer
-
-EXIT_CRITICAL = 1
-EXIT_PROBLEMS = 4
 
 EPILOG = """examples:
   hekitrace replay examples/attack.jsonl
@@ -66,11 +64,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def exit_status(result: ReplayResult) -> int:
+def _status_of(result: ReplayResult) -> int:
     if any(f.severity == "critical" for f in result.findings):
-        return EXIT_CRITICAL
+        return exit_status.FINDINGS
     if result.problems:
-        return EXIT_PROBLEMS
+        return exit_status.DATA
     return 0
 
 
@@ -117,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render_text(to_document(result)))
     sys.stdout.flush()
-    status = exit_status(result)
+    status = _status_of(result)
     if args.metrics_file is not None:
         write_metrics(result, args.metrics_file)
     if args.metrics_port is not None:

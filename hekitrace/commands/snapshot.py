@@ -31,8 +31,9 @@ EPILOG = """examples:
       --at 2026-11-25T15:00:02Z              # the map as it was at that moment
 
 VM: a name, a UUID or a pid (see 'hekitrace vms').
-exit status: 0 ok; 2 bad arguments, no daemon, unknown or ambiguous VM, control socket
-denied or the daemon died mid-reply; 3 bad config; 4 unreadable trace or saved file.
+exit status: 0 ok; 2 bad arguments; 3 bad config; 4 unreadable trace or saved file;
+5 the daemon died mid-reply; 6 no daemon; 7 daemon busy; 8 unknown or ambiguous VM;
+9 control socket permission denied.
 """
 
 

@@ -4,8 +4,7 @@ Identity (name, pid, UUID), uptime, lockdown, protected memory requested/applied
 findings and a degraded marker: the first command during an incident, to find the guest
 to ``hekitrace snapshot``. ``--from`` rebuilds the list from a trace or journal file.
 
-Exit status: 0 ok; 2 bad arguments, no daemon, socket denied, daemon died mid-reply;
-3 bad config; 4 unreadable trace.
+Exit status: see the epilog (the statuses of hekitrace.commands.exit_status).
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ EPILOG = """examples:
 columns: LOCKDOWN is the time from VM creation to lockdown ('no' if not locked down);
 PROT REQ/APP is memory with a Heki attribute, requested/applied; '!' in DEG marks a VM whose
 state may be incomplete (see 'hekitrace snapshot VM' for the reasons).
-exit status: 0 ok; 2 bad arguments, no daemon, socket denied or daemon died mid-reply;
-3 bad config; 4 unreadable trace.
+exit status: 0 ok; 2 bad arguments; 3 bad config; 4 unreadable trace; 5 the daemon
+died mid-reply; 6 no daemon; 7 daemon busy; 9 control socket permission denied.
 """
 
 

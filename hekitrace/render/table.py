@@ -65,10 +65,11 @@ class Table:
     The last column is never padded (no trailing blanks in golden files).
     """
 
-    def __init__(self, columns: Sequence[Column], indent: int = 0) -> None:
+    def __init__(self, columns: Sequence[Column], indent: int = 0,
+                 max_width: int = WIDTH) -> None:
         total = indent + sum(c.width for c in columns) + 2 * (len(columns) - 1)
-        if total > WIDTH:
-            raise ValueError(f"table is {total} columns wide; at most {WIDTH}")
+        if total > max_width:
+            raise ValueError(f"table is {total} columns wide; at most {max_width}")
         self.columns = list(columns)
         self.indent = " " * indent
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hekitrace.errors import ControlError, NoDaemonError, VmLookupError
+from hekitrace.errors import ControlError, ControlPermissionError, NoDaemonError, VmLookupError
 
 #: Request limits from the protocol contract.
 MAX_REQUEST_BYTES = 64 * 1024
@@ -344,7 +344,7 @@ class ControlClient:
                                     "(is 'hekitrace daemon' or hekitrace.service running?)"
                                     ) from None
             except PermissionError:
-                raise ControlError(f"permission denied connecting to {self.path}: "
+                raise ControlPermissionError(f"permission denied connecting to {self.path}: "
                                    "the control socket is for root only") from None
             try:
                 sock.sendall(payload)
@@ -392,5 +392,8 @@ class ControlClient:
         code = str(err.get("code", "unknown"))
         message = str(err.get("message", "no message"))
         if code in ("unknown_vm", "ambiguous_vm"):
-            raise VmLookupError(message, choices=list(err.get("choices") or []))
+            raise VmLookupError(message, choices=list(err.get("choices") or []),
+                                ambiguous=code == "ambiguous_vm")
+        if code == "denied":
+            raise ControlPermissionError(f"the daemon at {self.path} refused us: {message}")
         raise ControlReplyError(code, message, path=self.path)

@@ -597,6 +597,7 @@ class Daemon:
             "merged_creations": self.merged_creations,
             "internal_errors": self.internal_errors,
             "journal": self.journal.status() if self.journal is not None else None,
+            "policy": self.pipeline.policy.status(),
         }
 
     def _handle_request(self, request: dict) -> Any:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from hekitrace import __version__
-from hekitrace.cli import COMMANDS, EXIT_USAGE
+from hekitrace.cli import COMMANDS
+from hekitrace.commands.exit_status import USAGE as EXIT_USAGE
 
 SCRIPT = Path(sys.executable).parent / "hekitrace"
 #: subcommands that have actions of their own, each with its own --help

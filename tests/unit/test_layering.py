@@ -44,7 +44,7 @@ STRICT_LEAVES = {"", "errors", "state.events", "state.attrmap", "config.abi",
                  "config.schema", "capture.kvm_uapi"}
 
 #: modules every subcommand may share (subcommands never import each other)
-COMMANDS_SHARED = {"commands", "commands.common"}
+COMMANDS_SHARED = {"commands", "commands.common", "commands.exit_status"}
 
 
 def layer_of(module: str) -> str:

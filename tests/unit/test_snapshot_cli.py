@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hekitrace.commands import exit_status
+
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "fixtures" / "snapshot"
 ATTACK = str(ROOT / "examples" / "attack.jsonl")
@@ -109,14 +111,14 @@ def test_no_daemon(tmp_path):
     sock = tmp_path / "control.sock"
     for args in (["snapshot", "web1"], ["vms"]):
         result = cli(*args, "--socket", str(sock))
-        _one_line_error(result, 2, "no daemon is running", str(sock),
+        _one_line_error(result, exit_status.NO_DAEMON, "no daemon is running", str(sock),
                         "systemctl start hekitrace", "--from FILE")
         assert len(result.stderr.splitlines()) == 1
 
 
 def test_unknown_vm_lists_the_known(empty_config):
     result = cli("snapshot", "nosuchvm", "--from", ATTACK, "--config", empty_config)
-    _one_line_error(result, 2, "unknown VM 'nosuchvm'")
+    _one_line_error(result, exit_status.UNKNOWN_VM, "unknown VM 'nosuchvm'")
     assert "victim-wt (pid 418050)" in result.stderr
 
 
@@ -166,7 +168,7 @@ def test_daemon_dies_mid_reply(tmp_path):
         result = cli("snapshot", "web1", "--socket", str(path))
     finally:
         daemon.close()
-    _one_line_error(result, 2, "closed the connection after", "did it die?")
+    _one_line_error(result, exit_status.FAILURE, "closed the connection after", "did it die?")
     assert json.loads(daemon.requests[0]) == {"op": "snapshot", "vm": "web1",
                                               "maps": ["requested", "applied"]}
 
@@ -181,7 +183,7 @@ def test_ambiguous_vm_from_daemon(tmp_path):
         result = cli("snapshot", "web1", "--socket", str(path))
     finally:
         daemon.close()
-    _one_line_error(result, 2, "ambiguous")
+    _one_line_error(result, exit_status.UNKNOWN_VM, "ambiguous")
     assert "web1 (pid 2)" in result.stderr
 
 
@@ -210,4 +212,4 @@ def test_socket_permission_denied(tmp_path):
                      cwd=Path("/tmp"))
     finally:
         daemon.close()
-    _one_line_error(result, 2, "permission denied", str(path))
+    _one_line_error(result, exit_status.PERMISSION_DENIED, "permission denied", str(path))
