@@ -41,10 +41,9 @@ from hekitrace.service.http import Health, HttpServer
 from hekitrace.service.ingest import BATCH_EVENTS, Ingest
 from hekitrace.service.kernel_sync import FaultFilterSync, seed_memslots
 from hekitrace.service.metrics import HekitraceCollector, LoopStats, PageCounts, build_info
-from hekitrace.service.reload import reloaded_policy, restart_needed
 from hekitrace.service.running_vms import exited_implicit_vms, merged_creations, register_discovered
 from hekitrace.service.sdnotify import Notifier
-from hekitrace.service.signals import Signals
+from hekitrace.service.signals import Signals, reloaded_policy, restart_needed
 from hekitrace.state.changes import Change, VmKey
 from hekitrace.state.events import VmCreated
 from hekitrace.state.host import Host
@@ -446,7 +445,7 @@ class Daemon:
         return True
 
     def _swap_policy(self, new: Config) -> None:
-        """Install the Policy of the new ``policy`` section (service/reload.py)."""
+        """Install the Policy of the new ``policy`` section (service/signals.py)."""
         policy = reloaded_policy(self.pipeline, new)
         with self.stats.lock:
             self.pipeline.policy = policy
