@@ -117,9 +117,9 @@ def main() -> int:
         flood()
         before = daemon.stats.events_by_kind.get("hypercall", 0)
         t0 = _CLOCK()
-        daemon._on_capture(None, 0)
-        while daemon.queue:
-            daemon._process(4096)
+        daemon.poll_capture()
+        while daemon.ingest.depth:
+            daemon.ingest.process(4096)
         t1 = _CLOCK()
         body = generate_latest(daemon.registry)
         elapsed = _CLOCK() - t0

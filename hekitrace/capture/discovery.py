@@ -29,7 +29,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from hekitrace.capture.uevents import tgid_of
@@ -125,3 +125,11 @@ def discover_vms(proc_root: str | os.PathLike = "/proc",
         events.append(VmCreated(now, tgid, tid, -1, stats_path, who.name, who.uuid,
                                 who.vmm, "discovery", True))
     return events
+
+
+def exited_vmms(pids: Iterable[int], proc_root: str | os.PathLike = "/proc") -> list[int]:
+    """The pids among ``pids`` that have no ``<proc_root>/<pid>`` any more: their VMM
+    process exited. The daemon asks this of VMs whose creation it never saw, which only a
+    destroy event would otherwise retire (see the daemon's expiry timer)."""
+    root = Path(proc_root)
+    return [pid for pid in pids if not (root / str(pid)).exists()]

@@ -10,12 +10,11 @@ import argparse
 import faulthandler
 import signal
 from collections.abc import Callable
-from typing import Any
 
 from hekitrace.capture.discovery import discover_vms
-from hekitrace.capture.engine import Capture
+from hekitrace.capture.engine import HOOKS, Capture
 from hekitrace.capture.uevents import UeventSource
-from hekitrace.config.settings import resolve_config
+from hekitrace.config.settings import Config, resolve_config
 from hekitrace.journal.recovery import JournalRecovery
 from hekitrace.pipeline import Pipeline
 from hekitrace.service.alerts import AlertSink
@@ -49,18 +48,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-_HOOKS = ("hypercall", "attr_applied", "ioctl", "page_fault", "cr")
-
-
-def build_daemon(args: argparse.Namespace) -> Any:
+def build_daemon(args: argparse.Namespace) -> Daemon:
     config = resolve_config(args.config)
 
-    def capture_factory(cfg: Any, say: Callable[[str], None]) -> Any:
+    def capture_factory(cfg: Config, say: Callable[[str], None]) -> Capture:
         # Every hook optional for the engine: a missing required hook makes the daemon
         # "not ready" (with the reason, /readyz and hekitrace_ready) instead of exiting.
-        return Capture(cfg, required={h: False for h in _HOOKS}, say=say).start()
+        return Capture(cfg, required={h: False for h in HOOKS}, say=say).start()
 
-    # the state journal: checkpoint + replay at start, then every event journaled
+    # the state journal: checkpoint + replay at start, then every event journaled;
+    # without it (journal.enabled: false) the daemon says so and starts empty
     recovery = JournalRecovery(config) if config.journal.enabled else None
     return Daemon(
         config, config.path, load_config=resolve_config,

@@ -33,16 +33,22 @@ def test_daemon_seeds_recovered_memslots_into_the_kernel():
     found = [VmCreated(T0 + 5, tgid, tgid, vm_fd=9, name="old", source="discovery",
                        preexisting=True)]
 
-    def recovery(pipeline, discovered):
-        pipeline.feed(VmCreated(T0, tgid, tgid, vm_fd=9, name="old", source="journal"))
-        pipeline.feed(Memslot(T0 + 1, tgid, tgid, 0, 0, 0x0, 1 << 30, 0x7f0000000000))
-        pipeline.feed(Memslot(T0 + 2, tgid, tgid, 1, 0, 1 << 32, 1 << 30, 0x7f1000000000))
-        return {pipeline.host.by_tgid(tgid).key}
+    class Recovery:
+        """The journal's recovery seam (service/parts.py), without a journal."""
+
+        journal = None
+
+        def __call__(self, pipeline, discovered):
+            pipeline.feed(VmCreated(T0, tgid, tgid, vm_fd=9, name="old", source="journal"))
+            pipeline.feed(Memslot(T0 + 1, tgid, tgid, 0, 0, 0x0, 1 << 30, 0x7f0000000000))
+            pipeline.feed(Memslot(T0 + 2, tgid, tgid, 1, 0, 1 << 32, 1 << 30,
+                                  0x7f1000000000))
+            return {pipeline.host.by_tgid(tgid).key}
 
     daemon = Daemon(config, None, load_config=lambda p: config,
                     pipeline_factory=lambda cfg, applied: Pipeline(cfg, applied),
                     capture_factory=lambda cfg, say: Capture(cfg, say=say).start(),
-                    discover=lambda: found, recovery=recovery, log=io.StringIO())
+                    discover=lambda: found, recovery=Recovery(), log=io.StringIO())
     try:
         daemon.start()
         table = daemon.capture.bpf[b"hk_memslots"]
