@@ -34,7 +34,7 @@ from __future__ import annotations
 import gc
 import struct
 from itertools import repeat
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from hekitrace.capture import kvm_uapi
 from hekitrace.state.events import (
@@ -118,6 +118,37 @@ C_NAMES = {"hdr": "hk_hdr", "ioctl": "hk_ioctl_rec", "hypercall": "hk_hypercall_
            "protect_page": "hk_protect_page_rec", "protect_end": "hk_protect_end_rec",
            "attr": "hk_attr_rec", "fault": "hk_fault_rec", "cr": "hk_cr_rec",
            "loss_key": "hk_loss_key"}
+
+_CTYPES: dict[str, type] = {}
+
+
+def c_struct(name: str) -> type:
+    """A ``ctypes.Structure`` of layout ``name`` built from :data:`LAYOUTS`, for readers
+    that take ctypes types (bcc's ``table.event``, bench/); header fields nest under
+    ``hdr`` as in the C struct. Its size and offsets are those of :data:`STRUCTS`."""
+    import ctypes  # only bench/ and tests need it: not imported with the module
+
+    made = _CTYPES.get(name)
+    if made is not None:
+        return made
+    scalar = {"B": ctypes.c_uint8, "H": ctypes.c_uint16, "I": ctypes.c_uint32,
+              "i": ctypes.c_int32, "Q": ctypes.c_uint64, "q": ctypes.c_int64}
+
+    def ctype(fmt: str) -> Any:
+        count, code = fmt[:-1], fmt[-1]
+        return scalar[code] * int(count) if count else scalar[code]
+
+    fields: list[tuple[str, Any]] = []
+    for field, fmt in LAYOUTS[name]:
+        if field.startswith("hdr."):
+            if not fields:
+                fields.append(("hdr", c_struct("hdr")))
+            continue
+        fields.append((field, ctype(fmt)))
+    made = type(C_NAMES[name], (ctypes.Structure,), {"_fields_": fields})
+    _CTYPES[name] = made
+    return made
+
 
 _IOCTL = STRUCTS["ioctl"]
 _HYPERCALL = STRUCTS["hypercall"]

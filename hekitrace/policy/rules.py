@@ -18,6 +18,7 @@ from hekitrace.config.abi import cr_bit_names
 from hekitrace.policy.findings import Finding, event_json
 from hekitrace.policy.pairing import Pairing, _clip
 from hekitrace.policy.storm import _VmState
+from hekitrace.state.attrmap import GFN_LIMIT
 from hekitrace.state.changes import Change
 from hekitrace.state.events import (
     PAGE_SHIFT,
@@ -189,7 +190,7 @@ class Rules(Pairing):
         time_ns, _tgid, _tid, _vcpu, gpa, _ec, rip, access, count, first_ns = event
         gfn = gpa >> PAGE_SHIFT
         source = guest.applied if self.applied_hook_active else guest.requested
-        value = source.get(gfn) if 0 <= gfn < (1 << 52) else 0
+        value = source.get(gfn) if 0 <= gfn < GFN_LIMIT else 0
         if not value & self._heki:
             return
         if not (isinstance(count, int) and count > 0):

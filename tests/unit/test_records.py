@@ -141,3 +141,24 @@ def test_filter_buckets_set_one_bit_per_page():
     big = filter_buckets([(1000, 1000 + 512 * 3)])
     assert sum(w.bit_count() for w, _ in big.values()) == 512 * 3
     assert filter_buckets([(5, 5)]) == {}
+
+
+def test_c_struct_has_the_layout_offsets():
+    """bench/ reads ring records through c_struct: the same offsets and sizes as LAYOUTS,
+    which tests/kernel/test_bpf_layout.py proves equal to the C header's."""
+    import ctypes
+
+    header = r.c_struct("hdr")
+    for name, offsets in r.OFFSETS.items():
+        made = r.c_struct(name)
+        assert ctypes.sizeof(made) == r.STRUCTS[name].size, name
+        for field, (off, size) in offsets.items():
+            if field.startswith("hdr."):
+                sub = getattr(header, field[4:])
+                got = (made.hdr.offset + sub.offset, sub.size)
+            else:
+                got = (getattr(made, field).offset, getattr(made, field).size)
+            assert got == (off, size), f"{name}.{field}"
+    rec = r.c_struct("hypercall").from_buffer_copy(
+        pack("hypercall", *hdr(r.REC_HYPERCALL), 9, 1, 2, 3, 4))
+    assert (rec.hdr.tgid, rec.hdr.time_ns, rec.nr, rec.a3) == (10, 5, 9, 4)
