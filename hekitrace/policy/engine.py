@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hekitrace.config.abi import AbiProfile
-from hekitrace.config.settings import RULE_IDS
+from hekitrace.policy.catalogue import NOT_EVALUATED, PAIRING_RULES, RULE_IDS
 from hekitrace.policy.findings import Finding, event_json, format_time, vm_identity
 from hekitrace.policy.pairing import MAX_PENDING_PER_VM, _clip, _first_mismatch
 from hekitrace.policy.rules import Rules
@@ -64,12 +64,7 @@ __all__ = [
 ]
 
 #: rules in RULE_IDS this policy does not evaluate, and why (reported by ``status``)
-UNIMPLEMENTED_RULES: dict[str, str] = {
-    "cr_pin_cleared": "same evidence as cr_pin_violation (a CR write clearing a pinned "
-                      "bit, reported whether or not the host blocked it)",
-    "privileged_hypercall_from_user": "events carry no CPL: kvm:kvm_hypercall has no "
-                                      "privilege field (heki-kvm.md 3.1)",
-}
+UNIMPLEMENTED_RULES = NOT_EVALUATED
 #: entries of one request inspected by the per-entry rules (matches the state default)
 MAX_ENTRIES_INSPECTED = 4096
 
@@ -101,9 +96,7 @@ class Policy(Rules):
             self._severity[rule] = rc.severity if rc is not None else "warning"
         for rule in UNIMPLEMENTED_RULES:
             self._enabled[rule] = False
-        self._pairing = applied_hook_active and (self._enabled["request_not_applied"]
-                                                 or self._enabled["applied_without_request"]
-                                                 or self._enabled["protection_unsupported"])
+        self._pairing = applied_hook_active and any(self._enabled[r] for r in PAIRING_RULES)
         #: (VmKey, rule, severity) -> occurrences, collapsed and rate-limited included
         self.counts: dict[tuple[VmKey | None, str, str], int] = {}
         self.stats: dict[str, int] = {"deduplicated": 0, "rate_limited": 0, "excepted": 0,
@@ -147,8 +140,7 @@ class Policy(Rules):
                 rules[rule] = "not implemented: " + UNIMPLEMENTED_RULES[rule]
             elif not self._enabled[rule]:
                 rules[rule] = "disabled"
-            elif rule in ("request_not_applied", "applied_without_request",
-                          "protection_unsupported") and not self.applied_hook_active:
+            elif rule in PAIRING_RULES and not self.applied_hook_active:
                 rules[rule] = "inactive: the attr_applied hook is not attached"
             else:
                 rules[rule] = "active"
