@@ -72,7 +72,7 @@ class Pipeline:
         now = event.time_ns
         if now > self.last_event_ns:  # noqa: PLR1730 - hot path: no max() call
             self.last_event_ns = now
-        if now >= policy.next_deadline_ns:
+        if now >= policy.deadline.ns:
             findings += policy.tick(now)
         if findings:
             self.findings_emitted += len(findings)
@@ -103,6 +103,7 @@ class Pipeline:
         # kind -> (its counter name, its rule or None): one lookup per event
         fast = {cls: (name, rules.get(cls)) for cls, name in host.counted_kinds.items()}
         rule_failed = policy.rule_failed
+        deadline = policy.deadline
         new = tuple.__new__
         out: list[Finding] = []
         last = self.last_event_ns
@@ -142,7 +143,7 @@ class Pipeline:
             now = event.time_ns
             if now > last:  # noqa: PLR1730 - hot path: no max() call
                 last = now
-            if now >= policy.next_deadline_ns:
+            if now >= deadline.ns:
                 findings += policy.tick(now)
             if findings:
                 out += findings
