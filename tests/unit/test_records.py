@@ -162,3 +162,24 @@ def test_c_struct_has_the_layout_offsets():
     rec = r.c_struct("hypercall").from_buffer_copy(
         pack("hypercall", *hdr(r.REC_HYPERCALL), 9, 1, 2, 3, 4))
     assert (rec.hdr.tgid, rec.hdr.time_ns, rec.nr, rec.a3) == (10, 5, 9, 4)
+
+
+def test_one_record_decoders_name_the_c_fields():
+    """Each one-record decoder unpacks its record into names that are the C struct's
+    fields in order (LAYOUTS; ``_`` marks an unused one, an array expands to name0..)."""
+    import ast
+    import inspect
+
+    for kind in ("fault", "hypercall", "cr", "attr", "ioctl", "protect_page", "protect_end"):
+        expected = []
+        for field, fmt in r.LAYOUTS[kind]:
+            name = field.removeprefix("hdr.")
+            if name == "entries":
+                continue          # read separately, after the page head
+            count = int(fmt[:-1] or 1)
+            expected += [f"{name}{i}" for i in range(count)] if count > 1 else [name]
+        tree = ast.parse(inspect.getsource(getattr(r, f"_one_{kind}")))
+        target = next(n.targets[0] for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                      and isinstance(n.targets[0], ast.Tuple))
+        names = [e.id.lstrip("_") for e in target.elts]   # type: ignore[attr-defined]
+        assert names == expected, kind
