@@ -90,6 +90,10 @@ class Pipeline:
         does not look like such an event, goes through ``Host.apply`` and
         ``Policy.evaluate``; tests/unit/test_pipeline.py checks both give the same.
         """
+        # Why the inlining stays: calling Host.apply and Policy.evaluate for every event
+        # instead was measured against this loop (bench/bench_pipeline.py, same run) and
+        # lost far more than the 10 % budget on telemetry batches and fault storms, the
+        # daemon's steady-state stream; the figures are in BENCHMARKS.md "End to end".
         by_type = self._by_type
         lost = self.lost
         host = self.host
