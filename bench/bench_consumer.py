@@ -199,15 +199,6 @@ def consume_reader(reader: RingReader,
     return elapsed, count, checksum
 
 
-class _CHypercallRec(ctypes.Structure):
-    # struct hk_hypercall_rec, bpf/hekitrace.h (struct hk_hdr then nr, a0..a3)
-    _fields_ = [("type", ctypes.c_uint8), ("version", ctypes.c_uint8),
-                ("reserved", ctypes.c_uint16), ("tgid", ctypes.c_uint32),
-                ("tid", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("time_ns", ctypes.c_uint64), ("nr", ctypes.c_uint64), ("a0", ctypes.c_uint64),
-                ("a1", ctypes.c_uint64), ("a2", ctypes.c_uint64), ("a3", ctypes.c_uint64)]
-
-
 def bench_real_records(records_per_round: int, rounds: int, batch: int) -> tuple[float, float]:
     """Part 2: hk_flood records, bcc callback vs RingReader + records.decode_batch.
     Returns the best (callback, reader) rates in records/s."""
@@ -222,7 +213,8 @@ def bench_real_records(records_per_round: int, rounds: int, batch: int) -> tuple
     try:
         flood_fd = cap.program_fd("hk_flood")
         table = cap.bpf[b"hk_telemetry"]
-        table._event_class = _CHypercallRec  # as in consume_callback: type named by hand
+        # the record type from the package's layout (tests/kernel/test_bpf_layout.py)
+        table._event_class = records.c_struct("hypercall")
         state = [0, 0]
 
         def callback(ctx, data, size):  # noqa: ARG001

@@ -26,7 +26,6 @@ Usage (root): .venv/bin/python bench/bench_e2e.py [--records 300000] [--rounds 3
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import sys
@@ -42,15 +41,6 @@ _CLOCK = time.process_time  # CPU time of this process: the generator runs in th
                             # from our syscall, but is outside the timed sections anyway
 
 
-class _CHypercallRec(ctypes.Structure):
-    # struct hk_hypercall_rec, bpf/hekitrace.h (struct hk_hdr then nr, a0..a3)
-    _fields_ = [("type", ctypes.c_uint8), ("version", ctypes.c_uint8),
-                ("reserved", ctypes.c_uint16), ("tgid", ctypes.c_uint32),
-                ("tid", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("time_ns", ctypes.c_uint64), ("nr", ctypes.c_uint64), ("a0", ctypes.c_uint64),
-                ("a1", ctypes.c_uint64), ("a2", ctypes.c_uint64), ("a3", ctypes.c_uint64)]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=300_000,
@@ -60,6 +50,7 @@ def main() -> int:
 
     from prometheus_client import generate_latest
 
+    from hekitrace.capture import records
     from hekitrace.capture.engine import Capture
     from hekitrace.capture.loader import CaptureSettings
     from hekitrace.capture.testrun import run_xdp
@@ -83,7 +74,7 @@ def main() -> int:
     daemon.start()
     flood_fd = cap.program_fd("hk_flood")
     table = cap.bpf[b"hk_telemetry"]
-    table._event_class = _CHypercallRec
+    table._event_class = records.c_struct("hypercall")   # the package's checked layout
     # Only one consumer may own the ring at a time: the daemon's RingReader is created by
     # Capture; the bcc callback consumer is opened on the same map.
     base_pipeline = Pipeline(config, False)
@@ -91,7 +82,8 @@ def main() -> int:
 
     def callback(ctx, data, size):
         r = table.event(data)
-        feed(Hypercall(r.time_ns, r.tgid, r.tid, r.nr, r.a0, r.a1, r.a2, r.a3))
+        h = r.hdr
+        feed(Hypercall(h.time_ns, h.tgid, h.tid, r.nr, r.a0, r.a1, r.a2, r.a3))
         return 0
 
     table.open_ring_buffer(callback)

@@ -72,7 +72,7 @@ class Pipeline:
         now = event.time_ns
         if now > self.last_event_ns:  # noqa: PLR1730 - hot path: no max() call
             self.last_event_ns = now
-        if now >= policy.next_deadline_ns:
+        if now >= policy.deadline.ns:
             findings += policy.tick(now)
         if findings:
             self.findings_emitted += len(findings)
@@ -90,6 +90,10 @@ class Pipeline:
         does not look like such an event, goes through ``Host.apply`` and
         ``Policy.evaluate``; tests/unit/test_pipeline.py checks both give the same.
         """
+        # Why the inlining stays: calling Host.apply and Policy.evaluate for every event
+        # instead was measured against this loop (bench/bench_pipeline.py, same run) and
+        # lost far more than the 10 % budget on telemetry batches and fault storms, the
+        # daemon's steady-state stream; the figures are in BENCHMARKS.md "End to end".
         by_type = self._by_type
         lost = self.lost
         host = self.host
@@ -103,6 +107,7 @@ class Pipeline:
         # kind -> (its counter name, its rule or None): one lookup per event
         fast = {cls: (name, rules.get(cls)) for cls, name in host.counted_kinds.items()}
         rule_failed = policy.rule_failed
+        deadline = policy.deadline
         new = tuple.__new__
         out: list[Finding] = []
         last = self.last_event_ns
@@ -142,7 +147,7 @@ class Pipeline:
             now = event.time_ns
             if now > last:  # noqa: PLR1730 - hot path: no max() call
                 last = now
-            if now >= policy.next_deadline_ns:
+            if now >= deadline.ns:
                 findings += policy.tick(now)
             if findings:
                 out += findings

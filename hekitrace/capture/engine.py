@@ -1,10 +1,9 @@
 """The capture engine: compile once, attach each hook by its preference chain, read both
 rings, hand out event batches, keep the kernel-side fault filter in sync.
 
-Hooks and their chains (docs/internals.md, Hooks): hypercall raw_tracepoint -> tracepoint;
-attr_applied fentry -> kprobe; ioctl tracepoint; page_fault raw_tracepoint -> tracepoint;
-cr raw_tracepoint -> tracepoint. What worked (or why not) is in :meth:`Capture.hook_status`;
-a required hook that attaches by no method raises AttachError naming hook and methods.
+Hooks and their chains of attach methods are the table in :mod:`hekitrace.capture.hooks`.
+What worked (or why not) is in :meth:`Capture.hook_status`; a required hook that attaches
+by no method raises AttachError naming hook and methods.
 
 Usage::
 
@@ -24,17 +23,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from hekitrace.capture import loader, records
+from hekitrace.capture import hooks, loader, records
 from hekitrace.capture.assemble import LossTracker, ProtectAssembler
 from hekitrace.capture.btf import KernelBtf
+from hekitrace.capture.hooks import ATTR_FUNCTION
 from hekitrace.config.abi import DEFAULT_PROFILE, AbiProfile
 from hekitrace.errors import AttachError, BtfError
 from hekitrace.state.events import Event, Fault, FaultAccess
 
-HOOKS = ("hypercall", "attr_applied", "ioctl", "page_fault", "cr")
-ATTR_FUNCTION = "kvm_arch_post_set_memory_attributes"
-DEFAULT_REQUIRED = {"hypercall": True, "attr_applied": False, "ioctl": True,
-                    "page_fault": False, "cr": False}
 #: how often read() looks at the kernel's drop counters (a syscall per counter key)
 LOSS_POLL_SECONDS = 0.1
 #: FaultAccess bits reported for a filtered page unless the caller says otherwise
@@ -70,9 +66,9 @@ class Capture:
         self.abi = abi or (config.abi_profile() if config is not None else DEFAULT_PROFILE)
         self.settings = settings or (loader.CaptureSettings.from_config(config)
                                      if config is not None else loader.CaptureSettings())
-        req = dict(DEFAULT_REQUIRED)
+        req = dict(hooks.DEFAULT_REQUIRED)
         if config is not None:
-            for hook in HOOKS:
+            for hook in hooks.NAMES:
                 value = getattr(config.hooks, hook, None)
                 if value is not None:
                     req[hook] = value == "required"
@@ -80,7 +76,7 @@ class Capture:
                         req[hook] = False
         if required:
             req.update(required)
-        self._disabled = {h for h in HOOKS if config is not None
+        self._disabled = {h for h in hooks.NAMES if config is not None
                           and getattr(config.hooks, h, None) == "disabled"}
         self._required = req
         self._dump = dump_source
@@ -88,7 +84,7 @@ class Capture:
         self._attach = attach
         self._tracefs = tracefs
         self._say = say or (lambda msg: print(f"hekitrace: {msg}", file=sys.stderr))
-        self._status = {h: HookStatus(h, req[h]) for h in HOOKS}
+        self._status = {h: HookStatus(h, req[h]) for h in hooks.NAMES}
         self.bpf: Any = None
         self.cflags: list[str] = []
         self._readers: list[Any] = []
@@ -162,38 +158,34 @@ class Capture:
                               method="/".join(m for m, _ in chain))
 
     def _attach_all(self, fentry_attached: bool, fentry_error: str) -> None:
+        """Attach every hook of the table by the first of its methods that works."""
+        for hook in hooks.HOOKS:
+            self._try(hook.name, [(m.kind, self._attacher(m, fentry_attached, fentry_error))
+                                  for m in hook.methods])
+
+    def _attacher(self, method: hooks.Method, fentry_attached: bool,
+                  fentry_error: str) -> Callable[[], None]:
+        """A call that attaches ``method``'s programs (raises when it cannot)."""
         b = self.bpf
+        kind = method.kind
 
-        def raw(tp: str, fn: str) -> Callable[[], None]:
-            return lambda: b.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
-
-        def tp(category: str, event: str, fn: str) -> Callable[[], None]:
-            def go() -> None:
-                loader.check_tracepoint(category, event, self._tracefs)
-                b.attach_tracepoint(tp=f"{category}:{event}".encode(), fn_name=fn.encode())
-            return go
-
-        def fentry() -> None:
-            if not fentry_attached:
-                raise AttachError(fentry_error)
-
-        def kprobe() -> None:
-            if self._attr_error:   # its offsets are -1: never read garbage
+        def go() -> None:
+            if kind == "fentry":           # attached by bcc while compiling, or not at all
+                if not fentry_attached:
+                    raise AttachError(fentry_error)
+                return
+            if kind == "kprobe" and self._attr_error:   # its offsets are -1: never read garbage
                 raise AttachError(self._attr_error)
-            b.attach_kprobe(event=ATTR_FUNCTION.encode(), fn_name=b"hk_attr_kprobe")
-
-        self._try("hypercall", [("raw_tracepoint", raw("kvm_hypercall", "hk_hypercall_raw")),
-                                ("tracepoint", tp("kvm", "kvm_hypercall", "hk_hypercall_tp"))])
-        def ioctl() -> None:
-            tp("syscalls", "sys_enter_ioctl", "hk_ioctl_enter")()
-            tp("syscalls", "sys_exit_ioctl", "hk_ioctl_exit")()
-
-        self._try("ioctl", [("tracepoint", ioctl)])
-        self._try("attr_applied", [("fentry", fentry), ("kprobe", kprobe)])
-        self._try("page_fault", [("raw_tracepoint", raw("kvm_page_fault", "hk_fault_raw")),
-                                 ("tracepoint", tp("kvm", "kvm_page_fault", "hk_fault_tp"))])
-        self._try("cr", [("raw_tracepoint", raw("kvm_cr", "hk_cr_raw")),
-                         ("tracepoint", tp("kvm", "kvm_cr", "hk_cr_tp"))])
+            for point, fn in method.programs:
+                if kind == "raw_tracepoint":
+                    b.attach_raw_tracepoint(tp=point.encode(), fn_name=fn.encode())
+                elif kind == "tracepoint":
+                    category, _, event = point.partition(":")
+                    loader.check_tracepoint(category, event, self._tracefs)
+                    b.attach_tracepoint(tp=point.encode(), fn_name=fn.encode())
+                else:
+                    b.attach_kprobe(event=point.encode(), fn_name=fn.encode())
+        return go
 
     def _open_rings(self) -> None:
         """Readers of the two rings' mmap'd pages (ringbuf.py), control first."""

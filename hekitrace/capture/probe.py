@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hekitrace.capture.hooks import ATTR_FUNCTION
 from hekitrace.capture.hostenv import (
     BTF_VMLINUX,
     TRACEFS,
@@ -46,7 +47,6 @@ KVM_MISC_DEVICE = "/sys/devices/virtual/misc/kvm"
 #: kprobes need the kprobe PMU (perf_event_open) or tracefs kprobe_events; both are
 #: missing when CONFIG_KPROBES is unset
 KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
-ATTR_FUNCTION = "kvm_arch_post_set_memory_attributes"
 #: functions that stand in for an absent kernel function when probing fentry and kprobe
 #: support itself: kvm_vm_ioctl lives where KVM lives (vmlinux or kvm.ko, so module-BTF
 #: limits show too); vfs_read exists on every kernel

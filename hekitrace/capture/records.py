@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import gc
 import struct
+from collections.abc import Callable
 from itertools import repeat
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from hekitrace.capture import kvm_uapi
 from hekitrace.state.events import (
@@ -119,6 +120,37 @@ C_NAMES = {"hdr": "hk_hdr", "ioctl": "hk_ioctl_rec", "hypercall": "hk_hypercall_
            "attr": "hk_attr_rec", "fault": "hk_fault_rec", "cr": "hk_cr_rec",
            "loss_key": "hk_loss_key"}
 
+_CTYPES: dict[str, type] = {}
+
+
+def c_struct(name: str) -> type:
+    """A ``ctypes.Structure`` of layout ``name`` built from :data:`LAYOUTS`, for readers
+    that take ctypes types (bcc's ``table.event``, bench/); header fields nest under
+    ``hdr`` as in the C struct. Its size and offsets are those of :data:`STRUCTS`."""
+    import ctypes  # only bench/ and tests need it: not imported with the module
+
+    made = _CTYPES.get(name)
+    if made is not None:
+        return made
+    scalar = {"B": ctypes.c_uint8, "H": ctypes.c_uint16, "I": ctypes.c_uint32,
+              "i": ctypes.c_int32, "Q": ctypes.c_uint64, "q": ctypes.c_int64}
+
+    def ctype(fmt: str) -> Any:
+        count, code = fmt[:-1], fmt[-1]
+        return scalar[code] * int(count) if count else scalar[code]
+
+    fields: list[tuple[str, Any]] = []
+    for field, fmt in LAYOUTS[name]:
+        if field.startswith("hdr."):
+            if not fields:
+                fields.append(("hdr", c_struct("hdr")))
+            continue
+        fields.append((field, ctype(fmt)))
+    made = type(C_NAMES[name], (ctypes.Structure,), {"_fields_": fields})
+    _CTYPES[name] = made
+    return made
+
+
 _IOCTL = STRUCTS["ioctl"]
 _HYPERCALL = STRUCTS["hypercall"]
 _PAGE_HEAD = struct.Struct(STRUCTS["protect_page"].format[:-len(f"{HEKI_MAX_ENTRIES * 3}Q")])
@@ -186,16 +218,6 @@ class HypercallNumbers(NamedTuple):
         return cls(lock_cr_update=-1 if nr is None else nr)
 
 
-def _page(v: tuple, buf, off: int, epoch: int) -> ProtectPage:
-    n = min(v[13], HEKI_MAX_ENTRIES)
-    if v[10] & (1 << 4):          # READ_FAULT: nothing was read
-        n = 0
-    base = off + PAGE_ENTRIES_OFFSET
-    entries = tuple(ProtectEntry._make(e) for e in
-                    _ENTRY.iter_unpack(bytes(buf[base:base + n * 24]))) if n else ()
-    return ProtectPage(v[6] + epoch, v[3], v[4], v[7], v[8], v[9], v[10], v[12], v[13], entries)
-
-
 #: kinds decoded a run at a time (runs of equal records are the ring's common case)
 _RUN_KINDS = frozenset({REC_HYPERCALL, REC_FAULT, REC_CR, REC_ATTR})
 #: shortest run worth an ``iter_unpack`` (its setup costs about two records)
@@ -209,38 +231,185 @@ _MAX_PROBE = 4096
 _MAX_BACKOFF = 64
 
 
-def _run_struct(rtype: int, step: int, cache: dict) -> struct.Struct | None:
-    """Struct of one record of ``rtype`` padded to ``step`` bytes (None if it cannot be)."""
+# ---------------------------------------------------------------------------------------
+# run detection: where a run of equal records starts and how long it is
+
+class _RunFinder:
+    """Finds runs of equal records (same type and length, evenly spaced: what the ring
+    walker returns for a burst of one hook's records) in one batch's spans.
+
+    A run is checked as a whole at C speed: the spans compared with the ones a run would
+    have, the type bytes read in one strided slice. ``next_try`` is the first span index
+    worth another attempt (backing off after failures); the caller checks it before
+    calling :meth:`length`, so a mixed batch pays one comparison per record.
+    """
+
+    __slots__ = ("backoff", "next_try", "probe")
+
+    def __init__(self) -> None:
+        self.probe = _MIN_PROBE
+        self.next_try = 0
+        self.backoff = 1
+
+    def length(self, buf, spans, j: int, off: int, size: int, rtype: int, need: int) -> int:
+        """Records in the run that starts at span ``j`` (at ``off``, ``size`` bytes, type
+        ``rtype`` whose layout is ``need`` bytes): at least ``_MIN_RUN``, or 0 if none."""
+        nspans = len(spans)
+        if j + _MIN_RUN > nspans:
+            return 0
+        step = spans[j + 1][0] - off
+        if step <= 0:
+            return 0
+        k = min(nspans - j, (len(buf) - off) // step, self.probe)
+        if k < _MIN_RUN:
+            return 0
+        # cheap rejection first (mixed batches): the record _MIN_RUN - 1 further on
+        far = off + (_MIN_RUN - 1) * step
+        if spans[j + _MIN_RUN - 1] != (far, size) or buf[far] != rtype:
+            self._missed(j, 0)
+            return 0
+        expect = list(zip(range(off, off + k * step, step), repeat(size, k)))
+        got = spans[j:j + k]
+        if got == expect:
+            self.probe = min(self.probe * 4, _MAX_PROBE)
+        else:
+            m = 0
+            for one, other in zip(got, expect):
+                if one != other:
+                    break
+                m += 1
+            k = m
+            self.probe = max(_MIN_PROBE, 2 * m)
+        types = bytes(buf[off:off + k * step:step])
+        k -= len(types.lstrip(types[:1]))   # cut at the first record of another type
+        if k >= _MIN_RUN and step >= need:
+            self.backoff = 1
+            return k
+        # too short: these records go one by one; try again after them
+        self._missed(j, k)
+        return 0
+
+    def _missed(self, j: int, k: int) -> None:
+        self.backoff = min(self.backoff * 2, _MAX_BACKOFF)
+        self.next_try = j + max(k, self.backoff)
+
+
+# ---------------------------------------------------------------------------------------
+# per-type decoding: fields named as in the C structs (struct hk_hdr first)
+
+def _run_struct(rtype: int, step: int, cache: dict) -> struct.Struct:
+    """Struct of one record of ``rtype`` padded to ``step`` bytes (>= its size)."""
     key = (rtype, step)
     st = cache.get(key)
-    if st is None and key not in cache:
-        base = {REC_HYPERCALL: _HYPERCALL, REC_FAULT: _FAULT, REC_CR: _CR,
-                REC_ATTR: _ATTR}[rtype]
-        st = struct.Struct(base.format + f"{step - base.size}x") if step >= base.size else None
-        cache[key] = st
+    if st is None:
+        base = _BY_TYPE[rtype]
+        st = cache[key] = struct.Struct(base.format + f"{step - base.size}x")
     return st
 
 
 def _decode_run(rtype: int, values, e: int, lock_cr: int) -> list:
     """Events of a run of ``rtype`` records (``values``: their unpacked field tuples).
 
-    Comprehensions name every field, so each event is one tuple build plus a
-    ``tuple.__new__``; the layouts are the LAYOUTS field lists (header first).
+    Comprehensions name every field (as the C structs do, header first), so each event is
+    one tuple build plus a ``tuple.__new__``.
     """
     new = tuple.__new__
     if rtype == REC_HYPERCALL:
-        return [new(CrPinRequest, (t + e, tgid, tid, a0, a1, a2)) if nr == lock_cr else
-                new(Hypercall, (t + e, tgid, tid, nr, a0, a1, a2, a3))
-                for _ty, _ve, _re, tgid, tid, _cpu, t, nr, a0, a1, a2, a3 in values]
-    if rtype == REC_FAULT:
-        return [new(Fault, (t + e, tgid, tid, vcpu, gpa, ec, rip, access, count, first + e))
-                for _ty, _ve, _re, tgid, tid, _cpu, t, vcpu, access, gpa, ec, rip, count, first
+        return [new(CrPinRequest, (time_ns + e, tgid, tid, a0, a1, a2)) if nr == lock_cr else
+                new(Hypercall, (time_ns + e, tgid, tid, nr, a0, a1, a2, a3))
+                for _type, _version, _reserved, tgid, tid, _cpu, time_ns, nr, a0, a1, a2, a3
                 in values]
+    if rtype == REC_FAULT:
+        return [new(Fault, (time_ns + e, tgid, tid, vcpu, gpa, error_code, rip, access, count,
+                            first_ns + e))
+                for (_type, _version, _reserved, tgid, tid, _cpu, time_ns,
+                     vcpu, access, gpa, error_code, rip, count, first_ns) in values]
     if rtype == REC_CR:
-        return [new(CrWrite, (t + e, tgid, tid, cr, value))
-                for _ty, _ve, _re, tgid, tid, _cpu, t, cr, _res, value in values]
-    return [new(AttrApplied, (t + e, tgid, tid, gs, ge, attrs))
-            for _ty, _ve, _re, tgid, tid, _cpu, t, gs, ge, attrs in values]
+        return [new(CrWrite, (time_ns + e, tgid, tid, cr, value))
+                for _type, _version, _reserved, tgid, tid, _cpu, time_ns, cr, _reserved, value
+                in values]
+    return [new(AttrApplied, (time_ns + e, tgid, tid, gfn_start, gfn_end, attributes))
+            for (_type, _version, _reserved, tgid, tid, _cpu, time_ns,
+                 gfn_start, gfn_end, attributes) in values]
+
+
+# One record each: (buf, off, epoch offset, lock_cr nr, protect_parts) -> event or None.
+# Defaults bind the unpacker and tuple.__new__ as fast locals; tuple.__new__ skips the
+# NamedTuple's Python-level __new__ (every field is passed, so the result is equal).
+
+def _one_fault(buf, off: int, e: int, lock_cr: int, parts: list | None,
+               unpack=_FAULT.unpack_from, new=tuple.__new__) -> Event:
+    (_type, _version, _reserved, tgid, tid, _cpu, time_ns,
+     vcpu, access, gpa, error_code, rip, count, first_ns) = unpack(buf, off)
+    return new(Fault, (time_ns + e, tgid, tid, vcpu, gpa, error_code, rip, access, count,
+                       first_ns + e))
+
+
+def _one_hypercall(buf, off: int, e: int, lock_cr: int, parts: list | None,
+                   unpack=_HYPERCALL.unpack_from, new=tuple.__new__) -> Event:
+    _type, _version, _reserved, tgid, tid, _cpu, time_ns, nr, a0, a1, a2, a3 = unpack(buf, off)
+    if nr == lock_cr:
+        return new(CrPinRequest, (time_ns + e, tgid, tid, a0, a1, a2))
+    return new(Hypercall, (time_ns + e, tgid, tid, nr, a0, a1, a2, a3))
+
+
+def _one_cr(buf, off: int, e: int, lock_cr: int, parts: list | None,
+            unpack=_CR.unpack_from, new=tuple.__new__) -> Event:
+    _type, _version, _reserved, tgid, tid, _cpu, time_ns, cr, _reserved, value = unpack(buf, off)
+    return new(CrWrite, (time_ns + e, tgid, tid, cr, value))
+
+
+def _one_attr(buf, off: int, e: int, lock_cr: int, parts: list | None,
+              unpack=_ATTR.unpack_from, new=tuple.__new__) -> Event:
+    (_type, _version, _reserved, tgid, tid, _cpu, time_ns,
+     gfn_start, gfn_end, attributes) = unpack(buf, off)
+    return new(AttrApplied, (time_ns + e, tgid, tid, gfn_start, gfn_end, attributes))
+
+
+def _one_ioctl(buf, off: int, e: int, lock_cr: int, parts: list | None,
+               unpack=_IOCTL.unpack_from) -> Event:
+    (_type, _version, _reserved, tgid, tid, _cpu, time_ns,
+     cmd, _fd, ret, arg0, arg1, arg2, arg3) = unpack(buf, off)
+    t = time_ns + e
+    if cmd == kvm_uapi.KVM_CREATE_VM:
+        return VmCreated(t, tgid, tid, vm_fd=ret, stats_path=f"/kvm/{tid}-{ret}",
+                         source="ioctl")
+    if cmd == kvm_uapi.KVM_SET_MEMORY_ATTRIBUTES:
+        return AttrIoctl(t, tgid, tid, arg0, arg1, arg2, arg3, ret)
+    # KVM_SET_USER_MEMORY_REGION(2): arg0 is slot (low 32 bits) and flags (high 32)
+    return Memslot(t, tgid, tid, arg0 & 0xFFFFFFFF, arg0 >> 32, arg1, arg2, arg3)
+
+
+def _one_protect_page(buf, off: int, e: int, lock_cr: int, parts: list | None) -> None:
+    if parts is None:
+        return
+    (_type, _version, _reserved, tgid, tid, _cpu, time_ns, call_id, page_gpa, index, flags,
+     _next_va, next_pa, npages) = _PAGE_HEAD.unpack_from(buf, off)
+    n = min(npages, HEKI_MAX_ENTRIES)
+    if flags & (1 << 4):          # READ_FAULT: nothing was read
+        n = 0
+    base = off + PAGE_ENTRIES_OFFSET
+    entries = tuple(ProtectEntry._make(entry) for entry in
+                    _ENTRY.iter_unpack(bytes(buf[base:base + n * 24]))) if n else ()
+    parts.append(ProtectPage(time_ns + e, tgid, tid, call_id, page_gpa, index, flags, next_pa,
+                             npages, entries))
+
+
+def _one_protect_end(buf, off: int, e: int, lock_cr: int, parts: list | None) -> None:
+    if parts is None:
+        return
+    (_type, _version, _reserved, tgid, tid, _cpu, time_ns, call_id, list_gpa, pages, flags,
+     declared_entries) = _END.unpack_from(buf, off)
+    parts.append(ProtectEnd(time_ns + e, tgid, tid, call_id, list_gpa, pages, flags,
+                            declared_entries))
+
+
+#: record type -> its one-record decoder
+_DECODE_ONE: dict[int, Callable[[Any, int, int, int, list | None], Event | None]] = {REC_FAULT: _one_fault, REC_HYPERCALL: _one_hypercall, REC_CR: _one_cr,
+               REC_ATTR: _one_attr, REC_IOCTL: _one_ioctl,
+               REC_PROTECT_PAGE: _one_protect_page, REC_PROTECT_END: _one_protect_end}
+#: record type -> its layout (run decoding pads it to the run's stride)
+_BY_TYPE = {REC_HYPERCALL: _HYPERCALL, REC_FAULT: _FAULT, REC_CR: _CR, REC_ATTR: _ATTR}
 
 
 def decode_batch(buf, spans, epoch_offset_ns: int, numbers: HypercallNumbers,
@@ -253,11 +422,9 @@ def decode_batch(buf, spans, epoch_offset_ns: int, numbers: HypercallNumbers,
     ``protect_parts`` for decode.py to assemble (dropped when None). Short records and
     unknown types are counted in ``stats``.
 
-    Runs of equal records (same type and length, evenly spaced: what the ring walker
-    returns for a burst of one hook's records) are checked as a whole at C speed (the
-    spans compared with the expected ones, the type bytes counted in one strided slice)
-    and decoded with one ``iter_unpack``; anything else takes one ``unpack_from`` per
-    record. Both give the same events (tests/unit/test_records.py).
+    Runs of equal records (:class:`_RunFinder`) are decoded with one ``iter_unpack``;
+    anything else takes one ``unpack_from`` per record. Both give the same events
+    (tests/unit/test_records.py).
     """
     # The cyclic GC would otherwise run a generation-0 pass every 700 events built here
     # and, as the kept events pile up, full passes over the whole heap: half the decode
@@ -275,30 +442,20 @@ def decode_batch(buf, spans, epoch_offset_ns: int, numbers: HypercallNumbers,
 
 def _decode(buf, spans, epoch_offset_ns: int, numbers: HypercallNumbers,
             protect_parts: list | None, stats: DecodeStats | None) -> list[Event]:
+    """The loop: check each record, decode runs whole and the rest one by one."""
     out: list[Event] = []
     append = out.append
     lock_cr = numbers.lock_cr_update
-    create_vm = kvm_uapi.KVM_CREATE_VM
-    set_attrs = kvm_uapi.KVM_SET_MEMORY_ATTRIBUTES
-    ioctl_u, hc_u, fault_u, cr_u = (_IOCTL.unpack_from, _HYPERCALL.unpack_from,
-                                    _FAULT.unpack_from, _CR.unpack_from)
-    attr_u, end_u, page_u = _ATTR.unpack_from, _END.unpack_from, _PAGE_HEAD.unpack_from
     sizes = RECORD_SIZES
+    decode_one = _DECODE_ONE
     run_kinds = _RUN_KINDS
+    runs = _RunFinder()
     run_structs: dict = {}
     view = None
-    nbuf = len(buf)
     nspans = len(spans)
-    # tuple.__new__ skips the NamedTuple's Python-level __new__ (3-4x cheaper); every
-    # field is passed, so the result equals the normal construction (tests check it)
-    new = tuple.__new__
-    probe = _MIN_PROBE
-    no_run_before = 0
-    backoff = 1
-    i = 0
-    while i < nspans:
-        off, length = spans[i]
-        i += 1
+    j = 0
+    while j < nspans:
+        off, length = spans[j]
         rtype = buf[off]
         need = sizes.get(rtype)
         if need is None or length < need:
@@ -307,82 +464,20 @@ def _decode(buf, spans, epoch_offset_ns: int, numbers: HypercallNumbers,
                     stats.unknown_type += 1
                 else:
                     stats.short += 1
+            j += 1
             continue
-        if i >= no_run_before and rtype in run_kinds and i + _MIN_RUN - 1 <= nspans:
-            # a run starting here? stride from the next span; every span of the run is
-            # compared with the one a run would have, and every record's type byte read
-            step = spans[i][0] - off
-            k = min(nspans - i + 1, (nbuf - off) // step, probe) if step > 0 else 0
-            # cheap rejection first (mixed batches): the record _MIN_RUN - 1 further on
-            if k >= _MIN_RUN and (spans[i + _MIN_RUN - 2] != (off + (_MIN_RUN - 1) * step,
-                                                             length)
-                                  or buf[off + (_MIN_RUN - 1) * step] != rtype):
-                k = 0
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-                no_run_before = i + backoff
-            if k >= _MIN_RUN:
-                expect = list(zip(range(off, off + k * step, step), repeat(length, k)))
-                got = spans[i - 1:i - 1 + k]
-                if got == expect:
-                    probe = min(probe * 4, _MAX_PROBE)
-                else:
-                    m = 0
-                    for one, other in zip(got, expect):
-                        if one != other:
-                            break
-                        m += 1
-                    k = m
-                    probe = max(_MIN_PROBE, 2 * m)
-                types = bytes(buf[off:off + k * step:step])
-                k -= len(types.lstrip(types[:1]))   # cut at the first record of another type
-                st = _run_struct(rtype, step, run_structs) if k >= _MIN_RUN else None
-                if st is not None:
-                    backoff = 1
-                    if view is None:
-                        view = memoryview(buf)
-                    out += _decode_run(rtype, st.iter_unpack(view[off:off + k * step]),
-                                       epoch_offset_ns, lock_cr)
-                    i += k - 1
-                    continue
-                # too short: these records go one by one; try again after them
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-                no_run_before = i + max(k, backoff)
-        if rtype == REC_FAULT:
-            v = fault_u(buf, off)
-            append(new(Fault, (v[6] + epoch_offset_ns, v[3], v[4], v[7], v[9], v[10], v[11],
-                               v[8], v[12], v[13] + epoch_offset_ns)))
-        elif rtype == REC_HYPERCALL:
-            v = hc_u(buf, off)
-            if v[7] == lock_cr:
-                append(new(CrPinRequest, (v[6] + epoch_offset_ns, v[3], v[4], v[8], v[9],
-                                          v[10])))
-            else:
-                append(new(Hypercall, (v[6] + epoch_offset_ns, v[3], v[4], v[7], v[8], v[9],
-                                       v[10], v[11])))
-        elif rtype == REC_CR:
-            v = cr_u(buf, off)
-            append(new(CrWrite, (v[6] + epoch_offset_ns, v[3], v[4], v[7], v[9])))
-        elif rtype == REC_ATTR:
-            v = attr_u(buf, off)
-            append(new(AttrApplied, (v[6] + epoch_offset_ns, v[3], v[4], v[7], v[8], v[9])))
-        elif rtype == REC_IOCTL:
-            v = ioctl_u(buf, off)
-            t = v[6] + epoch_offset_ns
-            cmd, ret = v[7], v[9]
-            if cmd == create_vm:
-                append(VmCreated(t, v[3], v[4], vm_fd=ret, stats_path=f"/kvm/{v[4]}-{ret}",
-                                 source="ioctl"))
-            elif cmd == set_attrs:
-                append(AttrIoctl(t, v[3], v[4], v[10], v[11], v[12], v[13], ret))
-            else:
-                w0 = v[10]
-                append(Memslot(t, v[3], v[4], w0 & 0xFFFFFFFF, w0 >> 32, v[11], v[12], v[13]))
-        elif rtype == REC_PROTECT_PAGE:
-            if protect_parts is not None:
-                protect_parts.append(_page(page_u(buf, off), buf, off, epoch_offset_ns))
-        else:  # REC_PROTECT_END
-            if protect_parts is not None:
-                v = end_u(buf, off)
-                protect_parts.append(ProtectEnd(v[6] + epoch_offset_ns, v[3], v[4], v[7], v[8],
-                                                v[9], v[10], v[11]))
+        if rtype in run_kinds and j >= runs.next_try:
+            k = runs.length(buf, spans, j, off, length, rtype, need)
+            if k:
+                step = spans[j + 1][0] - off
+                if view is None:
+                    view = memoryview(buf)
+                out += _decode_run(rtype, _run_struct(rtype, step, run_structs).iter_unpack(
+                    view[off:off + k * step]), epoch_offset_ns, lock_cr)
+                j += k
+                continue
+        event = decode_one[rtype](buf, off, epoch_offset_ns, lock_cr, protect_parts)
+        if event is not None:
+            append(event)
+        j += 1
     return out

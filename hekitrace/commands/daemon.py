@@ -11,8 +11,9 @@ import faulthandler
 import signal
 from collections.abc import Callable
 
+from hekitrace.capture import hooks
 from hekitrace.capture.discovery import discover_vms
-from hekitrace.capture.engine import HOOKS, Capture
+from hekitrace.capture.engine import Capture
 from hekitrace.capture.uevents import UeventSource
 from hekitrace.config.settings import Config, resolve_config
 from hekitrace.journal.recovery import JournalRecovery
@@ -54,7 +55,7 @@ def build_daemon(args: argparse.Namespace) -> Daemon:
     def capture_factory(cfg: Config, say: Callable[[str], None]) -> Capture:
         # Every hook optional for the engine: a missing required hook makes the daemon
         # "not ready" (with the reason, /readyz and hekitrace_ready) instead of exiting.
-        return Capture(cfg, required={h: False for h in HOOKS}, say=say).start()
+        return Capture(cfg, required={h: False for h in hooks.NAMES}, say=say).start()
 
     # the state journal: checkpoint + replay at start, then every event journaled;
     # without it (journal.enabled: false) the daemon says so and starts empty

@@ -42,29 +42,11 @@ from hekitrace.config.schema import (
     suggestion,
 )
 from hekitrace.errors import ConfigError
+from hekitrace.policy.catalogue import DEFAULT_SEVERITY, RULE_IDS, SEVERITIES
 
 #: where the daemon and ``check`` look when no ``--config`` is given
 DEFAULT_CONFIG_PATH = "/etc/hekitrace/hekitrace.yaml"
 
-#: every policy rule id (docs/findings.md); policy.py imports this
-RULE_IDS = (
-    "wx_request", "immutable_change", "immutable_relaxed", "request_not_applied",
-    "applied_without_request", "protected_write", "protected_fetch", "cr_pin_violation",
-    "malformed_request", "protection_unsupported", "map_degraded",
-    "relax_after_lockdown", "cr_pin_cleared", "privileged_hypercall_from_user",
-)
-SEVERITIES = ("info", "warning", "critical")
-#: default severity of each rule: critical when the guest's protection is broken or
-#: attacked, warning when the evidence is indirect or the monitor itself is impaired
-DEFAULT_SEVERITY = FrozenMap({
-    "wx_request": "critical", "immutable_change": "critical",
-    "immutable_relaxed": "critical", "request_not_applied": "warning",
-    "applied_without_request": "warning", "protected_write": "critical",
-    "protected_fetch": "critical", "cr_pin_violation": "critical",
-    "malformed_request": "warning", "protection_unsupported": "warning",
-    "map_degraded": "warning", "relax_after_lockdown": "critical",
-    "cr_pin_cleared": "critical", "privileged_hypercall_from_user": "warning",
-})
 #: sha256 of zero bytes: the digest of the built-in defaults (an empty file gives them too)
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 PROFILES = tuple(abi.BUILTIN_PROFILES) + ("custom",)

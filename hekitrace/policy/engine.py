@@ -2,79 +2,46 @@
 
 ``Policy.evaluate(change, host)`` reads the :class:`~hekitrace.state.changes.Change` that
 ``Host.apply`` returned and runs the rule of the event's kind; ``tick`` runs the timers
-(pairing checks, storm summaries) on event time. The parts live beside this module:
+(pairing checks, storm summaries) on event time. The policy owns its parts, each in the
+module beside this one, and wires them together:
 
+* :mod:`hekitrace.policy.catalogue`: rule ids, default severities, which are evaluated;
 * :mod:`hekitrace.policy.findings`: :class:`Finding` and its JSON form;
-* :mod:`hekitrace.policy.rules`: one rule method per event kind;
-* :mod:`hekitrace.policy.storm`: dedup windows and per-VM rate limits;
-* :mod:`hekitrace.policy.pairing`: requested-vs-applied checks.
+* :mod:`hekitrace.policy.rules`: :class:`Rules`, one rule method per event kind;
+* :mod:`hekitrace.policy.storm`: :class:`StormControl`, dedup windows and rate limits;
+* :mod:`hekitrace.policy.pairing`: :class:`Pairing`, requested-vs-applied checks;
+* :mod:`hekitrace.policy.vm_state`: the per-VM record the parts share by VM.
 
-:class:`Policy` owns the configuration and every table; its methods are grouped by
-concern in three mixins, ``Rules(Pairing(StormControl))``, each declaring the tables it
-reads. ``from hekitrace.policy.engine import Policy, Finding`` is the public API.
+``from hekitrace.policy.engine import Policy`` is the public API.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from hekitrace.config.abi import AbiProfile
-from hekitrace.config.settings import RULE_IDS
-from hekitrace.policy.findings import Finding, event_json, format_time, vm_identity
-from hekitrace.policy.pairing import MAX_PENDING_PER_VM, _clip, _first_mismatch
+from hekitrace.policy.catalogue import NOT_EVALUATED, PAIRING_RULES, RULE_IDS
+from hekitrace.policy.findings import Finding, event_json, vm_identity
+from hekitrace.policy.pairing import Pairing
 from hekitrace.policy.rules import Rules
-from hekitrace.policy.storm import (
-    MAX_DEDUP_PER_VM,
-    MAX_RECENT_WRITABLE,
-    TICK_GRANULARITY_NS,
-    _Dedup,
-    _VmState,
-)
+from hekitrace.policy.storm import TICK_GRANULARITY_NS, Deadline, StormControl
+from hekitrace.policy.vm_state import VmState
 from hekitrace.state.changes import Change, VmKey
-from hekitrace.state.events import (
-    AttrApplied,
-    AttrIoctl,
-    CrPinRequest,
-    CrWrite,
-    Fault,
-    ProtectRequest,
-)
 from hekitrace.state.host import Guest, Host
 
-__all__ = [
-    "MAX_DEDUP_PER_VM",
-    "MAX_ENTRIES_INSPECTED",
-    "MAX_PENDING_PER_VM",
-    "MAX_RECENT_WRITABLE",
-    "TICK_GRANULARITY_NS",
-    "UNIMPLEMENTED_RULES",
-    "Finding",
-    "Policy",
-    "_Dedup",
-    "_VmState",
-    "_clip",
-    "_first_mismatch",
-    "event_json",
-    "format_time",
-    "vm_identity",
-]
+__all__ = ["MAX_ENTRIES_INSPECTED", "Finding", "Policy"]
 
-#: rules in RULE_IDS this policy does not evaluate, and why (reported by ``status``)
-UNIMPLEMENTED_RULES: dict[str, str] = {
-    "cr_pin_cleared": "same evidence as cr_pin_violation (a CR write clearing a pinned "
-                      "bit, reported whether or not the host blocked it)",
-    "privileged_hypercall_from_user": "events carry no CPL: kvm:kvm_hypercall has no "
-                                      "privilege field (docs/heki-abi.md section 10.1)",
-}
 #: entries of one request inspected by the per-entry rules (matches the state default)
 MAX_ENTRIES_INSPECTED = 4096
+#: the order of ``stats`` (and of ``status()["suppressed"]``)
+_STATS = ("deduplicated", "rate_limited", "excepted", "announced_writes",
+          "pairing_overflow", "dedup_overflow", "internal_errors")
 
 
-class Policy(Rules):
+class Policy:
     """Evaluates the rules on change records and applies storm control.
 
     ``config`` is ``config.policy`` (:class:`hekitrace.config.settings.PolicyConfig`); ``abi`` the
@@ -88,82 +55,87 @@ class Policy(Rules):
         self.clock = clock
         self.applied_hook_active = applied_hook_active
         self.max_entries_inspected = max_entries_inspected
-        self._window_ns = int(config.pairing_window_seconds * 1e9)
-        self._dedup_ns = int(config.dedup_window_seconds * 1e9)
-        self._rate_n = int(config.rate_limit.findings)
-        self._rate_ns = int(config.rate_limit.per_seconds * 1e9)
         self._exceptions = tuple(config.exceptions)
-        self._severity: dict[str, str] = {}
+        severity: dict[str, str] = {}
         self._enabled: dict[str, bool] = {}
         for rule in RULE_IDS:
             rc = config.rules.get(rule) if hasattr(config.rules, "get") else None
             self._enabled[rule] = bool(rc.enabled) if rc is not None else True
-            self._severity[rule] = rc.severity if rc is not None else "warning"
-        for rule in UNIMPLEMENTED_RULES:
+            severity[rule] = rc.severity if rc is not None else "warning"
+        for rule in NOT_EVALUATED:
             self._enabled[rule] = False
-        self._pairing = applied_hook_active and (self._enabled["request_not_applied"]
-                                                 or self._enabled["applied_without_request"]
-                                                 or self._enabled["protection_unsupported"])
-        #: (VmKey, rule, severity) -> occurrences, collapsed and rate-limited included
-        self.counts: dict[tuple[VmKey | None, str, str], int] = {}
-        self.stats: dict[str, int] = {"deduplicated": 0, "rate_limited": 0, "excepted": 0,
-                                      "announced_writes": 0, "pairing_overflow": 0,
-                                      "dedup_overflow": 0, "internal_errors": 0}
+        self._pairing_on = applied_hook_active and any(self._enabled[r] for r in PAIRING_RULES)
+        #: VmKey -> policy state of the VMs seen (read-only for the pipeline's fast path)
+        self.vm_states: dict[VmKey, VmState] = {}
+        #: the earliest event time :meth:`tick` has work (``deadline.ns``)
+        self.deadline = Deadline()
+        self._storm = StormControl(
+            dedup_ns=int(config.dedup_window_seconds * 1e9),
+            rate_n=int(config.rate_limit.findings),
+            rate_ns=int(config.rate_limit.per_seconds * 1e9),
+            severity=severity, states=self.vm_states, deadline=self.deadline)
+        self._pairing = Pairing(window_ns=int(config.pairing_window_seconds * 1e9), abi=abi,
+                                enabled=self._enabled, storm=self._storm,
+                                states=self.vm_states, deadline=self.deadline)
+        self._rules = Rules(abi=abi, enabled=self._enabled, storm=self._storm,
+                            pairing=self._pairing, pairing_active=self._pairing_on,
+                            applied_hook_active=applied_hook_active,
+                            max_entries_inspected=max_entries_inspected)
+        self._internal_errors = 0
         self.last_internal_error: str | None = None
-        self._vms: dict[VmKey, _VmState] = {}
-        #: the same dict, read-only for the pipeline's fast path (VMs with policy state)
-        self.vm_states = self._vms
-        self._pending: deque[tuple[int, VmKey, str, int, int]] = deque()
-        self._dedup_expiry: deque[tuple[int, VmKey, tuple]] = deque()
-        self._limited_vms: set[VmKey] = set()
-        self.next_deadline_ns: float = float("inf")
-        heki = abi.kvm_heki_mask
-        self._heki = heki
-        self._kw = 1 << abi.kvm_write
-        self._kx = 1 << abi.kvm_exec
-        self._ki = 1 << abi.kvm_immutable
-        self._gw = 1 << abi.guest_write
-        self._gx = 1 << abi.guest_exec
-        self._gvalid = abi.guest_valid_mask
-        self._handlers: dict[type, Callable[..., None]] = {
-            ProtectRequest: self._on_protect,
-            AttrApplied: self._on_applied,
-            AttrIoctl: self._on_applied,
-            CrPinRequest: self._on_cr_pin,
-            CrWrite: self._on_cr_write,
-            Fault: self._on_fault,
-        }
+        self._handlers = self._rules.by_kind
         #: event class -> its rule ``(change, event, state, guest, out)``, for callers
         #: that do :meth:`evaluate`'s fast path themselves (the pipeline); a rule that
         #: raises must be reported with :meth:`rule_failed`
         self.rules_by_kind = self._handlers
 
     # -- public API ------------------------------------------------------------------
+    @property
+    def counts(self) -> dict[tuple[VmKey | None, str, str], int]:
+        """(VmKey, rule, severity) -> occurrences, collapsed and rate-limited included
+        (``hekitrace_findings_total``); assignable, to carry counts over a reload."""
+        return self._storm.counts
+
+    @counts.setter
+    def counts(self, counts: dict[tuple[VmKey | None, str, str], int]) -> None:
+        self._storm.counts = counts
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Occurrences that did not become findings, and rule failures, by why."""
+        merged = {**self._storm.stats, **self._pairing.stats, **self._rules.stats,
+                  "internal_errors": self._internal_errors}
+        return {key: merged[key] for key in _STATS}
+
+    @property
+    def next_deadline_ns(self) -> float:
+        """The earliest event time :meth:`tick` has work (inf: none)."""
+        return self.deadline.ns
+
     def status(self) -> dict:
         """Which rules run, and why pairing or a rule is inactive (daemon status, docs)."""
         rules = {}
         for rule in RULE_IDS:
-            if rule in UNIMPLEMENTED_RULES:
-                rules[rule] = "not implemented: " + UNIMPLEMENTED_RULES[rule]
+            if rule in NOT_EVALUATED:
+                rules[rule] = "not implemented: " + NOT_EVALUATED[rule]
             elif not self._enabled[rule]:
                 rules[rule] = "disabled"
-            elif rule in ("request_not_applied", "applied_without_request",
-                          "protection_unsupported") and not self.applied_hook_active:
+            elif rule in PAIRING_RULES and not self.applied_hook_active:
                 rules[rule] = "inactive: the attr_applied hook is not attached"
             else:
                 rules[rule] = "active"
-        return {"pairing_active": self._pairing,
-                "pairing": "active" if self._pairing else
+        return {"pairing_active": self._pairing_on,
+                "pairing": "active" if self._pairing_on else
                 ("inactive: the attr_applied hook is not attached"
                  if not self.applied_hook_active else "inactive: rules disabled"),
-                "rules": rules, "suppressed": dict(self.stats)}
+                "rules": rules, "suppressed": self.stats}
 
     def evaluate(self, change: Change, host: Host) -> list[Finding]:
         """The findings ``change`` raises (already deduplicated and rate limited)."""
         vm = change.vm
         if vm is None:
             return []
-        st = self._vms.get(vm)
+        st = self.vm_states.get(vm)
         guest = host.guests.get(vm)
         if st is not None and guest is not None and change.lifecycle is None \
                 and not change.degraded:
@@ -181,10 +153,10 @@ class Policy(Rules):
         out = []
         if change.lifecycle == "retired" or guest is None:
             if st is not None:
-                self._flush_vm(st, out, change.event.time_ns if change.event else -1)
-                del self._vms[vm]
+                self._storm.flush_vm(st, out, change.event.time_ns if change.event else -1)
+                del self.vm_states[vm]
             if change.lifecycle == "retired":
-                self._forget_counts(vm)
+                self._storm.forget_counts(vm)
             return out
         if st is None:
             st = self._new_state(guest)
@@ -192,10 +164,11 @@ class Policy(Rules):
         if change.degraded and self._enabled["map_degraded"]:
             when = event.time_ns if event is not None else self.clock()
             for reason in change.degraded:
-                self._emit(out, st, "map_degraded", when,
-                           f"VM state may be incomplete: {reason}",
-                           {"event": event_json(event), "reason": reason,
-                            "reasons": list(guest.degraded_reasons)}, ("degraded", reason))
+                self._storm.emit(out, st, "map_degraded", when,
+                                 f"VM state may be incomplete: {reason}",
+                                 {"event": event_json(event), "reason": reason,
+                                  "reasons": list(guest.degraded_reasons)},
+                                 ("degraded", reason))
         handler = self._handlers.get(type(event))
         if handler is not None:
             try:
@@ -207,7 +180,7 @@ class Policy(Rules):
     def rule_failed(self, error: Exception) -> None:
         """Count a rule that raised (a bug, never guest input): the event loses its
         findings, the daemon keeps running, ``status`` shows the last error."""
-        self.stats["internal_errors"] += 1
+        self._internal_errors += 1
         self.last_internal_error = f"{type(error).__name__}: {error}"
 
     def tick(self, now_ns: int | None = None) -> list[Finding]:
@@ -215,38 +188,13 @@ class Policy(Rules):
         if now_ns is None:
             now_ns = self.clock()
         out: list[Finding] = []
-        pending = self._pending
-        while pending and pending[0][0] <= now_ns:
-            _, key, side, start, end = pending.popleft()
-            st = self._vms.get(key)
-            if st is None:
-                continue
-            last = st.pending.get((side, start, end))
-            if last is None:
-                continue
-            if last + self._window_ns > now_ns:  # changed again since: wait a full window
-                pending.append((last + self._window_ns, key, side, start, end))
-                continue
-            del st.pending[(side, start, end)]
-            self._check_pair(st, side, start, end, now_ns, out)
-        expiry = self._dedup_expiry
-        while expiry and expiry[0][0] <= now_ns:
-            _, key, dkey = expiry.popleft()
-            st = self._vms.get(key)
-            if st is None:
-                continue
-            entry = st.dedup.get(dkey)
-            if entry is not None and now_ns - entry.first_ns >= self._dedup_ns:
-                del st.dedup[dkey]
-                if entry.extra:
-                    out.append(self._summary(entry))
-        for key in list(self._limited_vms):
-            st = self._vms.get(key)
-            if st is None or now_ns - st.rate_start >= self._rate_ns:
-                self._limited_vms.discard(key)
-                if st is not None:
-                    self._close_rate_window(st, now_ns, out)
-        self._recompute_deadline(now_ns)
+        self._pairing.tick(now_ns, out)
+        self._storm.tick(now_ns, out)
+        # the next tick: when a part has work, but not sooner than TICK_GRANULARITY_NS
+        # from now (callers that tick on every event past the deadline, the pipeline,
+        # then run timers at most every 50 ms of event time)
+        deadline = min(self._pairing.next_deadline(), self._storm.next_deadline())
+        self.deadline.ns = max(deadline, now_ns + TICK_GRANULARITY_NS)
         return out
 
     def flush(self, now_ns: int | None = None) -> list[Finding]:
@@ -257,16 +205,11 @@ class Policy(Rules):
         if now_ns is None:
             now_ns = self.clock()
         out: list[Finding] = []
-        while self._pending:
-            _, key, side, start, end = self._pending.popleft()
-            st = self._vms.get(key)
-            if st is not None and st.pending.pop((side, start, end), None) is not None:
-                self._check_pair(st, side, start, end, now_ns, out)
-        for st in self._vms.values():
-            self._flush_vm(st, out, now_ns)
-        self._dedup_expiry.clear()
-        self._limited_vms.clear()
-        self.next_deadline_ns = float("inf")
+        self._pairing.flush(now_ns, out)
+        for st in self.vm_states.values():
+            self._storm.flush_vm(st, out, now_ns)
+        self._storm.forget_timers()
+        self.deadline.ns = float("inf")
         return out
 
     def prune(self, host: Host, now_ns: int) -> list[Finding]:
@@ -275,20 +218,16 @@ class Policy(Rules):
         For callers that expire guests on the host directly; O(number of VMs).
         """
         out: list[Finding] = []
-        for key in [k for k in self._vms if k not in host.guests]:
-            self._flush_vm(self._vms.pop(key), out, now_ns)
+        for key in [k for k in self.vm_states if k not in host.guests]:
+            self._storm.flush_vm(self.vm_states.pop(key), out, now_ns)
         gone = {k[0] for k in self.counts if k[0] is not None and k[0] not in host.guests}
         for key in gone:
-            self._forget_counts(key)
+            self._storm.forget_counts(key)
         return out
 
-    def _forget_counts(self, vm: VmKey) -> None:
-        """A retired VM's series disappear from ``hekitrace_findings_total``."""
-        for ckey in [k for k in self.counts if k[0] == vm]:
-            del self.counts[ckey]
-
-    # -- storm control -----------------------------------------------------------------
-    def _new_state(self, guest: Guest) -> _VmState:
+    def _new_state(self, guest: Guest) -> VmState:
+        """The policy state of a VM seen for the first time: identity and the rules its
+        exceptions turn off."""
         excepted: set[str] = set()
         for exc in self._exceptions:
             sel = exc.vms
@@ -297,6 +236,6 @@ class Policy(Rules):
             if sel.uuid is not None and not fnmatch.fnmatchcase(guest.uuid or "", sel.uuid):
                 continue
             excepted.update(exc.rules or RULE_IDS)
-        st = _VmState(guest, vm_identity(guest), frozenset(excepted))
-        self._vms[guest.key] = st
+        st = VmState(guest, vm_identity(guest), frozenset(excepted))
+        self.vm_states[guest.key] = st
         return st

@@ -2,25 +2,32 @@
 
 Every rule looks only at the :class:`~hekitrace.state.changes.Change` that ``Host.apply``
 returned (the event, the changed ranges, rejections and anomalies) or at one page / one
-range of a map, never at whole maps. Rule ids and meanings are documented in
-docs/findings.md; the background is docs/heki-abi.md sections 5-7 and 12.
+range of a map, never at whole maps. Rule ids and meanings are in
+:mod:`hekitrace.policy.catalogue` and docs/findings.md; the background is
+docs/heki-abi.md sections 5-7 and 12.
 
-:class:`Rules` is a mixin of :class:`hekitrace.policy.engine.Policy`: one method per event kind,
-``(change, event, state, guest, out)``, appending findings to ``out`` through storm
-control (``_emit``, or ``_admit`` + ``_record`` when evidence is costly to build).
+:class:`Rules` is owned by :class:`hekitrace.policy.engine.Policy`: one method per event
+kind, ``(change, event, state, guest, out)``, listed in :attr:`Rules.by_kind`, appending
+findings to ``out`` through storm control (``emit``, or ``admit`` + ``record`` when
+evidence is costly to build) and scheduling pairing checks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from hekitrace.config.abi import cr_bit_names
+from hekitrace.config.abi import AbiProfile, cr_bit_names
 from hekitrace.policy.findings import Finding, event_json
-from hekitrace.policy.pairing import Pairing, _clip
-from hekitrace.policy.storm import _VmState
+from hekitrace.policy.pairing import Pairing, clip
+from hekitrace.policy.storm import StormControl
+from hekitrace.policy.vm_state import VmState
+from hekitrace.state.attrmap import GFN_LIMIT
 from hekitrace.state.changes import Change
 from hekitrace.state.events import (
     PAGE_SHIFT,
+    AttrApplied,
+    AttrIoctl,
     CrPinRequest,
     CrWrite,
     Event,
@@ -39,21 +46,48 @@ _WRITE = int(FaultAccess.WRITE)
 _FETCH = int(FaultAccess.FETCH)
 
 
-class Rules(Pairing):
-    """One rule method per event kind (see module docstring); a mixin."""
+class Rules:
+    """One rule method per event kind (see module docstring).
 
-    # set by Policy.__init__ (declared here for the type checker)
-    applied_hook_active: bool
-    max_entries_inspected: int
-    _pairing: bool
-    _kw: int
-    _kx: int
-    _ki: int
-    _gw: int
-    _gx: int
-    _gvalid: int
+    ``enabled`` maps rule ids to whether they run; ``pairing_active`` says whether
+    map changes schedule pairing checks (the policy decides it from the hook and the
+    pairing rules); ``applied_hook_active`` which map faults are judged against.
+    """
 
-    def _on_protect(self, change: Change, event: ProtectRequest, st: _VmState, guest: Any,
+    def __init__(self, *, abi: AbiProfile, enabled: Mapping[str, bool], storm: StormControl,
+                 pairing: Pairing, pairing_active: bool, applied_hook_active: bool,
+                 max_entries_inspected: int) -> None:
+        self.abi = abi
+        self.applied_hook_active = applied_hook_active
+        self.max_entries_inspected = max_entries_inspected
+        self._enabled = enabled
+        self._pairing = pairing_active
+        self._window_ns = pairing.window_ns
+        # bound methods of the parts, held here: the rules call them on hot paths
+        self._emit = storm.emit
+        self._admit = storm.admit
+        self._record = storm.record
+        self._expect = pairing.expect
+        self._heki = abi.kvm_heki_mask
+        self._kw = 1 << abi.kvm_write
+        self._kx = 1 << abi.kvm_exec
+        self._ki = 1 << abi.kvm_immutable
+        self._gw = 1 << abi.guest_write
+        self._gx = 1 << abi.guest_exec
+        self._gvalid = abi.guest_valid_mask
+        #: faults on pages of a "make writable" announcement (not findings)
+        self.stats: dict[str, int] = {"announced_writes": 0}
+        #: event class -> its rule ``(change, event, state, guest, out)``
+        self.by_kind: dict[type, Callable[..., None]] = {
+            ProtectRequest: self._on_protect,
+            AttrApplied: self._on_applied,
+            AttrIoctl: self._on_applied,
+            CrPinRequest: self._on_cr_pin,
+            CrWrite: self._on_cr_write,
+            Fault: self._on_fault,
+        }
+
+    def _on_protect(self, change: Change, event: ProtectRequest, st: VmState, guest: Any,
                     out: list[Finding]) -> None:
         abi = self.abi
         time_ns = event.time_ns
@@ -105,12 +139,12 @@ class Rules(Pairing):
             for mc in change.map_changes:
                 if (mc.old ^ mc.new) & heki:
                     if slots:
-                        for s, e in _clip(mc.gfn_start, mc.gfn_end, slots):
-                            self._expect(st, guest, "requested", s, e, time_ns)
+                        for s, e in clip(mc.gfn_start, mc.gfn_end, slots):
+                            self._expect(st, "requested", s, e, time_ns)
                     else:
-                        self._expect(st, guest, "requested", mc.gfn_start, mc.gfn_end, time_ns)
+                        self._expect(st, "requested", mc.gfn_start, mc.gfn_end, time_ns)
 
-    def _on_eperm(self, entry: Any, event: ProtectRequest, st: _VmState, guest: Any,
+    def _on_eperm(self, entry: Any, event: ProtectRequest, st: VmState, guest: Any,
                   out: list[Finding]) -> None:
         abi = self.abi
         s, e = entry.gpa >> PAGE_SHIFT, entry.end_gpa >> PAGE_SHIFT
@@ -136,7 +170,7 @@ class Rules(Pairing):
                        f"request to change immutable gfns {s:#x}-{e:#x} to {evidence['new']} "
                        "(host refused: EPERM)", evidence, (s, e))
 
-    def _on_applied(self, change: Change, event: Event, st: _VmState, guest: Any,
+    def _on_applied(self, change: Change, event: Event, st: VmState, guest: Any,
                     out: list[Finding]) -> None:
         abi = self.abi
         ki, kw, kx, heki = self._ki, self._kw, self._kx, self._heki
@@ -156,9 +190,9 @@ class Rules(Pairing):
                                 "gfn_end": mc.gfn_end, "old": abi.attr_flags(old),
                                 "new": abi.attr_flags(new)}, (mc.gfn_start, mc.gfn_end))
             if pairing and (old ^ new) & heki:
-                self._expect(st, guest, "applied", mc.gfn_start, mc.gfn_end, event.time_ns)
+                self._expect(st, "applied", mc.gfn_start, mc.gfn_end, event.time_ns)
 
-    def _on_cr_pin(self, change: Change, event: CrPinRequest, st: _VmState, guest: Any,
+    def _on_cr_pin(self, change: Change, event: CrPinRequest, st: VmState, guest: Any,
                    out: list[Finding]) -> None:
         if change.anomalies and self._enabled["malformed_request"]:
             kinds = sorted({a.kind for a in change.anomalies})
@@ -169,7 +203,7 @@ class Rules(Pairing):
                                        "detail": a.detail} for a in change.anomalies]},
                        ("cr_pin", event.cr, tuple(kinds)))
 
-    def _on_cr_write(self, change: Change, event: CrWrite, st: _VmState, guest: Any,
+    def _on_cr_write(self, change: Change, event: CrWrite, st: VmState, guest: Any,
                      out: list[Finding]) -> None:
         pinned = guest.pinned_cr.get(event.cr)
         if not pinned or not self._enabled["cr_pin_violation"]:
@@ -183,13 +217,13 @@ class Rules(Pairing):
                        {"event": event_json(event), "cr": event.cr, "value": event.value,
                         "pinned": pinned, "cleared": names}, (event.cr, cleared))
 
-    def _on_fault(self, change: Change, event: Fault, st: _VmState, guest: Any,
+    def _on_fault(self, change: Change, event: Fault, st: VmState, guest: Any,
                   out: list[Finding]) -> None:
         # hot during a fault storm: fields unpacked once, no attribute chains
         time_ns, _tgid, _tid, _vcpu, gpa, _ec, rip, access, count, first_ns = event
         gfn = gpa >> PAGE_SHIFT
         source = guest.applied if self.applied_hook_active else guest.requested
-        value = source.get(gfn) if 0 <= gfn < (1 << 52) else 0
+        value = source.get(gfn) if 0 <= gfn < GFN_LIMIT else 0
         if not value & self._heki:
             return
         if not (isinstance(count, int) and count > 0):

@@ -12,95 +12,74 @@ findings:
 * ``counts`` ({(VmKey, rule, severity): n}, read by metrics as
   ``hekitrace_findings_total``) counts every occurrence, collapsed or limited.
 
-:class:`StormControl` is a mixin of :class:`hekitrace.policy.engine.Policy`: it uses the
-policy's settings and tables (``_dedup_ns``, ``_rate_n``, ``_rate_ns``, ``_severity``,
-``counts``, ``stats``, ``_vms``, ``_dedup_expiry``, ``_limited_vms``, ``_pending``,
-``next_deadline_ns``) set up by ``Policy.__init__``.
+:class:`StormControl` is owned by :class:`hekitrace.policy.engine.Policy`; the rules and
+pairing hand it each occurrence (:meth:`StormControl.emit`, or :meth:`~StormControl.admit`
+then :meth:`~StormControl.record` when evidence is costly to build).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from collections.abc import Mapping
 
 from hekitrace.policy.findings import Finding
+from hekitrace.policy.vm_state import Dedup, VmState
 from hekitrace.state.changes import VmKey
 
-#: bound on the "announced writable" ranges remembered per VM (text_poke near-miss)
-MAX_RECENT_WRITABLE = 256
 #: bound on dedup entries per VM
 MAX_DEDUP_PER_VM = 4096
 #: timers run at most this often in event time (pairing/dedup windows are seconds long)
 TICK_GRANULARITY_NS = 50_000_000
 
 
-class _Dedup:
-    __slots__ = ("extra", "finding", "first_ns", "last_ns")
+class Deadline:
+    """The earliest event time at which the policy's timers have work (``ns``).
 
-    def __init__(self, first_ns: int, finding: Finding) -> None:
-        self.first_ns = first_ns
-        self.last_ns = first_ns
-        self.extra = 0
-        self.finding = finding
+    Storm control and pairing lower it when they open a window; the policy recomputes
+    it after each :meth:`~hekitrace.policy.engine.Policy.tick`. Callers compare each
+    event's time with ``ns`` (one attribute read) to know when to tick.
+    """
 
+    __slots__ = ("ns",)
 
-class _VmState:
-    """Per-VM policy state: identity, exception cache, storm control, pairing, history."""
-
-    __slots__ = (
-        "dedup",
-        "excepted",
-        "guest",
-        "ident",
-        "key",
-        "limited",
-        "pending",
-        "rate_count",
-        "rate_start",
-        "recent_writable",
-        "unsupported_reported",
-    )
-
-    def __init__(self, guest: Any, ident: dict, excepted: frozenset[str]) -> None:
-        self.key = guest.key
-        self.guest = guest
-        self.ident = ident
-        self.excepted = excepted
-        self.dedup: dict[tuple, _Dedup] = {}
-        self.rate_start = -1
-        self.rate_count = 0
-        self.limited: dict[str, int] = {}
-        #: (side, gfn_start, gfn_end) -> time of the latest change scheduling that check
-        self.pending: dict[tuple[str, int, int], int] = {}
-        self.recent_writable: deque[tuple[int, int, int]] = deque(maxlen=MAX_RECENT_WRITABLE)
-        self.unsupported_reported = False
-
-
+    def __init__(self) -> None:
+        self.ns: float = float("inf")
 
 
 class StormControl:
-    """Admission of rule occurrences into findings (see module docstring); a mixin."""
+    """Admission of rule occurrences into findings (see module docstring).
 
-    # set by Policy.__init__ (declared here for the type checker)
-    _dedup_ns: int
-    _rate_n: int
-    _rate_ns: int
-    _severity: dict[str, str]
-    counts: dict[tuple[VmKey | None, str, str], int]
-    stats: dict[str, int]
-    _vms: dict[VmKey, _VmState]
-    _pending: deque[tuple[int, VmKey, str, int, int]]
-    _dedup_expiry: deque[tuple[int, VmKey, tuple]]
-    _limited_vms: set[VmKey]
-    next_deadline_ns: float
+    ``severity`` maps every rule id to its configured severity; ``states`` is the
+    policy's per-VM table (read here to close windows by VM key); ``deadline`` is lowered
+    when a window opens.
+    """
 
-    def _emit(self, out: list[Finding], st: _VmState, rule: str, time_ns: int, message: str,
-              evidence: dict, key: tuple, count: int = 1) -> None:
-        if self._admit(out, st, rule, time_ns, key, count):
-            self._record(out, st, rule, time_ns, message, evidence, key, count)
+    def __init__(self, *, dedup_ns: int, rate_n: int, rate_ns: int,
+                 severity: Mapping[str, str], states: Mapping[VmKey, VmState],
+                 deadline: Deadline) -> None:
+        self._dedup_ns = dedup_ns
+        self._rate_n = rate_n
+        self._rate_ns = rate_ns
+        self._severity = severity
+        self._states = states
+        self._deadline = deadline
+        #: (VmKey, rule, severity) -> occurrences, collapsed and rate-limited included
+        self.counts: dict[tuple[VmKey | None, str, str], int] = {}
+        #: occurrences that did not become findings, by why
+        self.stats: dict[str, int] = {"deduplicated": 0, "rate_limited": 0, "excepted": 0,
+                                      "dedup_overflow": 0}
+        self._dedup_expiry: deque[tuple[int, VmKey, tuple]] = deque()
+        self._limited_vms: set[VmKey] = set()
 
-    def _admit(self, out: list[Finding], st: _VmState, rule: str, time_ns: int, key: tuple,
-               count: int) -> bool:
+    # -- occurrences -----------------------------------------------------------------
+    def emit(self, out: list[Finding], st: VmState, rule: str, time_ns: int, message: str,
+             evidence: dict, key: tuple, count: int = 1) -> None:
+        """Count one occurrence of ``rule``; append its finding to ``out`` if admitted."""
+        if self.admit(out, st, rule, time_ns, key, count):
+            self.record(out, st, rule, time_ns, message, evidence, key, count)
+
+    def admit(self, out: list[Finding], st: VmState, rule: str, time_ns: int, key: tuple,
+              count: int) -> bool:
         """Count one occurrence; True when it must become a new finding (not excepted,
         not a repeat within the dedup window, within the rate limit). Cheap, so hot rules
         call it before building their evidence."""
@@ -129,27 +108,80 @@ class StormControl:
             self.stats["rate_limited"] += count
             self._limited_vms.add(st.key)
             deadline = st.rate_start + self._rate_ns
-            self.next_deadline_ns = min(self.next_deadline_ns, deadline)
+            self._deadline.ns = min(self._deadline.ns, deadline)
             return False
         st.rate_count += 1
         return True
 
-    def _record(self, out: list[Finding], st: _VmState, rule: str, time_ns: int,
-                message: str, evidence: dict, key: tuple, count: int) -> None:
+    def record(self, out: list[Finding], st: VmState, rule: str, time_ns: int,
+               message: str, evidence: dict, key: tuple, count: int) -> None:
         """Create an admitted finding and open its dedup window."""
         dkey = (rule, key)
         finding = Finding(rule, self._severity[rule], time_ns, st.ident, st.key, message,
                           evidence, count)
         if len(st.dedup) < MAX_DEDUP_PER_VM:
-            st.dedup[dkey] = _Dedup(time_ns, finding)
+            st.dedup[dkey] = Dedup(time_ns, finding)
             deadline = time_ns + self._dedup_ns
             self._dedup_expiry.append((deadline, st.key, dkey))
-            self.next_deadline_ns = min(self.next_deadline_ns, deadline)
+            self._deadline.ns = min(self._deadline.ns, deadline)
         else:
             self.stats["dedup_overflow"] += 1
         out.append(finding)
 
-    def _summary(self, entry: _Dedup) -> Finding:
+    # -- timers ----------------------------------------------------------------------
+    def tick(self, now_ns: int, out: list[Finding]) -> None:
+        """Close the dedup and rate windows that ended by ``now_ns``, appending their
+        summaries to ``out``."""
+        states = self._states
+        expiry = self._dedup_expiry
+        while expiry and expiry[0][0] <= now_ns:
+            _, key, dkey = expiry.popleft()
+            st = states.get(key)
+            if st is None:
+                continue
+            entry = st.dedup.get(dkey)
+            if entry is not None and now_ns - entry.first_ns >= self._dedup_ns:
+                del st.dedup[dkey]
+                if entry.extra:
+                    out.append(self._summary(entry))
+        for key in list(self._limited_vms):
+            st = states.get(key)
+            if st is None or now_ns - st.rate_start >= self._rate_ns:
+                self._limited_vms.discard(key)
+                if st is not None:
+                    self._close_rate_window(st, now_ns, out)
+
+    def next_deadline(self) -> float:
+        """When :meth:`tick` next has work (inf: never)."""
+        deadline: float = self._dedup_expiry[0][0] if self._dedup_expiry else float("inf")
+        states = self._states
+        for key in self._limited_vms:
+            st = states.get(key)
+            if st is not None and st.rate_start + self._rate_ns < deadline:
+                deadline = st.rate_start + self._rate_ns
+        return deadline
+
+    def flush_vm(self, st: VmState, out: list[Finding], now_ns: int) -> None:
+        """Summaries of every window ``st`` has open, now (end of input, VM gone)."""
+        for entry in st.dedup.values():
+            if entry.extra:
+                out.append(self._summary(entry))
+        st.dedup.clear()
+        if st.limited:
+            self._close_rate_window(st, max(now_ns, st.rate_start), out)
+
+    def forget_timers(self) -> None:
+        """Drop the window timers (after every VM was flushed)."""
+        self._dedup_expiry.clear()
+        self._limited_vms.clear()
+
+    def forget_counts(self, vm: VmKey) -> None:
+        """A retired VM's series disappear from ``hekitrace_findings_total``."""
+        for ckey in [k for k in self.counts if k[0] == vm]:
+            del self.counts[ckey]
+
+    # -- summaries -------------------------------------------------------------------
+    def _summary(self, entry: Dedup) -> Finding:
         first = entry.finding
         evidence = dict(first.evidence)
         evidence.update({"summary": "deduplicated", "first_ns": entry.first_ns,
@@ -158,7 +190,7 @@ class StormControl:
                        f"repeated {entry.extra} more time(s) within the dedup window: "
                        f"{first.message}", evidence, entry.extra)
 
-    def _close_rate_window(self, st: _VmState, now_ns: int, out: list[Finding]) -> None:
+    def _close_rate_window(self, st: VmState, now_ns: int, out: list[Finding]) -> None:
         if st.limited:
             for rule, n in sorted(st.limited.items()):
                 out.append(Finding(
@@ -170,27 +202,3 @@ class StormControl:
             st.limited = {}
         st.rate_start = now_ns
         st.rate_count = 0
-
-    def _flush_vm(self, st: _VmState, out: list[Finding], now_ns: int) -> None:
-        for entry in st.dedup.values():
-            if entry.extra:
-                out.append(self._summary(entry))
-        st.dedup.clear()
-        if st.limited:
-            self._close_rate_window(st, max(now_ns, st.rate_start), out)
-
-    def _recompute_deadline(self, now_ns: int) -> None:
-        """Next time :meth:`tick` has work, but not sooner than ``TICK_GRANULARITY_NS``
-        after this one: callers that tick on every event past the deadline (the
-        pipeline) then run timers at most every 50 ms of event time."""
-        deadline: float = float("inf")
-        if self._pending:
-            deadline = self._pending[0][0]
-        if self._dedup_expiry and self._dedup_expiry[0][0] < deadline:
-            deadline = self._dedup_expiry[0][0]
-        for key in self._limited_vms:
-            st = self._vms.get(key)
-            if st is not None and st.rate_start + self._rate_ns < deadline:
-                deadline = st.rate_start + self._rate_ns
-        self.next_deadline_ns = max(deadline, now_ns + TICK_GRANULARITY_NS)
-

@@ -16,6 +16,7 @@ from typing import Any
 from hekitrace.config.abi import NO_ATTRIBUTE
 from hekitrace.errors import UsageError
 from hekitrace.render.table import WIDTH, cut, human_size
+from hekitrace.state.events import PAGE_SHIFT
 
 #: changed regions listed per map before "... and N more"
 MAX_LISTED = 50
@@ -72,8 +73,8 @@ def diff(old: dict, new: dict) -> dict[str, Any]:
     seen = {(f.get("rule"), f.get("time_ns")) for f in old.get("findings", ())}
     return {
         "maps": maps,
-        "ranges": {m: [{"gfn_start": s, "gfn_end": e, "gpa_start": s << 12,
-                        "gpa_end": e << 12, "old": a, "new": b} for s, e, a, b in c]
+        "ranges": {m: [{"gfn_start": s, "gfn_end": e, "gpa_start": s << PAGE_SHIFT,
+                        "gpa_end": e << PAGE_SHIFT, "old": a, "new": b} for s, e, a, b in c]
                    for m, c in changes.items()},
         "pins_added": sorted(new_bits - old_bits),
         "pins_removed": sorted(old_bits - new_bits),

@@ -21,8 +21,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from hekitrace.render.snapshot_text import class_label, class_sort_key
 from hekitrace.render.table import human_size
+from hekitrace.state.events import PAGE_SHIFT
 
-PAGE_SHIFT = 12
 WIDTH_PX = 1000
 LABEL_PX = 170
 BAR_PX = WIDTH_PX - LABEL_PX - 20

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from hekitrace.capture.engine import HOOKS, HookStatus
+from hekitrace.capture import hooks
+from hekitrace.capture.engine import HookStatus
 from hekitrace.capture.uevents import unavailable_message
 from hekitrace.config.settings import Config
 from hekitrace.journal.segments import Journal
@@ -114,7 +115,7 @@ ConfigLoader = Callable[[str | None], Config]
 def unattached(config: Config, reason: str) -> list[HookStatus]:
     """The hook report when no capture engine runs: every hook not attached, ``reason``."""
     return [HookStatus(hook, config.hook_required(hook), False, "none", reason)
-            for hook in HOOKS]
+            for hook in hooks.NAMES]
 
 
 def hook_report(config: Config, status: dict[str, HookStatus]) -> list[HookStatus]:

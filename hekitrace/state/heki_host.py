@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from hekitrace.config.abi import AbiProfile
+from hekitrace.state.attrmap import GFN_LIMIT
 from hekitrace.state.changes import Anomaly, MapChange, PinChange, Rejection
 from hekitrace.state.events import PAGE_SHIFT, CrPinRequest, ProtectFlags, ProtectRequest
 
@@ -47,11 +48,6 @@ PINNABLE_CR_BITS: dict[int, int] = {
 #: ``KVM_LOCK_CR_UPDATE_VERSION``: with cr=mask=0 the call is a version query
 #: (docs/heki-abi.md section 7)
 LOCK_CR_UPDATE_VERSION = 1 << 0
-
-#: largest gfn an AttrMap holds (52-bit guest-physical address space)
-MAX_GFN = 1 << 52
-#: every attribute bit: ``kvm_arch_post_set_memory_attributes`` reports the full value
-ALL_BITS = (1 << 64) - 1
 
 _PAGE_MASK = (1 << PAGE_SHIFT) - 1
 #: tuple.__new__ skips the NamedTuple's Python-level __new__; every field is passed
@@ -162,7 +158,7 @@ class HekiModel:
                 anomalies.append(Anomaly("end_before_start", "range ends before it starts",
                                          {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
                 break
-            if start < 0 or end > MAX_GFN:
+            if start < 0 or end > GFN_LIMIT:
                 # cannot happen with u64 guest values; a corrupt trace could carry it
                 rejections.append(Rejection(entry, "EINVAL", "gfn outside 52-bit space"))
                 anomalies.append(Anomaly("gfn_overflow", "range outside the 52-bit space",

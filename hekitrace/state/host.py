@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hekitrace.config.abi import AbiProfile
-from hekitrace.state.attrmap import AttrMap
+from hekitrace.state.attrmap import ALL_BITS, GFN_LIMIT, AttrMap
 from hekitrace.state.changes import Anomaly, Change, MapChange, VmKey
 from hekitrace.state.events import (
     NAME_OF,
@@ -37,13 +37,11 @@ from hekitrace.state.events import (
     VmCreated,
     VmDestroyed,
 )
-from hekitrace.state.heki_host import LOCK_CR_UPDATE_VERSION, MAX_GFN, PINNABLE_CR_BITS, HekiModel
+from hekitrace.state.heki_host import LOCK_CR_UPDATE_VERSION, PINNABLE_CR_BITS, HekiModel
 
-__all__ = ["ALL_BITS", "LOCK_CR_UPDATE_VERSION", "MAX_DEGRADED_REASONS", "MAX_GFN",
+__all__ = ["LOCK_CR_UPDATE_VERSION", "MAX_DEGRADED_REASONS",
            "PINNABLE_CR_BITS", "REASON_PREEXISTING", "Guest", "Host", "MemslotInfo"]
 
-#: every attribute bit: ``kvm_arch_post_set_memory_attributes`` reports the full value
-ALL_BITS = (1 << 64) - 1
 #: bound on the degraded reasons kept per guest (a hostile stream must not grow it)
 MAX_DEGRADED_REASONS = 32
 
@@ -440,7 +438,7 @@ class Host:
     def _attr_applied(self, event: AttrApplied) -> Change:
         guest, degraded, lifecycle = self._guest_for(event)
         start, end = event.gfn_start, event.gfn_end
-        if not (0 <= start < end <= MAX_GFN) or not 0 <= event.attributes <= ALL_BITS:
+        if not (0 <= start < end <= GFN_LIMIT) or not 0 <= event.attributes <= ALL_BITS:
             guest.counters["anomalies"] += 1
             return Change(event, guest.key, anomalies=(Anomaly(
                 "applied_bad_range", "applied range empty or outside the 52-bit space",
@@ -463,7 +461,7 @@ class Host:
         if event.attributes & ~self._private_mask:
             anomalies = (Anomaly("unknown_bits", "ioctl attributes beyond PRIVATE",
                                  {"attributes": hex(event.attributes)}),)
-        if not (0 <= start < end <= MAX_GFN) or not 0 <= event.attributes <= ALL_BITS:
+        if not (0 <= start < end <= GFN_LIMIT) or not 0 <= event.attributes <= ALL_BITS:
             anomalies += (Anomaly("applied_bad_range", "ioctl range empty or too large",
                                   {"address": event.address, "size_bytes": event.size_bytes}),)
             guest.counters["anomalies"] += len(anomalies)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 
-from hekitrace.capture.engine import HOOKS, HookStatus
+from hekitrace.capture.engine import HookStatus
+from hekitrace.capture.hooks import NAMES as HOOKS
 from hekitrace.config.abi import DEFAULT_PROFILE
 from hekitrace.config.settings import parse_config
 from hekitrace.pipeline import Pipeline

@@ -41,7 +41,11 @@ ALLOWED: dict[str, set[str]] = {
 
 #: modules that import nothing from hekitrace but the exception tree
 STRICT_LEAVES = {"", "errors", "state.events", "state.attrmap", "config.abi",
-                 "config.schema", "capture.kvm_uapi"}
+                 "config.schema", "capture.kvm_uapi", "policy.catalogue"}
+
+#: leaves that live in a higher layer's package but every layer may read: the rule
+#: catalogue sits in policy/ and the configuration validates rule ids against it
+SHARED_LEAVES = {"policy.catalogue"}
 
 #: modules every subcommand may share (subcommands never import each other)
 COMMANDS_SHARED = {"commands", "commands.common", "commands.exit_status"}
@@ -49,7 +53,7 @@ COMMANDS_SHARED = {"commands", "commands.common", "commands.exit_status"}
 
 def layer_of(module: str) -> str:
     """The layer of a module named relative to hekitrace ('' is the package itself)."""
-    if module in ("", "errors"):
+    if module in ("", "errors") or module in SHARED_LEAVES:
         return "leaf"
     if module == "state.events":
         return "vocabulary"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hekitrace.config import settings as config
+from hekitrace.policy import catalogue
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "docs" / "man" / "hekitrace.8"
@@ -58,13 +58,29 @@ def test_man_page_overhead_cites_benchmarks():
 def test_every_rule_id_is_documented():
     text = (ROOT / "docs" / "findings.md").read_text()
     headings = " ".join(re.findall(r"^###? (.+)$", text, re.MULTILINE))
-    for rule in config.RULE_IDS:
+    for rule in catalogue.RULE_IDS:
         if re.search(rf"\b{rule}\b", headings):
             continue
         # rules hekitrace cannot evaluate are documented in the rule table, saying so
         row = re.search(rf"^\|\s*`{rule}`.*$", text, re.MULTILINE)
         assert row and "not evaluated" in row.group(0), \
             f"docs/findings.md has no section for rule {rule}"
+
+
+def test_the_rule_table_is_the_catalogue():
+    """docs/findings.md's rule table lists every rule of the catalogue once, each with its
+    default severity and its one-line meaning ('-' and **not evaluated** for the rules
+    hekitrace does not evaluate)."""
+    text = (ROOT / "docs" / "findings.md").read_text()
+    rows = re.findall(r"^\| `([a-z_]+)` \| ([a-z-]+) \| (.+) \|$", text, re.MULTILINE)
+    assert sorted(r[0] for r in rows) == sorted(catalogue.RULE_IDS)
+    by_id = {entry.id: entry for entry in catalogue.RULES}
+    for rule, severity, fires_when in rows:
+        entry = by_id[rule]
+        if entry.not_evaluated:
+            assert (severity, fires_when) == ("-", f"**not evaluated**: {entry.fires_when}"), rule
+        else:
+            assert (severity, fires_when) == (entry.severity, entry.fires_when), rule
 
 
 def test_every_alerted_rule_has_a_runbook_entry():
@@ -76,7 +92,7 @@ def test_every_alerted_rule_has_a_runbook_entry():
             for alt in re.findall(r'rule=~"([^"]+)"', rule["expr"]):
                 alerted |= set(alt.split("|"))
     assert alerted, "no rule-specific alerts found"
-    assert alerted <= set(config.RULE_IDS), alerted - set(config.RULE_IDS)
+    assert alerted <= set(catalogue.RULE_IDS), alerted - set(catalogue.RULE_IDS)
     for rule in alerted:
         assert f"`{rule}`" in runbook, f"docs/runbook.md does not mention {rule}"
 

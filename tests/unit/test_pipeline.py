@@ -107,14 +107,14 @@ def test_expire_drops_policy_state_of_retired_vms(config):
     pipeline.feed(VmDestroyed(events[-1].time_ns + 1, key.tgid, key.tgid))
     changes, findings = pipeline.expire(events[-1].time_ns + 2 * S)
     assert [c.lifecycle for c in changes] == ["retired"]
-    assert key not in pipeline.host.guests and key not in pipeline.policy._vms
+    assert key not in pipeline.host.guests and key not in pipeline.policy.vm_states
     # a daemon that expires on the host directly is covered by tick's prune
     pipeline.feed_many(scenarios.simulate(["attack-write-text"], seed=4))
     key2 = next(iter(pipeline.host.guests))
     pipeline.feed(VmDestroyed(T0 + 100 * S, key2.tgid, key2.tgid))
     pipeline.host.expire(T0 + 200 * S)
     pipeline.tick(T0 + 200 * S)
-    assert pipeline.policy._vms == {}
+    assert pipeline.policy.vm_states == {}
 
 
 def test_hostile_fault_storm_from_one_vm_does_not_delay_another(config):

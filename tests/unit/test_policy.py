@@ -302,7 +302,7 @@ def test_flood_collapses_with_exact_count_and_does_not_delay_other_vm():
             assert rules(other) == ["protected_write"]       # immediately, not delayed
             assert other[0].vm["name"] == "quiet"
     assert len(emitted) == 1 and emitted[0].count == 1
-    st = rig.policy._vms[rig.host.by_tgid(A).key]
+    st = rig.policy.vm_states[rig.host.by_tgid(A).key]
     assert len(st.dedup) == 1                                 # memory bounded
     summary = rig.tick(61 * S)
     assert len(summary) == 1                                  # only A repeated itself
@@ -322,7 +322,7 @@ def test_rate_limit_bounds_findings_and_counts_every_one():
     assert len(out) == 10
     assert rules(rig.feed(fault(20000, DATA[0], FaultAccess.FETCH, tgid=B))) == \
         ["protected_fetch"]
-    st = rig.policy._vms[rig.host.by_tgid(A).key]
+    st = rig.policy.vm_states[rig.host.by_tgid(A).key]
     assert len(st.dedup) <= 10
     later = rig.tick(61 * S)
     limited = [f for f in later if f.evidence.get("summary") == "rate_limited"]
@@ -366,17 +366,17 @@ def test_rule_bug_or_odd_event_shape_never_raises():
     assert "AttributeError" in rig.policy.last_internal_error
 
 
-def test_first_mismatch_uniform_and_split_ranges():
-    from hekitrace.policy.pairing import _first_mismatch
+def testfirst_mismatch_uniform_and_split_ranges():
+    from hekitrace.policy.pairing import first_mismatch
     from hekitrace.state.attrmap import AttrMap
     heki = MBEC.kvm_heki_mask
     req, app = AttrMap(), AttrMap()
     req.set(10, 20, KR | KX)
     app.set(10, 20, KR | KX | KP)                      # PRIVATE is not compared
-    assert _first_mismatch(req, app, 10, 20, heki) is None
+    assert first_mismatch(req, app, 10, 20, heki) is None
     app.set(15, 17, KR | KW)
-    assert _first_mismatch(req, app, 10, 20, heki) == (15, 17, KR | KX, KR | KW)
-    assert _first_mismatch(req, app, 0, 5, heki) is None            # both default
-    assert _first_mismatch(req, app, 5, 12, heki) is None           # split, all equal
+    assert first_mismatch(req, app, 10, 20, heki) == (15, 17, KR | KX, KR | KW)
+    assert first_mismatch(req, app, 0, 5, heki) is None            # both default
+    assert first_mismatch(req, app, 5, 12, heki) is None           # split, all equal
     req.set(3, 4, KR)
-    assert _first_mismatch(req, app, 0, 12, heki) == (3, 4, KR, 0)   # split, differs
+    assert first_mismatch(req, app, 0, 12, heki) == (3, 4, KR, 0)   # split, differs

@@ -141,3 +141,45 @@ def test_filter_buckets_set_one_bit_per_page():
     big = filter_buckets([(1000, 1000 + 512 * 3)])
     assert sum(w.bit_count() for w, _ in big.values()) == 512 * 3
     assert filter_buckets([(5, 5)]) == {}
+
+
+def test_c_struct_has_the_layout_offsets():
+    """bench/ reads ring records through c_struct: the same offsets and sizes as LAYOUTS,
+    which tests/kernel/test_bpf_layout.py proves equal to the C header's."""
+    import ctypes
+
+    header = r.c_struct("hdr")
+    for name, offsets in r.OFFSETS.items():
+        made = r.c_struct(name)
+        assert ctypes.sizeof(made) == r.STRUCTS[name].size, name
+        for field, (off, size) in offsets.items():
+            if field.startswith("hdr."):
+                sub = getattr(header, field[4:])
+                got = (made.hdr.offset + sub.offset, sub.size)
+            else:
+                got = (getattr(made, field).offset, getattr(made, field).size)
+            assert got == (off, size), f"{name}.{field}"
+    rec = r.c_struct("hypercall").from_buffer_copy(
+        pack("hypercall", *hdr(r.REC_HYPERCALL), 9, 1, 2, 3, 4))
+    assert (rec.hdr.tgid, rec.hdr.time_ns, rec.nr, rec.a3) == (10, 5, 9, 4)
+
+
+def test_one_record_decoders_name_the_c_fields():
+    """Each one-record decoder unpacks its record into names that are the C struct's
+    fields in order (LAYOUTS; ``_`` marks an unused one, an array expands to name0..)."""
+    import ast
+    import inspect
+
+    for kind in ("fault", "hypercall", "cr", "attr", "ioctl", "protect_page", "protect_end"):
+        expected = []
+        for field, fmt in r.LAYOUTS[kind]:
+            name = field.removeprefix("hdr.")
+            if name == "entries":
+                continue          # read separately, after the page head
+            count = int(fmt[:-1] or 1)
+            expected += [f"{name}{i}" for i in range(count)] if count > 1 else [name]
+        tree = ast.parse(inspect.getsource(getattr(r, f"_one_{kind}")))
+        target = next(n.targets[0] for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                      and isinstance(n.targets[0], ast.Tuple))
+        names = [e.id.lstrip("_") for e in target.elts]   # type: ignore[attr-defined]
+        assert names == expected, kind
