@@ -8,7 +8,7 @@ PYTHON := .venv/bin/python
 HEKITRACE := .venv/bin/hekitrace
 CONFIG := configs/hekitrace.yaml
 
-.PHONY: setup test demo check fuzz soak
+.PHONY: setup test demo check fuzz soak deb
 
 setup:
 	bash scripts/setup.sh
@@ -49,3 +49,10 @@ fuzz: setup
 SOAK_VMS ?= 300
 soak: setup
 	HEKITRACE_SOAK=1 HEKITRACE_SOAK_VMS=$(SOAK_VMS) $(PYTHON) -m pytest -q -s tests/soak
+
+# The Debian package (docs/install.md): installs its own build dependencies with apt-get
+# (debhelper, dh-python, lintian...; not setup's, so `make test` stays lean), builds with
+# dpkg-buildpackage in build/deb/, fails on any lintian error, and writes
+# dist/hekitrace_VERSION_all.deb (with the source package beside it).
+deb:
+	bash packaging/build-deb.sh
