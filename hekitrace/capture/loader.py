@@ -72,17 +72,26 @@ class CaptureSettings:
                    vendor=c.vendor)
 
 
-def bpf_dir() -> Path:
-    """Where ``bpf/*.c`` are: ``$HEKITRACE_BPF_DIR`` or the checkout's ``bpf/``.
+#: where the Debian package and packaging/install.sh put bpf/*.c
+INSTALLED_BPF_DIR = Path("/usr/share/hekitrace/bpf")
+
+
+def bpf_dir(installed: Path = INSTALLED_BPF_DIR) -> Path:
+    """Where ``bpf/*.c`` are: ``$HEKITRACE_BPF_DIR``, else the checkout's ``bpf/`` when
+    this code runs from a checkout, else the installed copy.
 
     bcc compiles the C from these files at run time (BPF C lives in files, not in Python
-    strings); they are not package data.
-    Capture and the feature probes (capture/probe.py) both read them from here.
+    strings); they sit outside the Python package, so an installed hekitrace finds them
+    under /usr/share. Capture and the feature probes (capture/probe.py) both read them
+    from here.
     """
     override = os.environ.get(BPF_DIR_ENV)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent.parent / "bpf"
+    checkout = Path(__file__).resolve().parent.parent.parent / "bpf"
+    if checkout.is_dir() or not installed.is_dir():
+        return checkout
+    return installed
 
 
 def detect_vendor(settings_vendor: str, sys_module: str = "/sys/module",

@@ -180,3 +180,20 @@ def test_patches_apply_to_pyproject_and_bookworm_setuptools_reads_it(tmp_path):
     proc = subprocess.run([str(system_python), "-c", check, str(tmp_path / "pyproject.toml")],
                           check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "hekitrace", proc.stderr
+
+
+def test_an_installed_hekitrace_finds_the_packaged_bpf_sources(tmp_path, monkeypatch):
+    """Outside a checkout the BPF C comes from /usr/share/hekitrace/bpf (the package's
+    place); a checkout uses its own bpf/, and $HEKITRACE_BPF_DIR overrides both."""
+    from hekitrace.capture import loader
+
+    monkeypatch.delenv(loader.BPF_DIR_ENV, raising=False)
+    installed = tmp_path / "share-bpf"
+    installed.mkdir()
+    checkout_bpf = Path(loader.__file__).resolve().parents[2] / "bpf"
+    assert loader.bpf_dir(installed) == checkout_bpf          # this test runs in a checkout
+    monkeypatch.setattr(loader, "__file__", str(tmp_path / "site" / "hekitrace" / "capture"
+                                                / "loader.py"))
+    assert loader.bpf_dir(installed) == installed
+    monkeypatch.setenv(loader.BPF_DIR_ENV, str(tmp_path / "mine"))
+    assert loader.bpf_dir(installed) == tmp_path / "mine"
