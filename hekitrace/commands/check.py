@@ -9,10 +9,11 @@ hook (config ``hooks:``) can attach, 1 otherwise, with the reason on that hook's
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import textwrap
 
 from hekitrace.capture import probe
+from hekitrace.commands.common import dump
 from hekitrace.config import settings
 
 EPILOG = """examples:
@@ -36,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "for every hook, whether it exists and by which method it attaches "
                     "(by really loading and attaching a probe program, then detaching).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-o", "--output", choices=("table", "json"), default="table",
+    parser.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table",
                         help="output format (default: table)")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="config whose hooks: section says which hooks are required "
@@ -50,12 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     cfg = settings.resolve_config(args.config)
     report = probe.probe_environment(cfg, may_mount=not args.no_mount)
-    if args.output == "json":
+    if args.output == "table":
+        print(render_table(report, cfg.path or "built-in defaults"))
+    else:
         data = report.to_dict()
         data["config"] = {"path": cfg.path, "sha256": cfg.sha256}
-        print(json.dumps(data, indent=2))
-    else:
-        print(render_table(report, cfg.path or "built-in defaults"))
+        sys.stdout.write(dump(data, args.output))
     return 0 if report.ok else 1
 
 

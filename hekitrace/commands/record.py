@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "event (plus the VMs found running at start) to a trace file that "
                     "'hekitrace replay' reads. Stops on Ctrl-C, SIGTERM or --duration.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-o", "--output", required=True, metavar="FILE",
+    parser.add_argument("-w", "--write", dest="file", required=True, metavar="FILE",
                         help="trace file to write ('-' for stdout); overwritten")
     parser.add_argument("--duration", type=float, metavar="S", default=None,
                         help="stop after S seconds (default: until Ctrl-C or SIGTERM)")
@@ -136,8 +136,8 @@ def run(args: argparse.Namespace) -> int:
     from hekitrace.trace.file import TraceWriter
 
     config = resolve_config(args.config)
-    to_stdout = args.output == "-"
-    target = "stdout" if to_stdout else args.output
+    to_stdout = args.file == "-"
+    target = "stdout" if to_stdout else args.file
     tally = Tally()
     stopping: list[str] = []
     previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append("TERM"))
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             uevents = UeventSource()
         except AttachError as error:  # every failure to open uevents arrives as this
             _say(unavailable_message(error))
-        writer = TraceWriter(sys.stdout.buffer if to_stdout else args.output,
+        writer = TraceWriter(sys.stdout.buffer if to_stdout else args.file,
                              _header(config), encoding=args.format)
 
         def write(events: Sequence[Event]) -> None:

@@ -12,13 +12,13 @@ precedence: it is the answer scripts wait for), else 4 when a trace had problems
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 
 from prometheus_client.exposition import generate_latest
 
 from hekitrace.commands import exit_status
+from hekitrace.commands.common import dump
 from hekitrace.config import settings
 from hekitrace.errors import UsageError
 from hekitrace.render.replay_text import render_text
@@ -46,8 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", metavar="FILE",
                         help="trace files, replayed one after the other in this order")
-    parser.add_argument("-o", "--output", choices=("text", "json"), default="text",
-                        help="output format (default: text)")
+    parser.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table",
+                        help="output format (default: table)")
     parser.add_argument("--until", metavar="TIME",
                         help="stop before the first event after TIME: RFC 3339 "
                              "(2026-11-25T15:00:03Z) or +SECONDS after the first event "
@@ -109,11 +109,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"hekitrace replay: {notice}", file=sys.stderr)
     for problem in result.problems:
         print(f"hekitrace replay: trace problem: {problem}", file=sys.stderr)
-    if args.output == "json":
-        json.dump(to_document(result), sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
+    if args.output == "table":
         sys.stdout.write(render_text(to_document(result)))
+    else:
+        sys.stdout.write(dump(to_document(result), args.output))
     sys.stdout.flush()
     status = _status_of(result)
     if args.metrics_file is not None:

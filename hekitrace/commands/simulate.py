@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--start", default=None, metavar="TIME",
                         help="time of the first event, RFC 3339 (default: "
                              "2026-11-25T15:00:00Z)")
-    parser.add_argument("-o", "--output", required=True, metavar="FILE",
+    parser.add_argument("-w", "--write", dest="file", required=True, metavar="FILE",
                         help="trace file to write ('-' for standard output, JSON Lines)")
     parser.add_argument("--format", choices=("binary", "jsonl"), default=None,
                         help="encoding (default: jsonl for *.jsonl and '-', else binary)")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         start = parse_time(args.start) if args.start else sim.DEFAULT_START_NS
     except ValueError as error:
         raise UsageError(f"--start: {error}") from None
-    encoding = args.format or ("jsonl" if args.output == "-" or args.output.endswith(".jsonl")
+    encoding = args.format or ("jsonl" if args.file == "-" or args.file.endswith(".jsonl")
                                else "binary")
     events = sim.simulate(names, vms=args.vms, seed=args.seed, start_ns=start,
                           stress_events=args.events)
@@ -80,16 +80,16 @@ def run(args: argparse.Namespace) -> int:
         extra={"mbec": True, "producer": "hekitrace simulate",
                "scenarios": names, "vms": args.vms, "seed": args.seed,
                "kernel_layout": page_lists.load_layout().provenance})
-    if args.output == "-":
+    if args.file == "-":
         if encoding != "jsonl":
             raise UsageError("standard output takes --format jsonl only")
         writer = TraceWriter(sys.stdout.buffer, header, encoding="jsonl")
     else:
-        writer = TraceWriter(args.output, header, encoding=encoding)
+        writer = TraceWriter(args.file, header, encoding=encoding)
     with writer:
         writer.write_all(events)
-    if args.output != "-":
-        size = os.path.getsize(args.output)
-        print(f"wrote {len(events)} events ({size} bytes, {encoding}) to {args.output}: "
+    if args.file != "-":
+        size = os.path.getsize(args.file)
+        print(f"wrote {len(events)} events ({size} bytes, {encoding}) to {args.file}: "
               f"{', '.join(names)}", file=sys.stderr)
     return 0

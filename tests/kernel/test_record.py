@@ -45,7 +45,7 @@ def _start(*args: str) -> subprocess.Popen:
 @pytest.mark.parametrize("encoding", ["jsonl", "binary"])
 def test_record_writes_a_vm_lifecycle_and_stops_on_ctrl_c(tmp_path, encoding):
     out = tmp_path / f"trace.{encoding}"
-    child = _start("-o", str(out), "--format", encoding, "--no-discovery")
+    child = _start("-w", str(out), "--format", encoding, "--no-discovery")
     try:
         with Vmm() as vm:
             vm.add_memslot(gpa=0x100000, size_bytes=1 << 20)
@@ -71,14 +71,14 @@ def test_record_writes_a_vm_lifecycle_and_stops_on_ctrl_c(tmp_path, encoding):
 
 def test_record_duration_stops_by_itself(tmp_path):
     out = tmp_path / "t.htrace"
-    child = _start("-o", str(out), "--duration", "1")
+    child = _start("-w", str(out), "--duration", "1")
     assert child.wait(30) == 0
     assert "events in 1." in child.stderr.read().strip().splitlines()[-1]
     assert out.stat().st_size > 0
 
 
 def test_record_rejects_a_non_positive_duration(tmp_path):
-    proc = subprocess.run([*_HEKITRACE, "record", "-o", str(tmp_path / "x"), "--duration", "0"],
+    proc = subprocess.run([*_HEKITRACE, "record", "-w", str(tmp_path / "x"), "--duration", "0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2  # EXIT_USAGE
     assert proc.stderr == ("hekitrace record: error: --duration 0.0: expected a positive "
@@ -87,7 +87,7 @@ def test_record_rejects_a_non_positive_duration(tmp_path):
 
 
 def test_record_to_stdout_streams_json_lines(tmp_path):
-    child = subprocess.Popen([*_HEKITRACE, "record", "-o", "-", "--format", "jsonl",
+    child = subprocess.Popen([*_HEKITRACE, "record", "-w", "-", "--format", "jsonl",
                               "--duration", "3", "--no-discovery"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

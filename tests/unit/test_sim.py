@@ -173,7 +173,7 @@ def test_bundled_examples_regenerate_byte_for_byte(tmp_path, capsys):
     assert {p.name for p in examples.iterdir() if p.name != "README.md"} == set(EXAMPLES)
     for name, argv in EXAMPLES.items():
         out = tmp_path / name
-        assert simulate.run(parser.parse_args(["simulate", *argv, "-o", str(out)])) == 0
+        assert simulate.run(parser.parse_args(["simulate", *argv, "-w", str(out)])) == 0
         assert out.read_bytes() == (examples / name).read_bytes(), name
-        assert f"`hekitrace simulate {' '.join(argv)} -o examples/{name}`" in (
+        assert f"`hekitrace simulate {' '.join(argv)} -w examples/{name}`" in (
             examples / "README.md").read_text()

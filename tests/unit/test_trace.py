@@ -334,7 +334,7 @@ def test_wrong_record_count_is_reported_but_loses_nothing(tmp_path):
 
 @pytest.mark.parametrize("encoding", ["binary", "jsonl"])
 def test_reads_from_a_pipe_including_resync(tmp_path, encoding):
-    """No seeking: `hekitrace simulate -o - | hekitrace replay /dev/stdin` works, and a
+    """No seeking: `hekitrace simulate -w - | hekitrace replay /dev/stdin` works, and a
     damaged block in a pipe is still skipped with everything after it read."""
     import threading
 

@@ -372,7 +372,7 @@ def start_record(out: Path, config: Path):
     """Start ``hekitrace record``; return (process, trace path) once it is recording."""
     trace = out / "l2.htrace"
     log_path = out / "record.log"
-    proc = subprocess.Popen(["hekitrace", "record", "--config", str(config), "-o", str(trace)],
+    proc = subprocess.Popen(["hekitrace", "record", "--config", str(config), "-w", str(trace)],
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT, text=True)
     _wait_for(lambda: proc.poll() is not None or _log_says_ready(log_path), 180,
               "hekitrace record to say it is recording")
