@@ -11,7 +11,7 @@ the result.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client.registry import CollectorRegistry
@@ -74,8 +74,12 @@ def configure_for(headers: list[TraceHeader], config: Any) -> tuple[Any, list[st
     return config, notices
 
 
-def replay(paths: Iterable[str], config: Any = None, *, until: str | None = None
-           ) -> ReplayResult:
+#: called after each batch with (bytes read of all files so far, events so far)
+Progress = Callable[[int, int], None]
+
+
+def replay(paths: Iterable[str], config: Any = None, *, until: str | None = None,
+           progress: Progress | None = None) -> ReplayResult:
     """Replay ``paths`` in order through one :class:`Pipeline`.
 
     A file that is not a trace raises :class:`~hekitrace.errors.TraceFormatError` before
@@ -109,8 +113,13 @@ def replay(paths: Iterable[str], config: Any = None, *, until: str | None = None
     limit: int | None = None
     feed_many = pipeline.feed_many
     done = False
+    bytes_before = 0          # of the files already replayed
+    events_read = 0
     for reader in readers:
         for batch in reader.batches(BATCH):
+            events_read += len(batch)
+            if progress is not None:
+                progress(bytes_before + reader.position(), events_read)
             if not batch:
                 continue
             if first_ns is None:
@@ -129,6 +138,7 @@ def replay(paths: Iterable[str], config: Any = None, *, until: str | None = None
                 break
         if done:
             break
+        bytes_before += reader.position()
     for reader in readers:
         reader.close()
     findings += pipeline.flush(pipeline.last_event_ns or None)

@@ -12,17 +12,21 @@ precedence: it is the answer scripts wait for), else 4 when a trace had problems
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import threading
+from collections.abc import Iterator
 
 from prometheus_client.exposition import generate_latest
+from tqdm import tqdm
 
 from hekitrace.commands import exit_status
 from hekitrace.commands.common import dump
 from hekitrace.config import settings
 from hekitrace.errors import UsageError
 from hekitrace.render.replay_text import render_text
-from hekitrace.replay import ReplayResult, metrics_registry, replay, to_document
+from hekitrace.replay import Progress, ReplayResult, metrics_registry, replay, to_document
 from hekitrace.service.http import HttpServer
 
 EPILOG = """examples:
@@ -100,11 +104,34 @@ def serve_metrics(result: ReplayResult, port: int) -> None:
         server.close()
 
 
+@contextlib.contextmanager
+def progress_bar(paths: list[str]) -> Iterator[Progress | None]:
+    """Events, bytes, rate and time left on stderr while a replay runs, when stderr is a
+    terminal (silent otherwise: logs and pipes get only the result)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(os.path.getsize(path) if os.path.isfile(path) else None)
+        except OSError:
+            sizes.append(None)
+    total = sum(sizes) if all(size is not None for size in sizes) else None   # type: ignore[arg-type]
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+              desc="replay", leave=False, mininterval=0.5) as bar:
+        def update(done_bytes: int, events: int) -> None:
+            bar.update(done_bytes - bar.n)
+            bar.set_postfix_str(f"{events} events", refresh=False)
+        yield update
+
+
 def run(args: argparse.Namespace) -> int:
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         raise UsageError(f"--metrics-port {args.metrics_port}: expected 0-65535")
     config = settings.resolve_config(args.config)
-    result = replay(args.files, config, until=args.until)
+    with progress_bar(args.files) as progress:
+        result = replay(args.files, config, until=args.until, progress=progress)
     for notice in result.notices:
         print(f"hekitrace replay: {notice}", file=sys.stderr)
     for problem in result.problems:

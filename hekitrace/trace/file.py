@@ -273,6 +273,13 @@ class TraceReader:
             self._file.close()
             raise
 
+    def position(self) -> int:
+        """Bytes of the file read so far (for progress; buffered, so slightly ahead)."""
+        try:
+            return self._file.tell()
+        except (OSError, ValueError):      # a pipe, or a closed file
+            return 0
+
     def _binary_header(self, head: bytes) -> TraceHeader:
         if len(head) < _FILE_HEAD.size:
             raise TraceFormatError("truncated trace header", path=self.path, offset=0)

@@ -197,3 +197,19 @@ def test_an_installed_hekitrace_finds_the_packaged_bpf_sources(tmp_path, monkeyp
     assert loader.bpf_dir(installed) == installed
     monkeypatch.setenv(loader.BPF_DIR_ENV, str(tmp_path / "mine"))
     assert loader.bpf_dir(installed) == tmp_path / "mine"
+
+
+def test_every_python_dependency_has_its_debian_package():
+    """A dependency added to pyproject.toml must be added to the package's Depends too,
+    or the installed daemon fails at import time."""
+    import tomllib
+
+    debian_name = {"pyroute2": "python3-pyroute2", "prometheus-client": "python3-prometheus-client",
+                   "pyyaml": "python3-yaml", "tqdm": "python3-tqdm"}
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    _source, binary = _control()
+    depends = {d.strip().split()[0] for d in binary["Depends"].split(",") if d.strip()}
+    for requirement in pyproject["project"]["dependencies"]:
+        name = re.split(r"[<>=!~ \[]", requirement, maxsplit=1)[0].lower()
+        assert name in debian_name, f"{name}: which Debian package provides it?"
+        assert debian_name[name] in depends, f"{debian_name[name]} missing from Depends"

@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import signal
+import os
 import subprocess
 import sys
 import urllib.request
@@ -214,3 +215,36 @@ def test_a_second_vm_of_one_vmm_is_not_merged(tmp_path):
     write_events(path, events, HEADER, encoding="jsonl")
     host = replay([str(path)], default_config()).pipeline.host
     assert len(host.guests) == 2 and host.counters["merged_creations"] == 0
+
+
+def test_progress_on_a_terminal_only(tmp_path):
+    """On a terminal, stderr shows the replay's progress; piped, stderr stays silent."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    trace = str(EXAMPLES / "multi-vm.htrace")
+    cmd = [sys.executable, "-c", DRIVER, "replay", "--config",
+           str(FIXTURES / "empty-config.yaml"), trace]
+    piped = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert piped.returncode in (0, 1) and "replay:" not in piped.stderr.replace(
+        "hekitrace replay:", "")                       # notes, but no progress bar
+    leader, follower = pty.openpty()
+    # a terminal has a size (a fresh pty has none, and a bar of width 0 prints nothing)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=follower, text=True)
+    os.close(follower)
+    out, _ = proc.communicate(timeout=120)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.returncode == piped.returncode and out == piped.stdout
+    assert b"replay:" in shown and b"B/s" in shown, shown
