@@ -26,7 +26,8 @@ examples:
   hekitrace daemon                          # defaults; metrics on 127.0.0.1:9864
   hekitrace daemon --config /etc/hekitrace/hekitrace.yaml --foreground-status
   curl -s localhost:9864/metrics | grep ^hekitrace_vms
-  kill -HUP $(pidof -s hekitrace)           # reload the config (a bad one is rejected)
+  systemctl reload hekitrace                # reload the config (a bad one is rejected)
+  pkill -HUP -f 'hekitrace daemon'          # the same without systemd (any install)
 
 Under systemd use packaging/systemd/hekitrace.service (Type=notify, watchdog).
 """
