@@ -74,15 +74,16 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("hekitrace_vm_lockdown_timestamp_seconds", "gauge", ("vm",),
                "Unix time the guest locked down; absent while it has not."),
     MetricSpec("hekitrace_vm_degraded", "gauge", ("vm",),
-               "1 if this VM's maps may be incomplete; the reasons are in "
-               "'hekitrace snapshot VM'."),
+               "1 if this running VM's maps may be incomplete; the reasons are in "
+               "'hekitrace snapshot VM'. Absent for destroyed VMs."),
     MetricSpec("hekitrace_vm_pinned_cr_mask", "gauge", ("vm", "cr"),
                "Bit mask of the control register bits the guest pinned (only grows)."),
     MetricSpec("hekitrace_findings_total", "counter", ("vm", "rule", "severity"),
                "Findings raised, by rule and severity (counts include findings collapsed "
                "by deduplication and rate limiting)."),
     MetricSpec("hekitrace_events_total", "counter", ("kind",),
-               "Events received from capture, by kind."),
+               "Events received from capture, by kind; a VM creation reported by several "
+               "sources (ioctl, uevent, discovery) counts once."),
     MetricSpec("hekitrace_events_lost_total", "counter", ("stage", "reason"),
                "Events lost, by where (ring:control, ring:telemetry, queue, decode, "
                "pipeline...) "
@@ -333,7 +334,8 @@ class HekitraceCollector(Collector):
             if g.lockdown_ns is not None:
                 fams["hekitrace_vm_lockdown_timestamp_seconds"].add_metric(
                     [vm], g.lockdown_ns / 1e9)
-            fams["hekitrace_vm_degraded"].add_metric([vm], 1 if g.degraded else 0)
+            if g.destroyed_ns is None:   # a destroyed VM in its grace period: nothing to fix
+                fams["hekitrace_vm_degraded"].add_metric([vm], 1 if g.degraded else 0)
             for cr, mask in sorted(g.pinned_cr.items()):
                 fams["hekitrace_vm_pinned_cr_mask"].add_metric(
                     [vm, _CR_LABEL.get(cr, f"cr{cr}")], mask)
@@ -348,8 +350,12 @@ class HekitraceCollector(Collector):
                 continue  # the VM was retired; its series go with it
             vm = labels[key] if key is not None else ""
             fams["hekitrace_findings_total"].add_metric([vm, rule, severity], count)
+        merged = host.counters.get("merged_creations", 0) if host is not None else 0
         for kind in sorted(s.events_by_kind):
-            fams["hekitrace_events_total"].add_metric([kind], s.events_by_kind[kind])
+            count = s.events_by_kind[kind]
+            if kind == "vm_created":
+                count = max(0, count - merged)   # the same creation from another source
+            fams["hekitrace_events_total"].add_metric([kind], count)
         for (stage, reason) in sorted(s.lost):
             fams["hekitrace_events_lost_total"].add_metric([stage, reason],
                                                            s.lost[(stage, reason)])
