@@ -17,6 +17,7 @@ from hekitrace import __version__
 from hekitrace.errors import (
     ConfigError,
     ControlError,
+    DaemonBusyError,
     HekitraceError,
     TraceFormatError,
     UsageError,
@@ -30,6 +31,7 @@ EXIT_USAGE = 2           # bad arguments, unknown/ambiguous VM, no daemon
 EXIT_CONFIG = 3          # invalid configuration
 EXIT_DATA = 4            # corrupt or unreadable trace/journal
 EXIT_FAILURE = 5         # anything else that went wrong
+EXIT_BUSY = 6            # the daemon is alive but all its control connections are in use
 EXIT_INTERRUPTED = 130
 
 #: subcommand names, in --help order (each is a module under hekitrace.commands)
@@ -116,6 +118,8 @@ def _exit_status_for(error: HekitraceError) -> int:
         return EXIT_CONFIG
     if isinstance(error, TraceFormatError):
         return EXIT_DATA
+    if isinstance(error, DaemonBusyError):
+        return EXIT_BUSY
     if isinstance(error, (UsageError, VmLookupError, ControlError)):
         return EXIT_USAGE
     return EXIT_FAILURE

@@ -78,6 +78,11 @@ class NoDaemonError(ControlError):
     """No daemon listens on the control socket."""
 
 
+class DaemonBusyError(ControlError):
+    """The daemon is alive but every control connection slot is held (by other clients,
+    perhaps hostile ones); trying again later may work. Not "daemon gone"."""
+
+
 class VmLookupError(HekitraceError):
     """A VM named on the command line is unknown or ambiguous; ``choices`` lists candidates."""
 

@@ -31,7 +31,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hekitrace.errors import ControlError, NoDaemonError, VmLookupError
+from hekitrace.config.limits import MAX_JSON_DEPTH, loads_bounded
+from hekitrace.errors import ControlError, DaemonBusyError, NoDaemonError, VmLookupError
 
 #: Request limits from the protocol contract.
 MAX_REQUEST_BYTES = 64 * 1024
@@ -42,7 +43,7 @@ MAX_CONNECTIONS = 32
 _UCRED = struct.Struct("iII")
 
 ERROR_CODES = ("unknown_vm", "ambiguous_vm", "bad_request", "too_large", "timeout", "denied",
-               "internal")
+               "internal", "busy")
 
 
 class RequestError(Exception):
@@ -82,7 +83,8 @@ def encode(obj: dict) -> bytes:
 def parse_request(line: bytes) -> dict:
     """Decode and check one request line; raises :class:`RequestError` (bad_request)."""
     try:
-        obj = json.loads(line.decode("utf-8"))
+        line.decode("utf-8")
+        obj = loads_bounded(line, max_bytes=MAX_REQUEST_BYTES, max_depth=MAX_JSON_DEPTH)
     except (UnicodeDecodeError, ValueError) as error:
         raise RequestError("bad_request", f"request is not JSON: {error}") from None
     if not isinstance(obj, dict):
@@ -206,7 +208,15 @@ class ControlServer:
             client.setblocking(False)
             conn = _Conn(client, self._clock() + self._timeout)
             if len(self._conns) >= self._max_conns:
+                # One small reply fits the fresh socket's send buffer: the client learns
+                # that the daemon is alive but busy (not gone), and the slot is never held.
                 self.stats["refused_busy"] += 1
+                try:
+                    client.send(encode(error_reply(
+                        "busy", f"all {self._max_conns} control connections are in use; "
+                                "try again in a few seconds")))
+                except OSError:
+                    pass
                 client.close()
                 continue
             self._conns[client.fileno()] = conn
@@ -324,6 +334,7 @@ class ControlClient:
     ``request(op, **args)`` returns the ``result`` of an ok reply. Failures raise, with
     messages meant for operators: :class:`NoDaemonError` (nothing listens at ``path``),
     :class:`ControlError` (permission denied, daemon died mid-reply, garbage reply),
+    :class:`DaemonBusyError` (alive, but every connection slot is held),
     :class:`ControlReplyError` for protocol errors, and :class:`VmLookupError` (with
     ``choices``) for ``unknown_vm`` / ``ambiguous_vm``.
     """
@@ -393,4 +404,6 @@ class ControlClient:
         message = str(err.get("message", "no message"))
         if code in ("unknown_vm", "ambiguous_vm"):
             raise VmLookupError(message, choices=list(err.get("choices") or []))
+        if code == "busy":
+            raise DaemonBusyError(f"the daemon at {self.path} is alive but busy: {message}")
         raise ControlReplyError(code, message, path=self.path)
