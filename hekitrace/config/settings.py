@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from hekitrace.config import abi
+from hekitrace.config import abi, limits
 from hekitrace.config import schema as yamlschema
 from hekitrace.config.abi import AbiProfile
 from hekitrace.config.schema import (
@@ -313,9 +313,12 @@ def load_config(path: str) -> Config:
     """Read and validate ``path``; ConfigError names the file when it cannot be read."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            data = fh.read(limits.MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError(f"cannot read the file: {error.strerror}", path=path) from None
+    if len(data) > limits.MAX_CONFIG_BYTES:
+        raise ConfigError(f"larger than {limits.MAX_CONFIG_BYTES} bytes: not a configuration "
+                          "file (the full example is under 8 KiB)", path=path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -343,9 +346,9 @@ def parse_config(text: str, path: str = "<config>",
     warning``) applied on top of the file, the value parsed as YAML; errors in them name
     ``-O`` instead of a line.
     """
-    root = compose(text, path)
+    root = compose(text, path, max_depth=limits.MAX_YAML_DEPTH)
     for override in overrides:
-        root = apply_override(root, override)
+        root = apply_override(root, override, limits.MAX_YAML_DEPTH)
     walker = _ConfigWalker(path)
     config = walker.section(root, Config, "")
     config = dataclasses.replace(config, path=path,
@@ -364,7 +367,13 @@ class _ConfigWalker(NodeWalker):
             return self.rules(node, key)
         if kind == "exceptions":
             return self.exceptions(node, key)
-        return super().value(node, f, key)
+        value = super().value(node, f, key)
+        bound = limits.SETTING_BOUNDS.get(key)
+        if bound is not None and value is not None:
+            problem = bound.problem(value)
+            if problem:
+                raise self.fail(node, key, f"expected {problem}, got {value!r}")
+        return value
 
     def rules(self, node: yaml.Node, key: str) -> Mapping[str, RuleConfig]:
         rules = dict(_default_rules())
