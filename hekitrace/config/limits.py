@@ -47,6 +47,20 @@ MAX_TRACE_PROBE_BYTES = MAX_JSONL_LINE_BYTES + 4096
 #: The C JSON parser recurses once per level (RecursionError near 1000): checked first.
 MAX_JSON_DEPTH = 16
 
+#: The metrics endpoint (hekitrace/service/http.py): one thread serves at most this many
+#: connections; a scrape is one short request, so more than a handful at once is a flood.
+#: Past it the oldest client still silent is evicted (counted), so a real scrape gets in.
+HTTP_MAX_CONNECTIONS = 32
+#: Idle and read timeout: the request head must be complete, and the reply taken, within
+#: this long of the accept (Prometheus sends its request at once and reads at once).
+HTTP_REQUEST_TIMEOUT_SECONDS = 5.0
+#: A request head (request line and headers) larger than this gets 431: Prometheus sends
+#: a few hundred bytes.
+HTTP_MAX_REQUEST_BYTES = 16 * 1024
+#: listen(2) backlog: a burst of connects waits in the kernel, not in SYN retries (a full
+#: backlog makes a client wait a second for its SYN retransmission).
+HTTP_LISTEN_BACKLOG = 1024
+
 # ---------------------------------------------------------------------------------------
 # setting bounds
 

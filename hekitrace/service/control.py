@@ -33,6 +33,7 @@ from typing import Any
 
 from hekitrace.config.limits import MAX_JSON_DEPTH, loads_bounded
 from hekitrace.errors import ControlError, DaemonBusyError, NoDaemonError, VmLookupError
+from hekitrace.service.metrics import CLIENT_COUNTS, ClientCounts
 
 #: Request limits from the protocol contract.
 MAX_REQUEST_BYTES = 64 * 1024
@@ -122,8 +123,11 @@ class ControlServer:
                  max_request_bytes: int = MAX_REQUEST_BYTES,
                  timeout_seconds: float = REQUEST_TIMEOUT_SECONDS,
                  max_connections: int = MAX_CONNECTIONS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 counts: ClientCounts | None = None) -> None:
         self.path = path
+        #: refused and timed-out clients for hekitrace_clients_refused_total
+        self.counts = counts if counts is not None else CLIENT_COUNTS
         self._handler = handler
         self._allowed = allowed_uids
         self._max_request = max_request_bytes
@@ -211,6 +215,7 @@ class ControlServer:
                 # One small reply fits the fresh socket's send buffer: the client learns
                 # that the daemon is alive but busy (not gone), and the slot is never held.
                 self.stats["refused_busy"] += 1
+                self.counts.count("control", "busy")
                 try:
                     client.send(encode(error_reply(
                         "busy", f"all {self._max_conns} control connections are in use; "
@@ -251,6 +256,7 @@ class ControlServer:
                 return
             if end < 0 or end + 1 > self._max_request:
                 self.stats["too_large"] += 1
+                self.counts.count("control", "too_large")
                 self._reply(conn, error_reply(
                     "too_large", f"request exceeds {self._max_request} bytes"))
                 return
@@ -322,6 +328,7 @@ class ControlServer:
                 self._drop(conn)  # it does not read its reply
             else:
                 self.stats["timeout"] += 1
+                self.counts.count("control", "timeout")
                 self._reply(conn, error_reply(
                     "timeout", f"request not complete within {self._timeout:g} s"))
                 if conn.sock.fileno() in self._conns:
