@@ -82,6 +82,10 @@ def power_of_two_pages(v: Any) -> str | None:
     return "a power of two >= 4096 (a BPF ring buffer size)"
 
 
+def permission_bits(v: Any) -> str | None:
+    return None if 0 <= v <= 0o777 else "permission bits 0000-0777 (octal, e.g. 0600)"
+
+
 def bit_position(v: Any) -> str | None:
     return None if 0 <= v <= 63 else "a bit position 0-63"
 
@@ -237,6 +241,8 @@ class AlertsConfig:
     stdout: bool = setting(True, bool)
     format: str = setting("json", str, one_of("json", "text"))
     file: str | None = setting(None, str, absolute_path, True)
+    #: mode of the alert file when hekitrace creates it (findings name VMs)
+    file_mode: int = setting(0o600, int, permission_bits)
 
 
 @dataclass(frozen=True)
@@ -259,6 +265,10 @@ class JournalConfig:
     checkpoint_interval_seconds: float = setting(300.0, float, positive)
     retention_seconds: float = setting(2592000.0, float, positive)
     max_bytes: int = setting(1073741824, int, positive)
+    #: modes of the segments and checkpoints, and of the directories, hekitrace creates
+    #: (VM names, pids and memory maps: owner only unless said otherwise)
+    file_mode: int = setting(0o600, int, permission_bits)
+    directory_mode: int = setting(0o700, int, permission_bits)
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,49 @@ def _sink(errors: ErrorSink) -> Callable[[TraceProblem], None]:
 
 # -- writing -------------------------------------------------------------------------------
 
+#: Files hekitrace writes (traces, journal segments, checkpoints, the alert file) are
+#: created owner-only, in directories it creates owner-only, unless the config says
+#: otherwise (journal.file_mode, journal.directory_mode, alerts.file_mode).
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIRECTORY_MODE = 0o700
+
+
+def open_private(path: str, *, append: bool = False, mode: int = PRIVATE_FILE_MODE,
+                 text: bool = False) -> Any:
+    """Open ``path`` for writing (truncating, or appending), creating it with ``mode``
+    (no window at the umask's default: the mode is given to open(2) itself)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, mode)
+    try:
+        if text:
+            return os.fdopen(fd, "a" if append else "w", encoding="utf-8")
+        return os.fdopen(fd, "ab" if append else "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def make_directories(path: str, mode: int = PRIVATE_DIRECTORY_MODE) -> None:
+    """``mkdir -p`` where every directory created (not only the last, unlike
+    ``os.makedirs``) gets ``mode``; existing ones are left as they are."""
+    missing = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue
+        os.chmod(directory, mode)  # the umask may have taken bits the config asked for
+
+
 class TraceWriter:
     """Writes a trace (binary by default, or ``encoding="jsonl"``) to a path or file.
 
@@ -141,12 +184,14 @@ class TraceWriter:
     and skips). ``flush()`` ends the current block; ``fsync()`` also makes it durable
     (the journal decides how often). ``append=True`` on an existing binary trace adds
     blocks after its end without a second header (journal segments); a torn tail left by
-    a crash is then reported once by readers and everything after it still reads.
+    a crash is then reported once by readers and everything after it still reads. A file
+    the writer creates gets ``file_mode`` (0600: traces hold VM names, pids and memory
+    maps); an existing file keeps its mode.
     """
 
     def __init__(self, target: str | os.PathLike | IO[bytes], header: TraceHeader | None = None,
                  *, encoding: str = "binary", block_bytes: int = DEFAULT_BLOCK_BYTES,
-                 append: bool = False) -> None:
+                 append: bool = False, file_mode: int = PRIVATE_FILE_MODE) -> None:
         if encoding not in ("binary", "jsonl"):
             raise TraceFormatError(f"unknown trace encoding {encoding!r}; "
                                    "expected 'binary' or 'jsonl'")
@@ -166,7 +211,7 @@ class TraceWriter:
                     if probe.read(len(MAGIC)) != MAGIC:
                         raise TraceFormatError("cannot append: not a binary hekitrace trace",
                                                path=path, offset=0)
-            self._file: IO[bytes] = open(path, "ab" if append else "wb")  # noqa: SIM115 - closed by close()
+            self._file: IO[bytes] = open_private(path, append=append, mode=file_mode)
             self.path = path
         else:
             exists = append
