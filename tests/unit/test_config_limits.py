@@ -19,12 +19,13 @@ from hekitrace.config import limits
 from hekitrace.config.settings import default_config, parse_config
 from hekitrace.errors import ConfigError
 
-HEKITRACE = str(Path(sys.executable).parent / "hekitrace")
+ROOT = Path(__file__).resolve().parents[2]
+HEKITRACE = [sys.executable, "-m", "hekitrace.cli"]
 
 
 def _validate(path: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["prlimit", "--as=536870912", HEKITRACE, "config", "validate", path],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(["prlimit", "--as=536870912", *HEKITRACE, "config", "validate", path],
+                          capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
 
 
 @pytest.mark.parametrize("text,key,shown", [

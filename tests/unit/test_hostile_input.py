@@ -29,7 +29,10 @@ from hekitrace.service.control import RequestError, parse_request
 from hekitrace.trace.file import open_trace
 
 AS_LIMIT = 512 * 1024 * 1024
-HEKITRACE = [str(Path(sys.executable).parent / "hekitrace")]
+ROOT = Path(__file__).resolve().parents[2]
+#: ``-m`` from the checkout, as the other CLI tests do: this tree's hekitrace, never an
+#: installed package that happens to be earlier on sys.path
+HEKITRACE = [sys.executable, "-m", "hekitrace.cli"]
 
 
 def _run_limited(*args: str, timeout: float = 30.0) -> tuple[int, str, float]:
@@ -37,7 +40,7 @@ def _run_limited(*args: str, timeout: float = 30.0) -> tuple[int, str, float]:
     started = time.monotonic()
     proc = subprocess.run(prefix + HEKITRACE + list(args), check=False, capture_output=True,
                           text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+                          timeout=timeout, stdin=subprocess.DEVNULL, cwd=ROOT)
     return proc.returncode, proc.stderr, time.monotonic() - started
 
 
