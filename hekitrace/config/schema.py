@@ -109,6 +109,12 @@ def plain(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------
 # the node tree
 
+def _one_line(error: BaseException) -> str:
+    """PyYAML's messages span lines (the problem, then "in <unicode string>, position N"):
+    one line for the operator, who sees the file and line in front of it anyway."""
+    return " ".join(str(error).split())
+
+
 def check_depth(text: str, path: str, max_depth: int) -> None:
     """Refuse YAML nested deeper than ``max_depth`` mappings/lists, with the line where
     it goes too deep, before the (recursive) composer sees it: the event parser is not
@@ -144,7 +150,7 @@ def compose(text: str, path: str, max_depth: int | None = None) -> yaml.Node:
         # the constructor already scans for non-printable characters (ReaderError)
         loader = yaml.SafeLoader(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"not valid YAML: {error}", path=path) from None
+        raise ConfigError(f"not valid YAML: {_one_line(error)}", path=path) from None
     try:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as error:
@@ -153,7 +159,7 @@ def compose(text: str, path: str, max_depth: int | None = None) -> yaml.Node:
         raise ConfigError(f"not valid YAML: {error.problem or error.context}",
                           path=path, line=line) from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"not valid YAML: {error}", path=path) from None
+        raise ConfigError(f"not valid YAML: {_one_line(error)}", path=path) from None
     except RecursionError:
         raise ConfigError("YAML nested too deeply to read", path=path) from None
     finally:

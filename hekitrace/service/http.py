@@ -243,7 +243,12 @@ class HttpServer:
                 self._respond(conn, _simple("431 Request Header Fields Too Large",
                                             "request head too large\n"))
             return
-        self._respond(conn, self._answer(bytes(conn.inbuf[:end])))
+        try:
+            reply = self._answer(bytes(conn.inbuf[:end]))
+        except Exception as error:  # noqa: BLE001 - a collector bug must not end serving
+            reply = _simple("500 Internal Server Error",
+                            f"{type(error).__name__}: {error}\n")
+        self._respond(conn, reply)
 
     def _answer(self, head: bytes) -> bytes:
         lines = head.decode("latin-1").splitlines()

@@ -150,3 +150,22 @@ def test_silent_and_slow_clients_are_timed_out_evicted_and_counted(bounded_serve
             s.close()
     text = _raw(server.port, b"GET /metrics HTTP/1.1\r\n\r\n").decode()
     assert 'hekitrace_clients_refused_total{reason="timeout",server="metrics"}' in text
+
+
+def test_a_collector_that_raises_is_a_500_and_the_server_keeps_serving():
+    class Broken:
+        def collect(self):
+            raise RuntimeError("collector bug")
+
+        def describe(self):
+            return []
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Broken())
+    server = HttpServer("127.0.0.1:0", registry, Health())
+    server.start()
+    try:
+        assert _raw(server.port, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 500")
+        assert _raw(server.port, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200")
+    finally:
+        server.close()
