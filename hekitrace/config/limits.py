@@ -110,8 +110,10 @@ class Bound(NamedTuple):
         ok = self.low <= value <= self.high
         if ok and self.power_of_two:
             ok = int(value) & (int(value) - 1) == 0
-        if ok:
-            return None
+        return None if ok else self.describe()
+
+    def describe(self) -> str:
+        """The allowed values and why, e.g. "1..24 (the BPF verifier rejects ...)"."""
         shape = "a power of two in " if self.power_of_two else ""
         return f"{shape}{_num(self.low)}..{_num(self.high)} ({self.why})"
 

@@ -377,8 +377,15 @@ class _ConfigWalker(NodeWalker):
             return self.rules(node, key)
         if kind == "exceptions":
             return self.exceptions(node, key)
-        value = super().value(node, f, key)
         bound = limits.SETTING_BOUNDS.get(key)
+        try:
+            value = super().value(node, f, key)
+        except ConfigError as error:
+            if bound is None or not error.reason.startswith("expected "):
+                raise
+            # a wrong type of a bounded key: say the range too ("1e33" is a string in YAML)
+            raise self.fail(node, key, f"{error.reason}; allowed: "
+                                       f"{bound.describe()}") from None
         if bound is not None and value is not None:
             problem = bound.problem(value)
             if problem:

@@ -31,7 +31,8 @@ def _validate(path: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("text,key,shown", [
     ("capture:\n  max_list_pages: 100000000000\n", "capture.max_list_pages", "1..24"),
     ("capture:\n  max_list_pages: 25\n", "capture.max_list_pages", "verifier"),
-    ("capture:\n  queue_events: 1e33\n", "capture.queue_events", "integer"),
+    ("capture:\n  queue_events: 1e33\n", "capture.queue_events",
+     "expected an integer, got a string '1e33'; allowed: 1..4194304"),
     ("capture:\n  queue_events: " + str(10**33) + "\n", "capture.queue_events", "1..4194304"),
     ("capture:\n  control_ring_bytes: " + str(2**60) + "\n", "capture.control_ring_bytes",
      "a power of two in 4096..2147483648"),
