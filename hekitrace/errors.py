@@ -82,6 +82,11 @@ class ControlPermissionError(ControlError):
     """The control socket refused the caller (it is for root only)."""
 
 
+class DaemonBusyError(ControlError):
+    """The daemon is alive but every control connection slot is held (by other clients,
+    perhaps hostile ones); trying again later may work. Not "daemon gone"."""
+
+
 class VmLookupError(HekitraceError):
     """A VM named by the operator is unknown or (``ambiguous``) matches several;
     ``choices`` lists candidates."""

@@ -12,6 +12,7 @@ from hekitrace.errors import (
     ConfigError,
     ControlError,
     ControlPermissionError,
+    DaemonBusyError,
     HekitraceError,
     NoDaemonError,
     TraceFormatError,
@@ -58,6 +59,8 @@ def for_error(error: HekitraceError) -> int:
         return UNKNOWN_VM
     if isinstance(error, NoDaemonError):
         return NO_DAEMON
+    if isinstance(error, DaemonBusyError):
+        return DAEMON_BUSY
     if isinstance(error, ControlPermissionError):
         return PERMISSION_DENIED
     if isinstance(error, ControlError):

@@ -109,16 +109,48 @@ def plain(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------
 # the node tree
 
-def compose(text: str, path: str) -> yaml.Node:
+def _one_line(error: BaseException) -> str:
+    """PyYAML's messages span lines (the problem, then "in <unicode string>, position N"):
+    one line for the operator, who sees the file and line in front of it anyway."""
+    return " ".join(str(error).split())
+
+
+def check_depth(text: str, path: str, max_depth: int) -> None:
+    """Refuse YAML nested deeper than ``max_depth`` mappings/lists, with the line where
+    it goes too deep, before the (recursive) composer sees it: the event parser is not
+    recursive, so this costs no stack however deep the text."""
+    depth = 0
+    # libyaml's event parser when present: the pure-Python scanner's look-ahead is
+    # quadratic in the open flow levels (seconds for a 40,000-deep '[[[[...')
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        for event in yaml.parse(text, Loader=loader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > max_depth:
+                    line = event.start_mark.line + 1 if event.start_mark else None
+                    raise ConfigError(f"YAML nested more than {max_depth} levels deep "
+                                      "(mappings and lists inside each other); no setting "
+                                      "is that deep", path=path, line=line)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError:
+        return  # compose reports syntax errors with their line
+
+
+def compose(text: str, path: str, max_depth: int | None = None) -> yaml.Node:
     """The node tree of one YAML document; an empty document gives an empty mapping.
 
-    ConfigError carries the line of a syntax error when PyYAML marks one.
+    ConfigError carries the line of a syntax error when PyYAML marks one, and refuses
+    nesting deeper than ``max_depth`` (:func:`check_depth`).
     """
+    if max_depth is not None:
+        check_depth(text, path, max_depth)
     try:
         # the constructor already scans for non-printable characters (ReaderError)
         loader = yaml.SafeLoader(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"not valid YAML: {error}", path=path) from None
+        raise ConfigError(f"not valid YAML: {_one_line(error)}", path=path) from None
     try:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as error:
@@ -127,7 +159,9 @@ def compose(text: str, path: str) -> yaml.Node:
         raise ConfigError(f"not valid YAML: {error.problem or error.context}",
                           path=path, line=line) from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"not valid YAML: {error}", path=path) from None
+        raise ConfigError(f"not valid YAML: {_one_line(error)}", path=path) from None
+    except RecursionError:
+        raise ConfigError("YAML nested too deeply to read", path=path) from None
     finally:
         loader.dispose()
     if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
@@ -135,7 +169,7 @@ def compose(text: str, path: str) -> yaml.Node:
     return root
 
 
-def apply_override(root: yaml.Node, override: str) -> yaml.Node:
+def apply_override(root: yaml.Node, override: str, max_depth: int | None = None) -> yaml.Node:
     """Set ``KEY.PATH=VALUE`` (the value parsed as YAML) in ``root``, in place.
 
     The nodes the override brings carry no line but an ``hk_override`` attribute, so an
@@ -144,9 +178,11 @@ def apply_override(root: yaml.Node, override: str) -> yaml.Node:
     keypath, sep, value = override.partition("=")
     if not sep or not keypath:
         raise ConfigError(f"-O {override!r}: expected KEY.PATH=VALUE")
+    if max_depth is not None:
+        check_depth(value, f"-O {keypath}", max_depth)
     try:
         value_node = yaml.compose(value or "null", Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         raise ConfigError(f"-O {override!r}: the value is not valid YAML") from None
     stack = [value_node] if value_node is not None else []
     while stack:

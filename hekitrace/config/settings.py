@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from hekitrace.config import abi
+from hekitrace.config import abi, limits
 from hekitrace.config import schema as yamlschema
 from hekitrace.config.abi import AbiProfile
 from hekitrace.config.schema import (
@@ -62,6 +62,10 @@ def power_of_two_pages(v: Any) -> str | None:
     if v >= 4096 and v & (v - 1) == 0:
         return None
     return "a power of two >= 4096 (a BPF ring buffer size)"
+
+
+def permission_bits(v: Any) -> str | None:
+    return None if 0 <= v <= 0o777 else "permission bits 0000-0777 (octal, e.g. 0600)"
 
 
 def bit_position(v: Any) -> str | None:
@@ -219,6 +223,8 @@ class AlertsConfig:
     stdout: bool = setting(True, bool)
     format: str = setting("json", str, one_of("json", "text"))
     file: str | None = setting(None, str, absolute_path, True)
+    #: mode of the alert file when hekitrace creates it (findings name VMs)
+    file_mode: int = setting(0o600, int, permission_bits)
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,10 @@ class JournalConfig:
     checkpoint_interval_seconds: float = setting(300.0, float, positive)
     retention_seconds: float = setting(2592000.0, float, positive)
     max_bytes: int = setting(1073741824, int, positive)
+    #: modes of the segments and checkpoints, and of the directories, hekitrace creates
+    #: (VM names, pids and memory maps: owner only unless said otherwise)
+    file_mode: int = setting(0o600, int, permission_bits)
+    directory_mode: int = setting(0o700, int, permission_bits)
 
 
 @dataclass(frozen=True)
@@ -295,9 +305,12 @@ def load_config(path: str) -> Config:
     """Read and validate ``path``; ConfigError names the file when it cannot be read."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            data = fh.read(limits.MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError(f"cannot read the file: {error.strerror}", path=path) from None
+    if len(data) > limits.MAX_CONFIG_BYTES:
+        raise ConfigError(f"larger than {limits.MAX_CONFIG_BYTES} bytes: not a configuration "
+                          "file (the full example is under 8 KiB)", path=path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -325,9 +338,9 @@ def parse_config(text: str, path: str = "<config>",
     warning``) applied on top of the file, the value parsed as YAML; errors in them name
     ``-O`` instead of a line.
     """
-    root = compose(text, path)
+    root = compose(text, path, max_depth=limits.MAX_YAML_DEPTH)
     for override in overrides:
-        root = apply_override(root, override)
+        root = apply_override(root, override, limits.MAX_YAML_DEPTH)
     walker = _ConfigWalker(path)
     config = walker.section(root, Config, "")
     config = dataclasses.replace(config, path=path,
@@ -346,7 +359,20 @@ class _ConfigWalker(NodeWalker):
             return self.rules(node, key)
         if kind == "exceptions":
             return self.exceptions(node, key)
-        return super().value(node, f, key)
+        bound = limits.SETTING_BOUNDS.get(key)
+        try:
+            value = super().value(node, f, key)
+        except ConfigError as error:
+            if bound is None or not error.reason.startswith("expected "):
+                raise
+            # a wrong type of a bounded key: say the range too ("1e33" is a string in YAML)
+            raise self.fail(node, key, f"{error.reason}; allowed: "
+                                       f"{bound.describe()}") from None
+        if bound is not None and value is not None:
+            problem = bound.problem(value)
+            if problem:
+                raise self.fail(node, key, f"expected {problem}, got {value!r}")
+        return value
 
     def rules(self, node: yaml.Node, key: str) -> Mapping[str, RuleConfig]:
         rules = dict(_default_rules())

@@ -38,7 +38,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from hekitrace.state.changes import NO_CHANGE, Change
-from hekitrace.trace.file import TraceHeader, TraceWriter
+from hekitrace.trace.file import (
+    PRIVATE_DIRECTORY_MODE,
+    PRIVATE_FILE_MODE,
+    TraceHeader,
+    TraceWriter,
+    make_directories,
+)
 
 SEGMENT_RE = re.compile(r"^journal-(\d{6,})\.htrace$")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{6,})\.hkck$")
@@ -81,11 +87,13 @@ def scan(directory: str) -> Listing:
     return Listing(sorted(segments), sorted(checkpoints))
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new, whole."""
+def write_atomic(path: str, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new, whole;
+    a new file gets ``mode`` (0600 unless journal.file_mode says otherwise)."""
     tmp = path + ".tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        os.fchmod(fd, mode)  # a stale .tmp left by a crash keeps its old mode otherwise
         try:
             view = memoryview(data)
             while view:
@@ -132,6 +140,8 @@ class Journal:
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.directory = str(cfg.directory)
+        self._file_mode = int(getattr(cfg, "file_mode", PRIVATE_FILE_MODE))
+        self._directory_mode = int(getattr(cfg, "directory_mode", PRIVATE_DIRECTORY_MODE))
         self._make_checkpoint = make_checkpoint
         self._header = header or TraceHeader()
         self._say = say
@@ -251,14 +261,16 @@ class Journal:
         seq = self.segment + 1
         try:
             # never reuse a number: a previous run (or a failed start) may have used it
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            make_directories(self.directory, self._directory_mode)
             listing = scan(self.directory)
             seq = max([seq] + [n + 1 for n, _ in listing.segments + listing.checkpoints])
             if checkpoint:
                 data = self._make_checkpoint(seq, self._wall_ns())
-                write_atomic(os.path.join(self.directory, checkpoint_name(seq)), data)
+                write_atomic(os.path.join(self.directory, checkpoint_name(seq)), data,
+                             self._file_mode)
                 self.checkpoints_written += 1
-            writer = TraceWriter(os.path.join(self.directory, segment_name(seq)), self._header)
+            writer = TraceWriter(os.path.join(self.directory, segment_name(seq)), self._header,
+                                 file_mode=self._file_mode)
             self.segment = seq
             self._writer = writer
             writer.fsync()

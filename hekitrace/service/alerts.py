@@ -17,6 +17,7 @@ import sys
 from typing import Any, TextIO
 
 from hekitrace.policy.findings import Finding, format_time
+from hekitrace.trace.file import PRIVATE_FILE_MODE, open_private
 
 FORMATS = ("json", "text")
 
@@ -45,11 +46,13 @@ class AlertSink:
     """
 
     def __init__(self, *, stdout: bool = True, fmt: str = "json", path: str | None = None,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, file_mode: int = PRIVATE_FILE_MODE) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"alert format {fmt!r}: expected one of {', '.join(FORMATS)}")
         self.fmt = fmt
         self.path = path
+        #: mode of an alert file this sink creates (alerts.file_mode; findings name VMs)
+        self.file_mode = file_mode
         self._stream: TextIO | None = (stream or sys.stdout) if stdout else None
         self._file: TextIO | None = None
         self._reopen_requested = False
@@ -65,7 +68,8 @@ class AlertSink:
                     stream: TextIO | None = None) -> AlertSink:
         """Build from ``config.alerts`` (stdout, format, file); ``fmt`` overrides (``-o``)."""
         return cls(stdout=bool(alerts.stdout), fmt=fmt or alerts.format, path=alerts.file,
-                   stream=stream)
+                   stream=stream,
+                   file_mode=int(getattr(alerts, "file_mode", PRIVATE_FILE_MODE)))
 
     # -- observer protocol ---------------------------------------------------------------
     def __call__(self, change: Any, findings: list[Finding]) -> None:
@@ -133,7 +137,7 @@ class AlertSink:
     def _open_file(self) -> None:
         assert self.path is not None
         try:
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            self._file = open_private(self.path, append=True, mode=self.file_mode, text=True)
         except OSError as error:
             self._file = None
             self._count("file", _errno_name(error), error)

@@ -31,7 +31,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hekitrace.errors import ControlError, ControlPermissionError, NoDaemonError, VmLookupError
+from hekitrace.config.limits import MAX_JSON_DEPTH, loads_bounded
+from hekitrace.errors import (
+    ControlError,
+    ControlPermissionError,
+    DaemonBusyError,
+    NoDaemonError,
+    VmLookupError,
+)
+from hekitrace.service.metrics import CLIENT_COUNTS, ClientCounts
 
 #: Request limits from the protocol contract.
 MAX_REQUEST_BYTES = 64 * 1024
@@ -42,7 +50,7 @@ MAX_CONNECTIONS = 32
 _UCRED = struct.Struct("iII")
 
 ERROR_CODES = ("unknown_vm", "ambiguous_vm", "bad_request", "too_large", "timeout", "denied",
-               "internal")
+               "internal", "busy")
 
 
 class RequestError(Exception):
@@ -82,7 +90,8 @@ def encode(obj: dict) -> bytes:
 def parse_request(line: bytes) -> dict:
     """Decode and check one request line; raises :class:`RequestError` (bad_request)."""
     try:
-        obj = json.loads(line.decode("utf-8"))
+        line.decode("utf-8")
+        obj = loads_bounded(line, max_bytes=MAX_REQUEST_BYTES, max_depth=MAX_JSON_DEPTH)
     except (UnicodeDecodeError, ValueError) as error:
         raise RequestError("bad_request", f"request is not JSON: {error}") from None
     if not isinstance(obj, dict):
@@ -120,8 +129,11 @@ class ControlServer:
                  max_request_bytes: int = MAX_REQUEST_BYTES,
                  timeout_seconds: float = REQUEST_TIMEOUT_SECONDS,
                  max_connections: int = MAX_CONNECTIONS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 counts: ClientCounts | None = None) -> None:
         self.path = path
+        #: refused and timed-out clients for hekitrace_clients_refused_total
+        self.counts = counts if counts is not None else CLIENT_COUNTS
         self._handler = handler
         self._allowed = allowed_uids
         self._max_request = max_request_bytes
@@ -206,7 +218,16 @@ class ControlServer:
             client.setblocking(False)
             conn = _Conn(client, self._clock() + self._timeout)
             if len(self._conns) >= self._max_conns:
+                # One small reply fits the fresh socket's send buffer: the client learns
+                # that the daemon is alive but busy (not gone), and the slot is never held.
                 self.stats["refused_busy"] += 1
+                self.counts.count("control", "busy")
+                try:
+                    client.send(encode(error_reply(
+                        "busy", f"all {self._max_conns} control connections are in use; "
+                                "try again in a few seconds")))
+                except OSError:
+                    pass
                 client.close()
                 continue
             self._conns[client.fileno()] = conn
@@ -241,6 +262,7 @@ class ControlServer:
                 return
             if end < 0 or end + 1 > self._max_request:
                 self.stats["too_large"] += 1
+                self.counts.count("control", "too_large")
                 self._reply(conn, error_reply(
                     "too_large", f"request exceeds {self._max_request} bytes"))
                 return
@@ -312,6 +334,7 @@ class ControlServer:
                 self._drop(conn)  # it does not read its reply
             else:
                 self.stats["timeout"] += 1
+                self.counts.count("control", "timeout")
                 self._reply(conn, error_reply(
                     "timeout", f"request not complete within {self._timeout:g} s"))
                 if conn.sock.fileno() in self._conns:
@@ -324,6 +347,7 @@ class ControlClient:
     ``request(op, **args)`` returns the ``result`` of an ok reply. Failures raise, with
     messages meant for operators: :class:`NoDaemonError` (nothing listens at ``path``),
     :class:`ControlError` (permission denied, daemon died mid-reply, garbage reply),
+    :class:`DaemonBusyError` (alive, but every connection slot is held),
     :class:`ControlReplyError` for protocol errors, and :class:`VmLookupError` (with
     ``choices``) for ``unknown_vm`` / ``ambiguous_vm``.
     """
@@ -396,4 +420,6 @@ class ControlClient:
                                 ambiguous=code == "ambiguous_vm")
         if code == "denied":
             raise ControlPermissionError(f"the daemon at {self.path} refused us: {message}")
+        if code == "busy":
+            raise DaemonBusyError(f"the daemon at {self.path} is alive but busy: {message}")
         raise ControlReplyError(code, message, path=self.path)

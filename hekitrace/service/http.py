@@ -1,8 +1,8 @@
 """The HTTP endpoint: ``/metrics``, ``/healthz`` and ``/readyz`` on one port.
 
 prometheus_client renders ``/metrics`` (no hand-written exposition); this module adds the
-two probes and the threading server. It runs in its own thread so a slow scraper never
-delays event processing; the probes only read two plain values the loop keeps current
+two probes and a small bounded server (:class:`HttpServer`). It runs in its own thread so
+a slow scraper never delays event processing; the probes only read two plain values the loop keeps current
 (:class:`Health`), so they never take the state lock.
 
 Defaults (observability conventions 10): loopback only, port 9864, set by
@@ -12,18 +12,20 @@ results is served: no state dumps on the metrics port.
 
 from __future__ import annotations
 
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import Any
 
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
+from hekitrace.config import limits
 from hekitrace.config.settings import split_listen
 from hekitrace.errors import ConfigError
+from hekitrace.service.metrics import CLIENT_COUNTS, ClientCounts, ClientCountsCollector
 
 DEFAULT_PORT = 9864
 #: /healthz fails when the loop has not finished an iteration for this long. The loop
@@ -71,20 +73,6 @@ class Health:
         return False, "not ready: " + "; ".join(self.not_ready_reasons) + "\n"
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _V6Server(_Server):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass  # one line per scrape would flood the journal
-
-
 def make_app(registry: CollectorRegistry, health: Health) -> Callable:
     """The WSGI app: the probes here, everything else to prometheus_client."""
     metrics_app = make_wsgi_app(registry)
@@ -108,27 +96,236 @@ def make_app(registry: CollectorRegistry, health: Health) -> Callable:
 
 
 class HttpServer:
-    """Serves :func:`make_app` on ``listen`` from a daemon thread."""
+    """Serves :func:`make_app` on ``listen`` from one daemon thread, to a bounded number
+    of clients.
 
-    def __init__(self, listen: str, registry: CollectorRegistry, health: Health) -> None:
+    Why not a thread per connection (``ThreadingMixIn``): a flood of silent or slow
+    clients then costs a thread and its stack each, for as long as they like. Here one
+    thread runs a selector: a connection is read without blocking until its request head
+    is complete (at most :data:`~hekitrace.config.limits.HTTP_MAX_REQUEST_BYTES`, within
+    :data:`~hekitrace.config.limits.HTTP_REQUEST_TIMEOUT_SECONDS` of its accept: the idle
+    and read timeout), then answered at once (a scrape renders in about a millisecond)
+    and closed; the reply is written as far as the peer accepts and the rest later, within
+    the same timeout. At most :data:`~hekitrace.config.limits.HTTP_MAX_CONNECTIONS` are
+    open: a new client past that evicts the oldest one still waiting for its request, so
+    a flood of silent clients can delay a real scrape by one loop iteration, not by a
+    timeout. Every client dropped that way, timed out or refused is counted in
+    ``hekitrace_clients_refused_total{server="metrics"}`` (:class:`ClientCounts`).
+    """
+
+    def __init__(self, listen: str, registry: CollectorRegistry, health: Health, *,
+                 counts: ClientCounts | None = None,
+                 max_connections: int = limits.HTTP_MAX_CONNECTIONS,
+                 timeout_seconds: float = limits.HTTP_REQUEST_TIMEOUT_SECONDS) -> None:
         self.host, self.port = parse_listen(listen)
-        server_class = _V6Server if ":" in self.host else _Server
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self._server = make_server(self.host, self.port, make_app(registry, health),
-                                       server_class=server_class, handler_class=_QuietHandler)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(limits.HTTP_LISTEN_BACKLOG)
         except OSError as error:
+            sock.close()
             raise ConfigError(f"cannot listen on {listen}: {error.strerror or error}",
                               key="metrics.listen") from None
-        self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="hekitrace-http", daemon=True)
+        sock.setblocking(False)
+        self._listener = sock
+        self.port = sock.getsockname()[1]
+        self._app = make_app(registry, health)
+        self.counts = counts if counts is not None else CLIENT_COUNTS
+        self._registry = registry
+        self._collector = ClientCountsCollector(self.counts)
+        registry.register(self._collector)
+        self._max_conns = max_connections
+        self._timeout = timeout_seconds
+        self._conns: dict[int, _HttpConn] = {}
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(sock, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, name="hekitrace-http",
+                                        daemon=True)
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
 
     def start(self) -> None:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop serving and release the port; safe before :meth:`start` (shutdown() would
-        wait forever for a serving loop that never ran)."""
+        """Stop serving and release the port; safe before :meth:`start`."""
+        self._stop = True
         if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
+            self._thread.join(5)
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+        self._selector.close()
+        try:
+            self._registry.unregister(self._collector)
+        except KeyError:
+            pass
+
+    # -- the loop -----------------------------------------------------------------------
+    def _serve(self) -> None:
+        while not self._stop:
+            now = time.monotonic()
+            wait = min((c.deadline for c in self._conns.values()), default=now + 1.0) - now
+            for key, mask in self._selector.select(max(0.0, min(wait, 1.0))):
+                if key.fileobj is self._listener:
+                    self._accept()
+                elif key.fileobj is self._wake_r:
+                    return
+                else:
+                    conn = key.data
+                    if mask & selectors.EVENT_READ and not conn.outbuf:
+                        self._read(conn)
+                    elif mask & selectors.EVENT_WRITE:
+                        self._write(conn)
+            self._expire(time.monotonic())
+
+    def _accept(self) -> None:
+        for _ in range(limits.HTTP_LISTEN_BACKLOG):  # bounded work per wake-up
+            try:
+                client, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # EMFILE and the like: the kernel keeps it queued; next wake-up
+            client.setblocking(False)
+            if len(self._conns) >= self._max_conns and not self._evict_oldest_reader():
+                self.counts.count("metrics", "busy")
+                client.close()
+                continue
+            conn = _HttpConn(client, time.monotonic() + self._timeout)
+            self._conns[client.fileno()] = conn
+            self._selector.register(client, selectors.EVENT_READ, conn)
+            self._read(conn)  # a scraper usually sent its request with the handshake
+
+    def _evict_oldest_reader(self) -> bool:
+        readers = [c for c in self._conns.values() if not c.outbuf]
+        if not readers:
+            return False
+        self.counts.count("metrics", "busy")
+        self._drop(min(readers, key=lambda c: c.deadline))
+        return True
+
+    def _read(self, conn: _HttpConn) -> None:
+        try:
+            data = conn.sock.recv(limits.HTTP_MAX_REQUEST_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if not data:
+            self._drop(conn)
+            return
+        conn.inbuf += data
+        end = conn.inbuf.find(b"\r\n\r\n")
+        if end < 0:
+            end = conn.inbuf.find(b"\n\n")
+        if end < 0:
+            if len(conn.inbuf) > limits.HTTP_MAX_REQUEST_BYTES:
+                self.counts.count("metrics", "too_large")
+                self._respond(conn, _simple("431 Request Header Fields Too Large",
+                                            "request head too large\n"))
+            return
+        try:
+            reply = self._answer(bytes(conn.inbuf[:end]))
+        except Exception as error:  # noqa: BLE001 - a collector bug must not end serving
+            reply = _simple("500 Internal Server Error",
+                            f"{type(error).__name__}: {error}\n")
+        self._respond(conn, reply)
+
+    def _answer(self, head: bytes) -> bytes:
+        lines = head.decode("latin-1").splitlines()
+        parts = lines[0].split() if lines else []
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _simple("400 Bad Request", "bad request line\n")
+        method, target, _version = parts
+        if method not in ("GET", "HEAD"):
+            return _simple("405 Method Not Allowed", "only GET and HEAD\n")
+        path, _, query = target.partition("?")
+        # HEAD is answered as GET without the body (prometheus_client refuses HEAD)
+        environ: dict[str, Any] = {"REQUEST_METHOD": "GET", "PATH_INFO": path,
+                                   "QUERY_STRING": query, "SERVER_PROTOCOL": "HTTP/1.1"}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                environ["HTTP_" + name.strip().upper().replace("-", "_")] = value.strip()
+        reply: dict[str, Any] = {}
+
+        def start_response(status: str, headers: list[tuple[str, str]],
+                           exc_info: Any = None) -> None:
+            reply["status"], reply["headers"] = status, headers
+
+        body = b"".join(self._app(environ, start_response))
+        headers = [(k, v) for k, v in reply["headers"] if k.lower() != "content-length"]
+        out = [f"HTTP/1.1 {reply['status']}"] + [f"{k}: {v}" for k, v in headers]
+        out += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+        return "\r\n".join(out).encode("latin-1") + (b"" if method == "HEAD" else body)
+
+    def _respond(self, conn: _HttpConn, data: bytes) -> None:
+        conn.outbuf = data
+        conn.deadline = time.monotonic() + self._timeout
+        self._write(conn)
+
+    def _write(self, conn: _HttpConn) -> None:
+        try:
+            sent = conn.sock.send(conn.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._drop(conn)
+            return
+        conn.outbuf = conn.outbuf[sent:]
+        if not conn.outbuf:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._drop(conn)
+            return
+        self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self._conns.values() if c.deadline <= now]:
+            self.counts.count("metrics", "timeout")
+            self._drop(conn)
+
+    def _drop(self, conn: _HttpConn) -> None:
+        self._conns.pop(conn.sock.fileno(), None)
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+
+class _HttpConn:
+    __slots__ = ("deadline", "inbuf", "outbuf", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.inbuf = bytearray()
+        self.outbuf = b""
+
+
+def _simple(status: str, text: str) -> bytes:
+    body = text.encode()
+    return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body

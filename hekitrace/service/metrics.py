@@ -104,10 +104,64 @@ METRICS: tuple[MetricSpec, ...] = (
                "Journal writes that failed, by reason (errno name)."),
     MetricSpec("hekitrace_journal_bytes", "gauge", (),
                "Bytes the journal occupies on disk."),
+    MetricSpec("hekitrace_clients_refused_total", "counter", ("server", "reason"),
+               "Clients of the metrics endpoint (server=\"metrics\") or the control socket "
+               "(server=\"control\") dropped without an answer: busy (every connection slot "
+               "held; on the metrics port the oldest silent client is evicted), timeout (no "
+               "complete request or reply within the timeout), too_large (request over the "
+               "limit)."),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in METRICS}
 
 _CR_LABEL = {0: "cr0", 3: "cr3", 4: "cr4"}
+
+
+class ClientCounts:
+    """Clients refused or timed out, by (server, reason): what
+    ``hekitrace_clients_refused_total`` reports.
+
+    The servers bump it from their own threads (the HTTP thread, the daemon loop), so it
+    has its own lock. One process-wide instance, :data:`CLIENT_COUNTS`, is what the
+    servers use by default and what :class:`ClientCountsCollector` reports: a process runs
+    one daemon, and the HTTP server registers the collector on the daemon's registry.
+    """
+
+    SERVERS = ("metrics", "control")
+    REASONS = ("busy", "timeout", "too_large")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[tuple[str, str], int] = {
+            (server, reason): 0 for server in self.SERVERS for reason in self.REASONS}
+
+    def count(self, server: str, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[(server, reason)] = self.counts.get((server, reason), 0) + n
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self.counts)
+
+
+CLIENT_COUNTS = ClientCounts()
+
+
+class ClientCountsCollector(Collector):
+    """Yields ``hekitrace_clients_refused_total`` from a :class:`ClientCounts`."""
+
+    def __init__(self, counts: ClientCounts) -> None:
+        self._counts = counts
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        spec = SPEC_BY_NAME["hekitrace_clients_refused_total"]
+        family = CounterMetricFamily(spec.name[:-len("_total")], spec.help,
+                                     labels=spec.labels)
+        for (server, reason), n in sorted(self._counts.snapshot().items()):
+            family.add_metric([server, reason], n)
+        yield family
 
 
 class LoopStats:

@@ -48,6 +48,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, NamedTuple, Self
 
+from hekitrace.config.limits import (
+    MAX_JSON_DEPTH,
+    MAX_JSONL_LINE_BYTES,
+    MAX_TRACE_PROBE_BYTES,
+    loads_bounded,
+)
 from hekitrace.errors import TraceFormatError
 from hekitrace.state.events import NAME_OF, Event
 from hekitrace.trace.binary import decode_block, encode_event
@@ -127,6 +133,49 @@ def _sink(errors: ErrorSink) -> Callable[[TraceProblem], None]:
 
 # -- writing -------------------------------------------------------------------------------
 
+#: Files hekitrace writes (traces, journal segments, checkpoints, the alert file) are
+#: created owner-only, in directories it creates owner-only, unless the config says
+#: otherwise (journal.file_mode, journal.directory_mode, alerts.file_mode).
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIRECTORY_MODE = 0o700
+
+
+def open_private(path: str, *, append: bool = False, mode: int = PRIVATE_FILE_MODE,
+                 text: bool = False) -> Any:
+    """Open ``path`` for writing (truncating, or appending), creating it with ``mode``
+    (no window at the umask's default: the mode is given to open(2) itself)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, mode)
+    try:
+        if text:
+            return os.fdopen(fd, "a" if append else "w", encoding="utf-8")
+        return os.fdopen(fd, "ab" if append else "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def make_directories(path: str, mode: int = PRIVATE_DIRECTORY_MODE) -> None:
+    """``mkdir -p`` where every directory created (not only the last, unlike
+    ``os.makedirs``) gets ``mode``; existing ones are left as they are."""
+    missing = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue
+        os.chmod(directory, mode)  # the umask may have taken bits the config asked for
+
+
 class TraceWriter:
     """Writes a trace (binary by default, or ``encoding="jsonl"``) to a path or file.
 
@@ -135,12 +184,14 @@ class TraceWriter:
     and skips). ``flush()`` ends the current block; ``fsync()`` also makes it durable
     (the journal decides how often). ``append=True`` on an existing binary trace adds
     blocks after its end without a second header (journal segments); a torn tail left by
-    a crash is then reported once by readers and everything after it still reads.
+    a crash is then reported once by readers and everything after it still reads. A file
+    the writer creates gets ``file_mode`` (0600: traces hold VM names, pids and memory
+    maps); an existing file keeps its mode.
     """
 
     def __init__(self, target: str | os.PathLike | IO[bytes], header: TraceHeader | None = None,
                  *, encoding: str = "binary", block_bytes: int = DEFAULT_BLOCK_BYTES,
-                 append: bool = False) -> None:
+                 append: bool = False, file_mode: int = PRIVATE_FILE_MODE) -> None:
         if encoding not in ("binary", "jsonl"):
             raise TraceFormatError(f"unknown trace encoding {encoding!r}; "
                                    "expected 'binary' or 'jsonl'")
@@ -160,7 +211,7 @@ class TraceWriter:
                     if probe.read(len(MAGIC)) != MAGIC:
                         raise TraceFormatError("cannot append: not a binary hekitrace trace",
                                                path=path, offset=0)
-            self._file: IO[bytes] = open(path, "ab" if append else "wb")  # noqa: SIM115 - closed by close()
+            self._file: IO[bytes] = open_private(path, append=append, mode=file_mode)
             self.path = path
         else:
             exists = append
@@ -256,7 +307,7 @@ class TraceReader:
         #: bytes already read but not yet consumed (never seek: pipes work too)
         self._pushback = b""
         self._header_size = 0
-        self._line_source: Iterator[bytes] = iter(())
+        self._line_source: Iterator[bytes | int] = iter(())
         try:
             head = self._file.read(_FILE_HEAD.size)
             if head[:len(MAGIC)] == MAGIC:
@@ -266,8 +317,7 @@ class TraceReader:
                 raise TraceFormatError("truncated trace header", path=self.path, offset=0)
             else:
                 self.encoding = "jsonl"
-                first = (head + self._file.readline()).splitlines(keepends=True)
-                self._line_source = itertools.chain(first, self._file)
+                self._line_source = _bounded_lines(self._file, head, MAX_JSONL_LINE_BYTES)
                 self.header = self._jsonl_header()
         except BaseException:
             self._file.close()
@@ -303,26 +353,40 @@ class TraceReader:
 
     def _jsonl_header(self) -> TraceHeader:
         """Decide that the file is JSON Lines: its first content line must be a JSON
-        object (a header line or an event); anything else is not a trace."""
-        seen: list[bytes] = []
+        object (a header line or an event), within the first MAX_TRACE_PROBE_BYTES (blank
+        and comment lines before it included); anything else is not a trace."""
+        seen: list[bytes | int] = []
+        offset = 0
+        expected = ("not a hekitrace trace: expected the binary magic or a JSON object "
+                    "on the first line")
         for number, raw in enumerate(self._line_source, 1):
             seen.append(raw)
+            if isinstance(raw, int):
+                raise TraceFormatError(f"{expected}, found a line of more than "
+                                       f"{MAX_JSONL_LINE_BYTES} bytes", path=self.path,
+                                       offset=offset)
+            if offset + len(raw) > MAX_TRACE_PROBE_BYTES:
+                raise TraceFormatError(f"{expected}, found none in the first "
+                                       f"{MAX_TRACE_PROBE_BYTES} bytes", path=self.path,
+                                       offset=offset)
             text = raw.strip()
             if not text or text.startswith(b"#"):
+                offset += len(raw)
                 continue
+            reason = ""
             try:
-                first = json.loads(text)
-            except (ValueError, UnicodeDecodeError):
-                first = None
+                first = loads_bounded(text, max_bytes=MAX_JSONL_LINE_BYTES,
+                                      max_depth=MAX_JSON_DEPTH)
+            except (ValueError, UnicodeDecodeError) as error:
+                first, reason = None, f" ({_short(error)})"
             if not isinstance(first, dict):
-                raise TraceFormatError("not a hekitrace trace: neither the binary magic nor "
-                                       "a JSON object on the first line", path=self.path,
-                                       line=number)
+                raise TraceFormatError(f"{expected} (line {number}){reason}",
+                                       path=self.path, offset=offset)
             self._line_source = itertools.chain(seen, self._line_source)
             if first.get("kind") == "header":
                 try:
                     return TraceHeader.from_dict(first)
-                except ValueError as error:
+                except (ValueError, TypeError) as error:
                     raise TraceFormatError(f"bad header: {error}", path=self.path,
                                            line=number) from None
             return TraceHeader()
@@ -457,22 +521,61 @@ class TraceReader:
         loads = json.loads
         from_dict = event_from_dict
         for number, raw in enumerate(self._line_source, 1):
+            if isinstance(raw, int):
+                self._problem(f"line longer than the {MAX_JSONL_LINE_BYTES}-byte record limit "
+                              "(line skipped)", line=number)
+                continue
             text = raw.strip()
             if not text or text[:1] == b"#":
                 continue
             try:
-                data = loads(text)
+                if len(text) > 64 and text.count(b"[") + text.count(b"{") > MAX_JSON_DEPTH:
+                    data = loads_bounded(text, max_bytes=MAX_JSONL_LINE_BYTES)
+                else:
+                    data = loads(text)
                 if not isinstance(data, dict):
                     raise ValueError(f"expected a JSON object, got {type(data).__name__}")  # noqa: TRY004 - caught below
                 if data.get("kind") == "header":
                     continue  # read by _jsonl_header (only the first one counts)
                 event = from_dict(data, start_ns=start_ns, last_ns=last_ns)
-            except (ValueError, UnicodeDecodeError) as error:
+            except (ValueError, UnicodeDecodeError, RecursionError) as error:
                 snippet = text[:60].decode("utf-8", "replace")
-                self._problem(f"{error} (line skipped: {snippet!r})", line=number)
+                self._problem(f"{_short(error)} (line skipped: {snippet!r})", line=number)
                 continue
             last_ns = event.time_ns
             yield event
+
+
+def _short(error: BaseException) -> str:
+    """An exception's message cut to one short line (a bad value may be megabytes)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _bounded_lines(file: IO[bytes], pending: bytes, limit: int) -> Iterator[bytes | int]:
+    """The lines of ``file`` (``pending``, bytes already read, first), each at most
+    ``limit`` bytes plus its newline; a longer line is yielded as an int (more than
+    ``limit``) as soon as that is known, and read through in bounded chunks only when the
+    caller asks for the next line, so no line is ever held whole."""
+    readline = file.readline
+    *complete, rest = pending.split(b"\n")
+    for line in complete:
+        yield line + b"\n"
+    line = rest + readline(limit + 1 - len(rest)) if rest or not complete else b""
+    while True:
+        if not line:
+            line = readline(limit + 1)
+            if not line:
+                return
+        if len(line) > limit and not line.endswith(b"\n"):
+            yield len(line)  # before reading the rest: the caller may stop here
+            while True:
+                chunk = readline(1 << 20)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+        else:
+            yield line
+        line = b""
 
 
 def open_trace(path: str | os.PathLike, errors: ErrorSink = None) -> TraceReader:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fuzzbudget import budget
-from hypothesis import given
+from fuzzbudget import bounded, budget
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from hekitrace.config.settings import Config, parse_config
+from hekitrace.config.settings import Config, default_config, parse_config
 from hekitrace.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +70,7 @@ def mutated_default(draw) -> str:
 
 @given(mutated_default())
 @budget(300)
+@bounded(seconds=10.0, megabytes=32)
 def test_mutated_default_config_is_valid_or_a_config_error(text):
     check(text)
 
@@ -86,18 +87,40 @@ YAMLISH = st.recursive(
 
 @given(YAMLISH)
 @budget(300)
+@bounded(seconds=10.0, megabytes=32)
 def test_random_yaml_document_is_valid_or_a_config_error(doc):
     check(yaml.safe_dump(doc))
 
 
+def _empty_document(text: str) -> bool:
+    """True when ``text`` is a YAML document with nothing in it (blank, comments, ``~``,
+    ``{}``): the one valid config random bytes can make, documented as the defaults."""
+    try:
+        return yaml.safe_load(text) in (None, {})
+    except (yaml.YAMLError, RecursionError):
+        return False
+
+
 @given(st.binary(max_size=200))
+@example(b"")
+@example(b"# just a comment\n")
 @budget(200)
+@bounded(seconds=10.0, megabytes=32)
 def test_random_bytes_are_a_config_error(data):
-    check(data.decode("utf-8", "replace"))
+    """Random bytes are never a configuration: ConfigError with a message, except the
+    empty document, which must give exactly the defaults (not some other valid config)."""
+    text = data.decode("utf-8", "replace")
+    if _empty_document(text):
+        assert parse_config(text, "fuzz.yaml") == default_config()
+        return
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "fuzz.yaml")
+    assert str(info.value).startswith("fuzz.yaml")
 
 
 @given(st.lists(st.tuples(st.text(max_size=30), SCALARS), max_size=3))
 @budget(200)
+@bounded(seconds=10.0, megabytes=32)
 def test_random_overrides_are_valid_or_a_config_error(pairs):
     check(DEFAULT, tuple(f"{k}={v}" for k, v in pairs))
 
@@ -109,14 +132,39 @@ def test_random_overrides_are_valid_or_a_config_error(pairs):
     "a: &a [*a]\n",
     "metrics: {listen: \"[::1\"}\n",
     "\ufeff\x00",
+    "- " * 10_000 + "1\n",
+    "[" * 100_000 + "\n",
+    "capture: {queue_events: " + str(10**33) + "}\n",
 ])
 def test_hostile_config_through_check_cli_is_an_error_line(text, tmp_path):
+    """Each of these is invalid: `config validate` exits 3 (EXIT_CONFIG) with exactly one
+    error line naming the file, never 0 and never a traceback."""
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     proc = subprocess.run([sys.executable, "-m", "hekitrace.cli", "config", "validate",
-                           str(path)], capture_output=True, text=True, timeout=120, check=False)
+                           str(path)], capture_output=True, text=True, timeout=120, check=False,
+                          cwd=ROOT)
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-    assert proc.returncode in (0, 3), (proc.returncode, proc.stderr)
+    assert proc.returncode == 3, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0], proc.stderr
+
+
+@given(depth=st.integers(1, 20_000), kind=st.sampled_from(["- ", "[", "{a: ", "a:\n  "]))
+@budget(30)
+@bounded(seconds=10.0, megabytes=32)
+def test_deep_yaml_is_a_config_error_naming_the_nesting(depth, kind):
+    if kind == "a:\n  ":
+        text = "".join("  " * i + "a:\n" for i in range(min(depth, 2000)))
+        depth = min(depth, 2000)
+    else:
+        text = kind * depth + "1\n"
+    try:
+        parse_config(text, "fuzz.yaml")
+    except ConfigError as error:
+        if depth > 32:
+            assert "nested more than 32 levels" in str(error) or "not valid YAML" in str(error)
+        return
 
 
 def test_regression_control_character_is_a_config_error_not_a_reader_error(tmp_path):

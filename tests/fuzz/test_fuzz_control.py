@@ -6,8 +6,10 @@ real ``hekitrace daemon`` (tests/e2e/daemon_proc.py), sends random bytes or rand
 objects (every op, random argument shapes), half-closes, and reads: the reply, if the
 request was a complete line, must be one JSON object, ``ok`` true or an error with a
 code from the contract (docs/internals.md); a request without a newline may get no
-reply. Afterwards the daemon must still answer ``status``, be alive, and its stderr
-must hold no Python traceback.
+reply. Payloads include requests nested up to 60,000 levels deep (a ``bad_request``,
+never ``internal``). Each exchange is bounded in time, and afterwards the daemon must
+still answer ``status``, be alive, hold no more than 32 MiB of resident memory beyond what
+it had before the fuzzing, and its stderr must hold no Python traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fuzzbudget import budget
+from fuzzbudget import bounded, budget
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,12 +32,20 @@ from hekitrace.service.control import ControlClient
 pytestmark = pytest.mark.e2e
 
 CODES = {"unknown_vm", "ambiguous_vm", "bad_request", "too_large", "timeout", "denied",
-         "internal"}
+         "internal", "busy"}
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture(scope="module")
 def daemon():
     d = DaemonProcess().start()
+    d.rss_before_kib = _rss_kib(d.proc.pid)
     yield d
     d.close()
 
@@ -90,8 +100,11 @@ REQUEST = st.fixed_dictionaries(
     st.binary(max_size=300).map(lambda b: b + b"\n"),
     REQUEST.map(lambda r: json.dumps(r).encode() + b"\n"),
     REQUEST.map(lambda r: json.dumps(r).encode()[:-1] + b"\n"),     # cut JSON
-    ARG.map(lambda r: json.dumps(r).encode() + b"\n")))
+    ARG.map(lambda r: json.dumps(r).encode() + b"\n"),
+    st.tuples(st.sampled_from([b"[", b'{"a":', b'{"op":"status","x":']),
+              st.integers(1, 60_000)).map(lambda t: t[0] * t[1] + b"\n")))
 @budget(150)
+@bounded(seconds=15.0, megabytes=32)
 def test_random_requests_get_a_contract_reply(daemon, payload):
     check_reply(payload, exchange(daemon.socket_path, payload))
 
@@ -100,3 +113,5 @@ def test_daemon_survived_the_fuzzing(daemon):
     assert ControlClient(daemon.socket_path).request("status")["ready"] is True
     assert daemon.proc.poll() is None
     assert "Traceback" not in daemon.stderr(), daemon.stderr()
+    grown = _rss_kib(daemon.proc.pid) - daemon.rss_before_kib
+    assert grown < 32 * 1024, f"the daemon grew by {grown} KiB during the fuzzing"

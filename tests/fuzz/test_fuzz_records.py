@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-from fuzzbudget import budget
+from fuzzbudget import bounded, budget
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -66,6 +66,7 @@ def record(draw) -> bytes:
        garbage_spans=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 5000)),
                               max_size=4))
 @budget(300)
+@bounded(seconds=10.0, megabytes=32)
 def test_decode_batch_accounts_for_every_span_and_pipeline_never_raises(
         recs, epoch, garbage_spans):
     buf = bytearray()
@@ -103,6 +104,7 @@ def test_decode_batch_accounts_for_every_span_and_pipeline_never_raises(
 @given(st.binary(max_size=8192), st.lists(st.tuples(st.integers(0, 8191),
                                                     st.integers(0, 8192)), max_size=16))
 @budget(300)
+@bounded(seconds=10.0, megabytes=32)
 def test_decode_batch_on_raw_bytes_never_raises(data, raw_spans):
     if not data:
         return

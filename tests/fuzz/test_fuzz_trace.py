@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 import pytest
-from fuzzbudget import CORPUS, budget
+from fuzzbudget import CORPUS, bounded, budget
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -80,6 +80,7 @@ def test_seed_reads_cleanly(encoding, tmp_path):
 
 @given(data=mutated(SEEDS["binary"]))
 @budget(200)
+@bounded(seconds=10.0, megabytes=32)
 def test_damaged_binary_trace_reports_problems_with_offsets(data, tmp_path_factory):
     path = tmp_path_factory.mktemp("fz") / "t.htrace"
     path.write_bytes(data)
@@ -88,6 +89,7 @@ def test_damaged_binary_trace_reports_problems_with_offsets(data, tmp_path_facto
 
 @given(data=mutated(SEEDS["jsonl"]))
 @budget(200)
+@bounded(seconds=10.0, megabytes=32)
 def test_damaged_jsonl_trace_reports_problems_with_lines(data, tmp_path_factory):
     path = tmp_path_factory.mktemp("fz") / "t.jsonl"
     path.write_bytes(data)
@@ -117,6 +119,7 @@ def wrong_shape_line(draw) -> bytes:
 
 @given(lines=st.lists(wrong_shape_line(), min_size=1, max_size=8))
 @budget(300)
+@bounded(seconds=10.0, megabytes=32)
 def test_jsonl_lines_of_the_wrong_shape_are_problems_not_crashes(lines, tmp_path_factory):
     path = tmp_path_factory.mktemp("fz") / "t.jsonl"
     path.write_bytes(SEEDS["jsonl"] + b"\n".join(lines) + b"\n")
@@ -127,6 +130,33 @@ def test_jsonl_lines_of_the_wrong_shape_are_problems_not_crashes(lines, tmp_path
     headers = sum(1 for x in lines if json.loads(x).get("kind") == "header")
     assert len(events) + len(problems) == 60 + len(lines) - headers
     assert all(p.line is not None for p in problems)
+
+
+@st.composite
+def hostile_line(draw) -> bytes:
+    """A line built to exhaust a reader: deep nesting, a huge string, or both."""
+    depth = draw(st.integers(0, 200_000))
+    opener = draw(st.sampled_from([b"[", b'{"a":', b'{"kind":"fault","tgid":']))
+    filler = b"x" * draw(st.sampled_from([0, 10, 1 << 20, (1 << 20) + 1, 3 << 20]))
+    return opener * depth + b'"' + filler + b'"' + draw(st.sampled_from([b"", b"]" * depth]))
+
+
+@given(lines=st.lists(hostile_line(), min_size=1, max_size=3),
+       header_first=st.booleans())
+@budget(40)
+@bounded(seconds=10.0, megabytes=64)
+def test_deep_and_long_jsonl_lines_cost_bounded_memory_and_time(lines, header_first,
+                                                               tmp_path_factory):
+    path = tmp_path_factory.mktemp("fz") / "t.jsonl"
+    head = SEEDS["jsonl"] if header_first else b""
+    path.write_bytes(head + b"\n".join(lines) + b"\n")
+    try:
+        events, problems = read_all(path)
+    except TraceFormatError as error:
+        assert not header_first and "expected" in str(error)
+        return
+    assert len(events) >= (60 if header_first else 0)
+    assert all(p.line is not None and len(p.message) < 400 for p in problems)
 
 
 # Damaged files through the real CLI: exit status 0 (read, problems reported), 1 (a

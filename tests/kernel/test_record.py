@@ -75,6 +75,7 @@ def test_record_duration_stops_by_itself(tmp_path):
     assert child.wait(30) == 0
     assert "events in 1." in child.stderr.read().strip().splitlines()[-1]
     assert out.stat().st_size > 0
+    assert out.stat().st_mode & 0o777 == 0o600   # VM names and maps: owner only (issue 19)
 
 
 def test_record_rejects_a_non_positive_duration(tmp_path):

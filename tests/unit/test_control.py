@@ -268,3 +268,39 @@ def test_control_open_replaces_stale_socket_but_not_other_files(tmp_path):
     with pytest.raises(ControlError, match="not a socket"):
         ControlServer(str(regular), _handler).open(selectors.DefaultSelector())
     assert regular.read_text() == "precious"
+
+
+def test_control_deeply_nested_request_is_bad_request_not_internal(loop):
+    reply = _raw(loop.server.path, b'{"op":"status","x":' + b"[" * 30_000 + b"\n")
+    assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
+    assert "nested" in reply["error"]["message"]
+    assert loop.server.stats["internal_errors"] == 0
+    assert ControlClient(loop.server.path).request("status") == {"alive": True}
+
+
+def test_control_all_slots_held_is_busy_not_gone(tmp_path):
+    """Silent clients hold every slot: the next client hears 'busy' (DaemonBusyError,
+    its own exit status), not 'the daemon may have died'; the slots free at the timeout."""
+    from hekitrace.commands import exit_status
+    from hekitrace.errors import DaemonBusyError, NoDaemonError
+
+    lp = Loop(str(tmp_path / "c.sock"), timeout_seconds=1.0, max_connections=4)
+    idle = []
+    try:
+        for _ in range(4):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(lp.server.path)
+            idle.append(s)
+        time.sleep(0.2)
+        with pytest.raises(DaemonBusyError) as info:
+            ControlClient(lp.server.path, timeout_seconds=5).request("status")
+        assert not isinstance(info.value, NoDaemonError)
+        assert "busy" in str(info.value) and "died" not in str(info.value)
+        assert exit_status.for_error(info.value) == exit_status.DAEMON_BUSY
+        assert lp.server.stats["refused_busy"] >= 1
+        time.sleep(1.5)   # the silent clients time out and free their slots
+        assert ControlClient(lp.server.path).request("status") == {"alive": True}
+    finally:
+        for s in idle:
+            s.close()
+        lp.close()

@@ -94,7 +94,20 @@ def test_controlops_vms_and_snapshot():
     assert findings_count(counts, web) == 2
     snap = answer({"op": "snapshot", "vm": "web", "maps": ["applied"]}, h, DEFAULT_PROFILE,
                   counts, {web.key: []})
-    assert isinstance(snap, dict) and snap
+    # the snapshot is of the VM asked for, limited to the map asked for, and holds
+    # exactly the one applied range (gfn 0x1000-0x1800, r-x immutable) and its memslot
+    assert (snap["vm"]["name"], snap["vm"]["uuid"], snap["vm"]["pid"]) == ("web", "u-web", 10)
+    assert snap["maps"] == ["applied"]
+    assert [(r["gfn_start"], r["gfn_end"], r["pages"]) for r in snap["ranges"]] == \
+        [(0x1000, 0x1800, 0x800)]
+    (rng,) = snap["ranges"]
+    assert rng["applied"]["class"] == "r-x_immutable" and "requested" not in rng
+    assert rng["applied"]["value"] == DEFAULT_PROFILE.guest_to_kvm(0b1101)
+    assert snap["vm"]["memory"]["applied"] == {"r-x_immutable": {"pages": 0x800,
+                                                                  "bytes": 0x800 * 4096}}
+    assert snap["vm"]["memory"]["requested"] == {}
+    assert [m["slot"] for m in snap["memslots"]] == [0] and snap["findings"] == []
+    assert snap["ranges_truncated"] is False and snap["differing_ranges"] == 0
 
 
 @pytest.mark.parametrize("request_", [

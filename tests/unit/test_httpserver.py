@@ -91,3 +91,81 @@ def test_close_before_start_returns_and_frees_the_port():
     port = server.port
     server.close()                 # used to wait forever in socketserver.shutdown()
     HttpServer(f"127.0.0.1:{port}", registry, health).close()
+
+
+def _raw(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
+@pytest.fixture
+def bounded_server():
+    from hekitrace.service.metrics import ClientCounts
+    counts = ClientCounts()
+    registry = CollectorRegistry()
+    server = HttpServer("127.0.0.1:0", registry, Health(), counts=counts, max_connections=4,
+                        timeout_seconds=0.5)
+    server.start()
+    yield server, counts
+    server.close()
+
+
+def test_http_methods_head_and_oversized_heads(bounded_server):
+    server, counts = bounded_server
+    head = _raw(server.port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
+    assert _raw(server.port, b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+    assert _raw(server.port, b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400")
+    big = b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (64 * 1024)
+    assert _raw(server.port, big).startswith(b"HTTP/1.1 431")
+    assert counts.snapshot()[("metrics", "too_large")] == 1
+
+
+def test_silent_and_slow_clients_are_timed_out_evicted_and_counted(bounded_server):
+    import socket
+    import threading
+    import time
+    server, counts = bounded_server
+    silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(10)]
+    try:
+        time.sleep(0.2)
+        assert server.connections <= 4
+        started = time.perf_counter()
+        assert _raw(server.port, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200")
+        assert time.perf_counter() - started < 0.1
+        assert counts.snapshot()[("metrics", "busy")] >= 6
+        assert threading.active_count() < 10
+        time.sleep(1.0)               # past the 0.5 s idle timeout: the rest are dropped
+        assert server.connections == 0
+        assert counts.snapshot()[("metrics", "timeout")] >= 1
+    finally:
+        for s in silent:
+            s.close()
+    text = _raw(server.port, b"GET /metrics HTTP/1.1\r\n\r\n").decode()
+    assert 'hekitrace_clients_refused_total{reason="timeout",server="metrics"}' in text
+
+
+def test_a_collector_that_raises_is_a_500_and_the_server_keeps_serving():
+    class Broken:
+        def collect(self):
+            raise RuntimeError("collector bug")
+
+        def describe(self):
+            return []
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Broken())
+    server = HttpServer("127.0.0.1:0", registry, Health())
+    server.start()
+    try:
+        assert _raw(server.port, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 500")
+        assert _raw(server.port, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200")
+    finally:
+        server.close()

@@ -1,13 +1,13 @@
 """hekitrace.service.metrics: golden /metrics for a fixed scenario, VM series lifecycle, docs.
 
 The state is built by the real ``Host`` from events; the exposition is rendered by
-prometheus_client from the real collector. Set HEKITRACE_UPDATE_GOLDEN=1 to rewrite the
-golden file after an intended change (and review the diff).
+prometheus_client from the real collector. Set HEKITRACE_UPDATE_GOLDEN=1 (the one switch
+for every golden file, tests/conftest.py) to rewrite the golden file after an intended
+change, and review the diff.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -99,11 +99,8 @@ def _render(host, abi, stats, label="name", pages=None):
     return generate_latest(registry).decode()
 
 
-def test_metrics_golden_scenario():
-    text = _render(*_scenario())
-    if os.environ.get("HEKITRACE_UPDATE_GOLDEN"):
-        GOLDEN.write_text(text)
-    assert text == GOLDEN.read_text()
+def test_metrics_golden_scenario(golden):
+    golden(GOLDEN, _render(*_scenario()))
 
 
 def test_metrics_incremental_page_counts_render_the_same_as_a_recount():

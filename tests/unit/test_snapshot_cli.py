@@ -3,7 +3,8 @@ the bundled attack example (state rebuilt with --from), and the error cases an o
 meets (no daemon, unknown/ambiguous VM, socket denied, daemon dying mid-reply): one
 line on stderr, a documented exit status, never a traceback.
 
-Regenerate the golden files with ``HEKITRACE_REGEN_GOLDEN=1`` and review the diff.
+Regenerate the golden files with ``HEKITRACE_UPDATE_GOLDEN=1`` (the one switch for every
+golden file, tests/conftest.py) and review the diff.
 """
 
 from __future__ import annotations
@@ -39,13 +40,6 @@ def empty_config(tmp_path_factory) -> str:
     return str(path)
 
 
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("HEKITRACE_REGEN_GOLDEN"):
-        path.write_text(text)
-    assert text == path.read_text(), f"output differs from {path}"
-
-
 @pytest.mark.parametrize("name,args", [
     ("summary.txt", ["snapshot", "victim-wt"]),
     ("summary-degraded.txt", ["snapshot", "victim-ml"]),
@@ -57,10 +51,10 @@ def check_golden(name: str, text: str) -> None:
     ("vms.json", ["vms", "-o", "json"]),
     ("at.txt", ["snapshot", "victim-wt", "--at", "2026-11-25T15:00:01Z"]),
 ])
-def test_golden_output(name, args, empty_config):
+def test_golden_output(name, args, empty_config, golden):
     result = cli(*args, "--from", ATTACK, "--config", empty_config)
     assert result.returncode == 0, result.stderr
-    check_golden(name, result.stdout)
+    golden(GOLDEN / name, result.stdout)
     if name.endswith(".txt"):
         assert max(len(line) for line in result.stdout.splitlines()) <= 80
 
@@ -78,7 +72,7 @@ def test_at_shows_the_state_before_lockdown():
     assert "lockdown NO" in text and "FINDINGS: 0" in text
 
 
-def test_diff_against_saved_snapshot(tmp_path, empty_config):
+def test_diff_against_saved_snapshot(tmp_path, empty_config, golden):
     before = cli("snapshot", "victim-wt", "-o", "json", "--from", ATTACK, "--at",
                  "2026-11-25T15:00:01.5Z", "--config", empty_config)
     assert before.returncode == 0, before.stderr
@@ -87,7 +81,7 @@ def test_diff_against_saved_snapshot(tmp_path, empty_config):
     result = cli("snapshot", "victim-wt", "--diff", str(saved), "--from", ATTACK,
                  "--config", empty_config)
     assert result.returncode == 0, result.stderr
-    check_golden("diff.txt", result.stdout)
+    golden(GOLDEN / "diff.txt", result.stdout)
     assert "+CR4.SMEP" in result.stdout and "protected_write" in result.stdout
 
 
