@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fuzzbudget import budget
 from hypothesis import given
 from hypothesis import strategies as st
 
 from hekitrace.config.settings import Config, parse_config
 from hekitrace.errors import ConfigError
+
+from tests.fuzz.fuzzbudget import budget
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = (ROOT / "configs" / "hekitrace.yaml").read_text()

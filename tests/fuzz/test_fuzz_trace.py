@@ -17,12 +17,13 @@ import subprocess
 import sys
 
 import pytest
-from fuzzbudget import CORPUS, budget
 from hypothesis import given
 from hypothesis import strategies as st
 
 from hekitrace.errors import TraceFormatError
 from hekitrace.trace import file as trace
+
+from tests.fuzz.fuzzbudget import CORPUS, budget
 
 SEEDS = {"binary": (CORPUS / "seed-small-blocks.htrace").read_bytes(),
          "jsonl": (CORPUS / "seed.jsonl").read_bytes()}
