@@ -8,8 +8,8 @@ cut into blocks of about ``block_size`` breakpoints, as sortedcontainers does. A
 two bisects and a splice inside one block whatever the map's size, and nothing is per page,
 so a hostile guest cannot make updates slow by fragmenting its memory. A map that grows to
 ``_ARRAY_BLOCKS`` blocks keeps its breakpoints in ``array('q')`` (8 bytes each, not a list
-slot and an int object); smaller maps keep lists, which are faster there. Design: docs/attrmap.md; figures:
-BENCHMARKS.md ("AttrMap", "Daemon memory").
+slot and an int object); smaller maps keep lists, which are faster there. Design:
+docs/attrmap.md; figures: BENCHMARKS.md ("AttrMap", "Daemon memory").
 
 The public view is the contract of docs/internals.md ("AttrMap"): half-open ranges
 ``[start, end)`` with non-zero values, 0 meaning "no attribute", as

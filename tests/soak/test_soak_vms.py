@@ -120,7 +120,8 @@ def run_wave(daemon: DaemonProcess, hc_id: int, stopped: bool) -> list[int]:
     try:
         kids = [subprocess.Popen([sys.executable, "-c", CHILD, str(hc_id),
                                   str(DEFAULT_PROFILE.protect_memory), "600"],
-                                 env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                 env=child_env(), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
                 for _ in range(WAVE)]
         for k in kids:
             assert k.stdout.readline().strip() == "done"
