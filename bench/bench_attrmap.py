@@ -53,10 +53,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import portion  # noqa: E402
-from intervaltree import IntervalTree  # noqa: E402
+import portion
+from intervaltree import IntervalTree
 
-from hekitrace.state.attrmap import ALL_BITS, AttrMap  # noqa: E402
+from hekitrace.state.attrmap import ALL_BITS, AttrMap
 
 # KVM attribute bits as Heki v2 stores them (docs/heki-abi.md section 3): PRIVATE 0x8,
 # HEKI_READ 0x10, HEKI_WRITE 0x20, HEKI_EXEC 0x40, HEKI_IMMUTABLE 0x80.
@@ -203,8 +203,8 @@ def it_update(t: IntervalTree, updates: list[Update]) -> None:
         t.chop(s, e)
         pos = s
         for iv in overlapping:
-            lo = iv.begin if iv.begin > s else s
-            hi = iv.end if iv.end < e else e
+            lo = max(s, iv.begin)
+            hi = min(e, iv.end)
             if add and lo > pos:
                 t.addi(pos, lo, add)
             new = (iv.data & keep) | add

@@ -157,7 +157,7 @@ def open_callback(bpf: BPF) -> list[int]:
     table._event_class = _CGenRecord
     state = [0, 0]
 
-    def callback(ctx, data, size):  # noqa: ARG001 - bcc's signature
+    def callback(ctx, data, size):
         event = table.event(data)
         state[0] += 1
         state[1] += event.seq
@@ -202,10 +202,10 @@ def consume_reader(reader: RingReader,
 def bench_real_records(records_per_round: int, rounds: int, batch: int) -> tuple[float, float]:
     """Part 2: hk_flood records, bcc callback vs RingReader + records.decode_batch.
     Returns the best (callback, reader) rates in records/s."""
-    from hekitrace.capture import records  # noqa: PLC0415
-    from hekitrace.capture.engine import Capture  # noqa: PLC0415
-    from hekitrace.capture.loader import CaptureSettings  # noqa: PLC0415
-    from hekitrace.config.abi import DEFAULT_PROFILE  # noqa: PLC0415
+    from hekitrace.capture import records
+    from hekitrace.capture.engine import Capture
+    from hekitrace.capture.loader import CaptureSettings
+    from hekitrace.config.abi import DEFAULT_PROFILE
 
     ring_bytes = 1 << (records_per_round * 72 - 1).bit_length()
     cap = Capture(settings=CaptureSettings(telemetry_ring_bytes=ring_bytes), attach=False,
@@ -217,7 +217,7 @@ def bench_real_records(records_per_round: int, rounds: int, batch: int) -> tuple
         table._event_class = records.c_struct("hypercall")
         state = [0, 0]
 
-        def callback(ctx, data, size):  # noqa: ARG001
+        def callback(ctx, data, size):
             event = table.event(data)
             state[0] += 1
             state[1] += event.a0

@@ -43,8 +43,8 @@ def main() -> int:
                         help="hand-packed mixed and run batches instead of the BPF flood")
     args = parser.parse_args()
 
-    from hekitrace.capture import records  # noqa: PLC0415
-    from hekitrace.config.abi import DEFAULT_PROFILE  # noqa: PLC0415
+    from hekitrace.capture import records
+    from hekitrace.config.abi import DEFAULT_PROFILE
 
     path = os.path.join(args.ref_tree, "hekitrace", "capture", "records.py")
     spec = importlib.util.spec_from_file_location("ref_records", path)
@@ -63,11 +63,11 @@ def main() -> int:
 
 def _flood(records, n: int) -> list:
     """hk_flood records drained from the telemetry ring, 4096 per batch."""
-    from bench_consumer import generate  # noqa: PLC0415
+    from bench_consumer import generate
 
-    from hekitrace.capture.engine import Capture  # noqa: PLC0415
-    from hekitrace.capture.loader import CaptureSettings  # noqa: PLC0415
-    from hekitrace.capture.ringbuf import RingReader  # noqa: PLC0415
+    from hekitrace.capture.engine import Capture
+    from hekitrace.capture.loader import CaptureSettings
+    from hekitrace.capture.ringbuf import RingReader
 
     cap = Capture(settings=CaptureSettings(telemetry_ring_bytes=1 << (n * 72 - 1).bit_length()),
                   attach=False, extra_cflags=["-DHK_WITH_FLOOD"], say=lambda _l: None).start()

@@ -149,7 +149,7 @@ def main() -> int:
 
         tail = scenarios.simulate(["stress"], stress_events=args.tail, seed=2,
                             start_ns=T0 + 10**12)
-        from hekitrace.trace.file import TraceWriter
+        from hekitrace.trace.writer import TraceWriter
         with TraceWriter(os.path.join(jdir, segment_name(1))) as w:
             w.write_all(tail)
         del big, fresh

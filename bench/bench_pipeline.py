@@ -74,8 +74,8 @@ def main() -> int:
     faults = [Fault(t_last + i, tgid, tgid + 1, 0, (0x200000 + (i % 4096)) << 12, 0x182, 0,
                     FaultAccess.WRITE) for i in range(len(rest) // 4)]
     telemetry = rest + faults
-    text_fault = next((e for e in scenarios.simulate(["attack-write-text"], seed=1)
-                       if type(e) is Fault))
+    text_fault = next(e for e in scenarios.simulate(["attack-write-text"], seed=1)
+                       if type(e) is Fault)
     attack = scenarios.simulate(["attack-write-text"], seed=1)
     flood = [text_fault._replace(time_ns=text_fault.time_ns + 10 + i, count=1)
              for i in range(200_000)]

@@ -38,7 +38,8 @@ import zlib
 from hekitrace.replay import replay
 from hekitrace.sim import scenarios
 from hekitrace.state.events import VmDestroyed
-from hekitrace.trace.file import TraceHeader, TraceWriter, open_trace
+from hekitrace.trace.file import TraceHeader, open_trace
+from hekitrace.trace.writer import TraceWriter
 
 
 def make_trace(path: str, events: int, vms_per_chunk: int, per_vm: int, seed: int) -> int:

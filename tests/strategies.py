@@ -2,8 +2,8 @@
 
 Importing this module registers two hypothesis profiles and loads one:
 ``ci`` (the default: few examples, so the unit tier stays fast) and ``long`` (for soak runs:
-``HYPOTHESIS_PROFILE=long``; ``fuzz`` is the same). Tests import it as ``import strategies`` (pytest puts
-``tests/`` on sys.path because ``tests/conftest.py`` is not inside a package).
+``HYPOTHESIS_PROFILE=long``; ``fuzz`` is the same). Tests import it as
+``from tests import strategies``.
 
 AttrMap strategies: the reference model in tests/unit/test_attrmap.py is per page over a
 small universe, but the map must also be right at 0 and near 2**52. So an :class:`Universe`

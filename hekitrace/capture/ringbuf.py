@@ -1,10 +1,9 @@
 """Read a BPF ring buffer map straight from its mmap'd pages, one copy per batch.
 
-Why not bcc's ``ring_buffer_consume()``: it calls back into Python once per record
-(about 0.55 M records/s with the usual ``table.event(data)`` idiom on the build host,
-docs/kernel-support.md section 5), which is the capture's bottleneck. :class:`RingReader` instead
-walks the record headers in the shared pages, copies the whole committed span with one
-``bytes()`` slice and hands the decoder ``(buf, spans)`` to decode in a batch.
+Why not bcc's ``ring_buffer_consume()``: it calls back into Python once per record, which
+makes it the capture's bottleneck (BENCHMARKS.md, "Ring-buffer consumer"). :class:`RingReader`
+instead walks the record headers in the shared pages, copies the whole committed span with
+one ``bytes()`` slice and hands the decoder ``(buf, spans)`` to decode in a batch.
 
 The protocol, from the kernel's ``kernel/bpf/ringbuf.c`` (introduced in v5.8, commit
 457f44363a88 "bpf: Implement BPF ring buffer and verifier support for it") and libbpf's
@@ -45,9 +44,9 @@ possible; a partial ``drain(max_records=...)`` is fine because a level-triggered
 re-checks the fd on the next wait.
 
 Cost: records of one type arrive in runs of identical headers, so the walk reads a run's
-headers with one strided slice instead of one Python step per record; ``drain()`` costs
-about 50-75 ns of CPU per record on the build host, most of it building the ``spans``
-tuples (BENCHMARKS.md, "Ring-buffer consumer"). Those tuples are GC-tracked: a consumer
+headers with one strided slice instead of one Python step per record; what ``drain()``
+still pays per record is mostly building the ``spans`` tuples (BENCHMARKS.md, "Ring-buffer
+consumer"). Those tuples are GC-tracked: a consumer
 that drains large batches gains from a raised generation-0 GC threshold.
 """
 

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from hekitrace.capture.engine import Capture
     from hekitrace.capture.uevents import UeventSource, unavailable_message
     from hekitrace.config.settings import resolve_config
-    from hekitrace.trace.file import TraceWriter
+    from hekitrace.trace.writer import TraceWriter
 
     config = resolve_config(args.config)
     to_stdout = args.file == "-"

@@ -15,8 +15,9 @@ from hekitrace.config.abi import HEKI_V2
 from hekitrace.errors import UsageError
 from hekitrace.sim import page_lists
 from hekitrace.sim import scenarios as sim
-from hekitrace.trace.file import TraceHeader, TraceWriter
+from hekitrace.trace.file import TraceHeader
 from hekitrace.trace.jsonl import parse_time
+from hekitrace.trace.writer import TraceWriter
 
 EPILOG = """scenarios:
   clean-boot, module-load-unload, bpf-jit, text-poke, confidential-vm, multi-vm:

@@ -38,13 +38,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from hekitrace.state.changes import NO_CHANGE, Change
-from hekitrace.trace.file import (
+from hekitrace.trace.file import TraceHeader
+from hekitrace.trace.private_files import (
     PRIVATE_DIRECTORY_MODE,
     PRIVATE_FILE_MODE,
-    TraceHeader,
-    TraceWriter,
     make_directories,
 )
+from hekitrace.trace.writer import TraceWriter
 
 SEGMENT_RE = re.compile(r"^journal-(\d{6,})\.htrace$")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{6,})\.hkck$")

@@ -17,7 +17,7 @@ import sys
 from typing import Any, TextIO
 
 from hekitrace.policy.findings import Finding, format_time
-from hekitrace.trace.file import PRIVATE_FILE_MODE, open_private
+from hekitrace.trace.private_files import PRIVATE_FILE_MODE, open_private
 
 FORMATS = ("json", "text")
 

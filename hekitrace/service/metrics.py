@@ -11,7 +11,8 @@ dict counters in :class:`LoopStats`.
 Thread safety: prometheus_client serves scrapes from its own thread while the daemon
 loop mutates ``Host``. The loop holds ``lock`` while it applies a batch; the collector
 holds it while it reads. A scrape therefore waits at most one batch, and a batch waits
-at most one scrape (about a millisecond per thousand stored ranges; see BENCHMARKS.md).
+at most one scrape, which in the daemon reads per-VM page totals (:class:`PageCounts`),
+not the maps (BENCHMARKS.md, "Daemon memory").
 
 Names, types and labels are declared once in :data:`METRICS`; ``docs/metrics.md`` is
 generated from it by ``scripts/gen_metrics_doc.py`` and a unit test fails when the two

@@ -1,45 +1,22 @@
+# size: one hot data structure (the map, its blocks and its validator) kept in one module for speed
 """AttrMap: guest-frame-number ranges to KVM memory-attribute bits, as KVM's xarray has them.
 
-The daemon keeps two of these per guest (what the guest requested, what the host applied)
-and applies hundreds of thousands of range updates per second to them, so the layout is
-chosen for CPython speed rather than elegance: the map is a *step function*, a sorted list
-of breakpoints ``b`` with values ``v`` where ``v[i]`` holds on ``[b[i], b[i+1])``, every gfn
-before ``b[0]`` has value 0 and the last value is always 0. Consecutive values always
-differ, which is what "coalesced" means here: a value changes exactly at a breakpoint, so
-"is this range uniform" is one bisect and "which ranges does this update touch" is a slice.
-
-Those two lists are cut into blocks of about ``block_size`` breakpoints (``_bb``/``_bv``, with
-each block's first breakpoint in ``_mins``), as sortedcontainers does: an update is two
-bisects, O(k) Python work for the k ranges it touches and a slice assignment (a C memmove)
-inside one block, so its cost does not grow with the map. With one flat list the memmove
-of every splice is O(n): 30k updates/s at 100k ranges, 1.5k/s at 1M, which a guest that
-fragments its memory on purpose could exploit. Nothing is ever per page, so a range of
-2**52 pages costs the same as one page. Adjacent stored ranges cost one breakpoint each,
-ranges separated by gaps two.
-
-Memory decides how breakpoints are stored. In a list, each costs an 8-byte slot plus a
-32-byte int object; in an ``array('q')`` it costs 8 bytes. A map that grows to
-``_ARRAY_BLOCKS`` blocks (8k-16k breakpoints) turns every block into an array, which is what
-keeps 100 guests x 2 maps x 10k ranges under 200 MB (BENCHMARKS.md, "Daemon memory"). Arrays
-are slower for small maps, because every probe of a bisect into an array creates an int: all
-arrays made updates of a 1k-range map 17% slower and the pipeline 10-13% slower on its
-~200-range guests, so smaller maps (most guests) keep lists. At 10k ranges arrays cost 8-15%
-of the update rate and 5-10% of the query rate; at 100k updates are even and queries 30%
-faster, at 1M both are faster (updates 16-26%, queries 60-75%), because contiguous
-breakpoints stay in cache where a list's ints are spread over the heap. A map never turns
-back to lists, so its blocks are all lists or all arrays. Values stay in lists: Heki values
-are small ints, which CPython shares, so a value costs its 8-byte slot either way (a value
-above 256 adds a 32-byte int object).
+The daemon keeps two per guest (requested and applied) and updates them at the rate guests
+send requests, so the layout is chosen for CPython speed: a coalesced step function (sorted
+breakpoints ``b`` and values ``v``, ``v[i]`` holding on ``[b[i], b[i+1])``, 0 elsewhere)
+cut into blocks of about ``block_size`` breakpoints, as sortedcontainers does. An update is
+two bisects and a splice inside one block whatever the map's size, and nothing is per page,
+so a hostile guest cannot make updates slow by fragmenting its memory. A map that grows to
+``_ARRAY_BLOCKS`` blocks keeps its breakpoints in ``array('q')`` (8 bytes each, not a list
+slot and an int object); smaller maps keep lists, which are faster there. Design:
+docs/attrmap.md; figures: BENCHMARKS.md ("AttrMap", "Daemon memory").
 
 The public view is the contract of docs/internals.md ("AttrMap"): half-open ranges
-``[start, end)`` with non-zero values ("stored ranges"), 0 meaning "no attribute", exactly as
+``[start, end)`` with non-zero values, 0 meaning "no attribute", as
 ``kvm_vm_set_mem_attributes()`` stores NULL for 0 (docs/heki-abi.md section 5, step 6).
-
-Inputs are validated only as far as the invariant needs (ints, bounds, start < end): the
-host validates guest input and turns it into anomalies before it gets here, so a ValueError
-from this module is a bug in the caller, never a guest's doing. :meth:`AttrMap.check` is the
-slow validator that tests call after every operation and the daemon never calls, so the
-hot path pays nothing for it.
+Inputs are checked only as far as the invariant needs (the host turns bad guest input into
+anomalies first), so a ValueError from here is a caller's bug. :meth:`AttrMap.check` is the
+slow validator the tests call after every operation and the daemon never calls.
 """
 
 from __future__ import annotations
@@ -81,9 +58,8 @@ _ARRAY_BLOCKS = 16
 
 Below it a map holds at most 16 x 1024 breakpoints in lists (about 0.8 MB), so 200 such maps
 stay under 160 MB; a map of 10k ranges separated by gaps (20k breakpoints, blocks of at most
-1024) always has more than 16 blocks, so it is compact. Speed (``bench/bench_attrmap.py
---scaling --against`` an all-list attrmap.py): arrays cost 17% of the update rate at 1k
-ranges, 8-15% at 10k, about nothing at 100k and gain 16-26% at 1M."""
+1024) always has more than 16 blocks, so it is compact. Arrays are slower than lists for
+small maps and faster for large ones (BENCHMARKS.md, "AttrMap", by map size)."""
 
 DEFAULT_BLOCK_SIZE = 512
 """Breakpoints per block. Measured with ``bench/bench_attrmap.py --scaling``: blocks of a few

@@ -10,6 +10,7 @@ those capabilities are enough.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "packaging" / "systemd" / "hekitrace.service"
 HEKITRACE = [sys.executable, "-m", "hekitrace.cli"]
+BPF_PROG_GET_FD_BY_ID = 13  # include/uapi/linux/bpf.h enum bpf_cmd
 
 
 def free_port() -> int:
@@ -205,3 +207,15 @@ def bpf_progs() -> dict[int, str]:
     out = subprocess.run(["bpftool", "-j", "prog", "list"], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     return {p["id"]: p.get("name", "") for p in json.loads(out)}
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """bpf(BPF_PROG_GET_FD_BY_ID): our own fd on the daemon's loaded program."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint32 * 32)()   # union bpf_attr, zeroed; prog_id is its first u32
+    attr[0] = prog_id
+    fd = libc.syscall(321, BPF_PROG_GET_FD_BY_ID, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_PROG_GET_FD_BY_ID {prog_id}: {os.strerror(err)}")
+    return fd

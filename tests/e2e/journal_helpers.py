@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 from pathlib import Path
-
-from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs
-
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-from vmm import Vmm
 
 from hekitrace.capture.testrun import run_raw_tracepoint
 from hekitrace.config.abi import DEFAULT_PROFILE
+from tests.e2e.daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs
+from tests.vmm import Vmm
 
 READ, WRITE, EXEC = 1, 2, 4
 LIST_BASE = 0x100000
@@ -81,10 +76,10 @@ def new_vm() -> Vmm:
     return vm
 
 
+#: a child VMM process: run as ``[sys.executable, "-c", CHILD_VMM]`` with ``env=child_env()``
 CHILD_VMM = r"""
 import sys
-sys.path.insert(0, sys.argv[1])
-from vmm import Vmm
+from tests.vmm import Vmm
 with Vmm() as vm:
     vm.add_memslot(0x100000, 1 << 20)
     print("ready", flush=True)

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_proc import HEKITRACE, DaemonProcess, metric_value
+
+from tests.e2e.daemon_proc import HEKITRACE, DaemonProcess, metric_value
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,8 @@ import subprocess
 import time
 
 import pytest
-from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value
+
+from tests.e2e.daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value
 
 pytestmark = pytest.mark.e2e
 

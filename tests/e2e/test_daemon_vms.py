@@ -5,41 +5,30 @@ the control socket, including hostile clients.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value, wait_for
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vmm import Vmm
 
 from hekitrace.capture.testrun import run_raw_tracepoint
 from hekitrace.config.abi import DEFAULT_PROFILE
 from hekitrace.errors import ControlError, VmLookupError
 from hekitrace.service.control import ControlClient, ControlReplyError
+from tests.e2e.daemon_proc import (
+    DaemonProcess,
+    bpf_prog_ids_of,
+    bpf_progs,
+    metric_value,
+    prog_fd_by_id,
+    wait_for,
+)
+from tests.vmm import Vmm
 
 pytestmark = pytest.mark.e2e
 
-BPF_PROG_GET_FD_BY_ID = 13  # include/uapi/linux/bpf.h enum bpf_cmd
 READ, WRITE, EXEC, IMMUTABLE = 1, 2, 4, 8  # guest MEM_ATTR_* bits (heki-v2 profile)
-
-
-def prog_fd_by_id(prog_id: int) -> int:
-    """bpf(BPF_PROG_GET_FD_BY_ID): our own fd on the daemon's loaded program."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    attr = (ctypes.c_uint32 * 32)()   # union bpf_attr, zeroed; prog_id is its first u32
-    attr[0] = prog_id
-    fd = libc.syscall(321, BPF_PROG_GET_FD_BY_ID, ctypes.byref(attr), ctypes.sizeof(attr))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_GET_FD_BY_ID {prog_id}: {os.strerror(err)}")
-    return fd
 
 
 @pytest.fixture(scope="module")

@@ -32,15 +32,13 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value, wait_for
-
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-from vmm import Vmm
 
 from hekitrace.capture.testrun import run_raw_tracepoint
 from hekitrace.config.abi import DEFAULT_PROFILE
 from hekitrace.service.control import ControlClient
+from tests import child_env
+from tests.e2e.daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value, wait_for
+from tests.vmm import Vmm
 
 pytestmark = pytest.mark.e2e
 
@@ -53,10 +51,9 @@ CONTROLS_RUNNING, CONTROLS_STOPPED = 200, 40
 # The flooder: its own VM, its own fd on the daemon's program, a tight syscall loop.
 FLOODER = r"""
 import ctypes, os, random, struct, sys
-sys.path.insert(0, sys.argv[1])
-from vmm import Vmm
+from tests.vmm import Vmm
 libc = ctypes.CDLL(None, use_errno=True)
-attr = (ctypes.c_uint32 * 32)(); attr[0] = int(sys.argv[2])
+attr = (ctypes.c_uint32 * 32)(); attr[0] = int(sys.argv[1])
 fd = libc.syscall(321, 13, ctypes.byref(attr), ctypes.sizeof(attr))
 assert fd >= 0, os.strerror(ctypes.get_errno())
 ctx = ctypes.create_string_buffer(40)
@@ -107,7 +104,7 @@ def test_flooding_vm_loses_only_its_own_telemetry(daemon):
     attr[0] = hc_id
     hc = libc.syscall(321, BPF_PROG_GET_FD_BY_ID, ctypes.byref(attr), ctypes.sizeof(attr))
     assert hc >= 0
-    flooder = subprocess.Popen([sys.executable, "-c", FLOODER, str(TESTS), str(hc_id)],
+    flooder = subprocess.Popen([sys.executable, "-c", FLOODER, str(hc_id)], env=child_env(),
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     rss = [rss_mib(daemon.proc.pid)]
     sampling = True

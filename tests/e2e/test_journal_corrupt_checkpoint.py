@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_proc import wait_for
-from journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect
 
 from hekitrace.journal.segments import scan
 from hekitrace.service.control import ControlClient
+from tests.e2e.daemon_proc import wait_for
+from tests.e2e.journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect
 
 pytestmark = pytest.mark.e2e
 

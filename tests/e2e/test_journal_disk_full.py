@@ -12,10 +12,10 @@ import os
 import subprocess
 
 import pytest
-from daemon_proc import metric_value, wait_for
-from journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect
 
 from hekitrace.service.control import ControlClient
+from tests.e2e.daemon_proc import metric_value, wait_for
+from tests.e2e.journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect
 
 pytestmark = pytest.mark.e2e
 

@@ -30,16 +30,6 @@ import threading
 import time
 
 import pytest
-from daemon_proc import metric_value, wait_for
-from journal_helpers import (
-    CHILD_VMM,
-    TESTS,
-    hypercall_prog_fd,
-    journal_daemon,
-    k_of,
-    new_vm,
-    send_protect,
-)
 
 from hekitrace.config.settings import load_config
 from hekitrace.journal.segments import scan
@@ -48,6 +38,16 @@ from hekitrace.render.documents import vm_snapshot
 from hekitrace.service.control import ControlClient
 from hekitrace.state.events import ProtectRequest
 from hekitrace.trace.file import read_events
+from tests import child_env
+from tests.e2e.daemon_proc import metric_value, wait_for
+from tests.e2e.journal_helpers import (
+    CHILD_VMM,
+    hypercall_prog_fd,
+    journal_daemon,
+    k_of,
+    new_vm,
+    send_protect,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +81,7 @@ def _count(daemon, pid: int) -> int:
 
 
 def _child() -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", CHILD_VMM, str(TESTS)],
+    child = subprocess.Popen([sys.executable, "-c", CHILD_VMM], env=child_env(),
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
     return child

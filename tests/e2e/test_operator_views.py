@@ -11,16 +11,13 @@ import select
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import time
-from pathlib import Path
 
 import pytest
-from daemon_proc import HEKITRACE, DaemonProcess
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vmm import Vmm
+from tests.e2e.daemon_proc import HEKITRACE, DaemonProcess
+from tests.vmm import Vmm
 
 pytestmark = pytest.mark.e2e
 

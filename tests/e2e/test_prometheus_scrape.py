@@ -132,14 +132,16 @@ def test_prometheus_scrapes_daemon_and_cli_reads_it(tmp_path):
     a guest protection hypercall is driven through the daemon's own program
     (BPF_PROG_TEST_RUN). Prometheus scrapes the daemon; `hekitrace vms` and
     `hekitrace snapshot PID` (the real CLI) read it over the control socket."""
-    sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-    sys.path.insert(0, str(ROOT / "tests"))
-    from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value
-    from test_daemon_vms import prog_fd_by_id
-    from vmm import Vmm
-
     from hekitrace.capture.testrun import run_raw_tracepoint
     from hekitrace.config.abi import DEFAULT_PROFILE
+    from tests.e2e.daemon_proc import (
+        DaemonProcess,
+        bpf_prog_ids_of,
+        bpf_progs,
+        metric_value,
+        prog_fd_by_id,
+    )
+    from tests.vmm import Vmm
 
     if shutil.which("prometheus") is None:
         pytest.fail("prometheus missing: scripts/setup.sh installs Debian's prometheus")

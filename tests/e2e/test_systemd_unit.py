@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from daemon_proc import HEKITRACE, ROOT, DaemonProcess, metric_value, unit_capabilities
+
+from tests.e2e.daemon_proc import HEKITRACE, ROOT, DaemonProcess, metric_value, unit_capabilities
 
 pytestmark = pytest.mark.e2e
 

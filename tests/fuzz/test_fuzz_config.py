@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fuzzbudget import bounded, budget
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from hekitrace.config.settings import Config, default_config, parse_config
 from hekitrace.errors import ConfigError
+from tests.fuzz.fuzzbudget import bounded, budget
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = (ROOT / "configs" / "hekitrace.yaml").read_text()

@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from pathlib import Path
 
 import pytest
-from fuzzbudget import bounded, budget
 from hypothesis import given
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from daemon_proc import DaemonProcess
-
 from hekitrace.service.control import ControlClient
+from tests.e2e.daemon_proc import DaemonProcess
+from tests.fuzz.fuzzbudget import bounded, budget
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import struct
 
-from fuzzbudget import bounded, budget
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -24,6 +23,7 @@ from hekitrace.config.abi import DEFAULT_PROFILE
 from hekitrace.config.settings import default_config
 from hekitrace.pipeline import Pipeline
 from hekitrace.state.events import ProtectRequest
+from tests.fuzz.fuzzbudget import bounded, budget
 
 SIZES = records.RECORD_SIZES
 NUMBERS = records.HypercallNumbers.from_profile(DEFAULT_PROFILE)

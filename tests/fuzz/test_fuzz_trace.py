@@ -17,12 +17,12 @@ import subprocess
 import sys
 
 import pytest
-from fuzzbudget import CORPUS, bounded, budget
 from hypothesis import given
 from hypothesis import strategies as st
 
 from hekitrace.errors import TraceFormatError
 from hekitrace.trace import file as trace
+from tests.fuzz.fuzzbudget import CORPUS, bounded, budget
 
 SEEDS = {"binary": (CORPUS / "seed-small-blocks.htrace").read_bytes(),
          "jsonl": (CORPUS / "seed.jsonl").read_bytes()}

@@ -21,19 +21,11 @@ from __future__ import annotations
 import os
 import random
 import struct
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
-
-from fuzzbudget import budget
-from vmm import PAGE, Vmm
 
 from hekitrace.capture import loader, testrun
 from hekitrace.capture.engine import Capture
@@ -49,6 +41,8 @@ from hekitrace.state.events import (
     ProtectRequest,
     VmCreated,
 )
+from tests.fuzz.fuzzbudget import budget
+from tests.vmm import PAGE, Vmm
 
 pytestmark = pytest.mark.kernel
 

@@ -7,15 +7,9 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-import sys
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from vmm import Vmm
 
 from hekitrace.capture import loader, testrun
 from hekitrace.capture.engine import Capture
@@ -32,6 +26,7 @@ from hekitrace.state.events import (
     ProtectRequest,
     VmCreated,
 )
+from tests.vmm import Vmm
 
 pytestmark = pytest.mark.kernel
 

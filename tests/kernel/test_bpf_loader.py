@@ -10,14 +10,8 @@ import functools
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from vmm import Vmm
 
 from hekitrace.capture import loader, testrun
 from hekitrace.capture.btf import Btf
@@ -25,6 +19,7 @@ from hekitrace.capture.engine import Capture
 from hekitrace.config.abi import DEFAULT_PROFILE
 from hekitrace.errors import AttachError, BtfError
 from hekitrace.state.events import Lost, ProtectFlags, ProtectRequest
+from tests.vmm import Vmm
 
 pytestmark = pytest.mark.kernel
 SMALL = {"control_ring_bytes": 65536, "telemetry_ring_bytes": 65536}

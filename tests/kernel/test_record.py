@@ -10,17 +10,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from hekitrace.state.events import Memslot, VmCreated, VmDestroyed
 from hekitrace.trace.file import TraceReader
+from tests.vmm import Vmm
 
 pytestmark = pytest.mark.kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vmm import Vmm
 
 if os.geteuid() != 0:
     pytest.skip("kernel tests need root (BPF, /dev/kvm)", allow_module_level=True)

@@ -15,12 +15,12 @@ import mmap
 import os
 import select
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 
 from hekitrace.capture.ringbuf import RingReader, map_info
+from hekitrace.capture.testrun import run_xdp
 from hekitrace.errors import AttachError
 
 pytestmark = pytest.mark.kernel
@@ -30,8 +30,6 @@ if os.geteuid() != 0:
     pytest.skip("kernel tests need root (BPF)", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "bench"))
-from bench_consumer import xdp_test_run
 
 GEN = str(REPO / "bench" / "gen_ringbuf.c").encode()
 PAGE = mmap.PAGESIZE
@@ -61,7 +59,7 @@ def test_ringreader_same_records_as_bcc_through_wraps_and_discards(gen):
     mine: list[bytes] = []
     wrapped = 0
     for _ in range(40):
-        xdp_test_run(fd, 37)
+        run_xdp(fd, 37)
         start = reader.consumer_pos & (reader.data_size_bytes - 1)
         buf, spans = reader.drain()
         wrapped += sum(1 for off, ln in spans if start + off + ln > reader.data_size_bytes
@@ -84,7 +82,7 @@ def test_ringreader_same_records_as_bcc_through_wraps_and_discards(gen):
 
 def test_drain_max_records_leaves_the_rest_in_order(gen):
     bpf, fd = gen
-    xdp_test_run(fd, 20)
+    run_xdp(fd, 20)
     with RingReader(bpf[b"ring"].map_fd) as reader:
         buf, spans = reader.drain(max_records=5)
         assert len(spans) == 5
@@ -126,7 +124,7 @@ def test_map_fd_polls_readable_while_records_wait_and_not_after_drain(gen):
         poller = select.epoll()
         poller.register(reader.fileno(), select.EPOLLIN)  # level-triggered, as documented
         assert poller.poll(0) == []
-        xdp_test_run(fd, 10)
+        run_xdp(fd, 10)
         assert poller.poll(1.0) == [(reader.fileno(), select.EPOLLIN)]
         reader.drain(max_records=3)  # partial drain: still readable (level-triggered)
         assert poller.poll(0) == [(reader.fileno(), select.EPOLLIN)]

@@ -28,11 +28,9 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS / "e2e"))
-from daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs
-
 from hekitrace.service.control import ControlClient
+from tests import child_env
+from tests.e2e.daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs
 
 if os.environ.get("HEKITRACE_SOAK") != "1":
     pytest.skip("soak test (minutes long): run with HEKITRACE_SOAK=1 (make soak)",
@@ -44,19 +42,18 @@ RSS_GROWTH_MIB = 20
 
 CHILD = r"""
 import ctypes, os, sys
-sys.path.insert(0, sys.argv[1])
-from vmm import Vmm
+from tests.vmm import Vmm
 from hekitrace.capture.testrun import run_raw_tracepoint
 libc = ctypes.CDLL(None, use_errno=True)
-attr = (ctypes.c_uint32 * 32)(); attr[0] = int(sys.argv[2])
+attr = (ctypes.c_uint32 * 32)(); attr[0] = int(sys.argv[1])
 fd = libc.syscall(321, 13, ctypes.byref(attr), ctypes.sizeof(attr))
 assert fd >= 0
 with Vmm() as vm:
     vm.add_memslot(0x100000, 1 << 20)
     vm.add_memslot(0x1000000, 8 << 20)
     head = vm.write_heki_list([0x100000], [(0x1000000, 0x1200000, 1 | 4 | 8)])
-    run_raw_tracepoint(fd, [int(sys.argv[3]), head, 0, 0, 0])
-    for i in range(int(sys.argv[4])):
+    run_raw_tracepoint(fd, [int(sys.argv[2]), head, 0, 0, 0])
+    for i in range(int(sys.argv[3])):
         run_raw_tracepoint(fd, [0x10001, i, 0, 0, 0])
     print("done", flush=True)
     sys.stdin.readline()
@@ -120,9 +117,10 @@ def run_wave(daemon: DaemonProcess, hc_id: int, stopped: bool) -> list[int]:
     if stopped:
         daemon.signal(signal.SIGSTOP)
     try:
-        kids = [subprocess.Popen([sys.executable, "-c", CHILD, str(TESTS), str(hc_id),
+        kids = [subprocess.Popen([sys.executable, "-c", CHILD, str(hc_id),
                                   str(DEFAULT_PROFILE.protect_memory), "600"],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                 env=child_env(), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
                 for _ in range(WAVE)]
         for k in kids:
             assert k.stdout.readline().strip() == "done"

@@ -11,12 +11,12 @@ from __future__ import annotations
 from bisect import bisect_right
 
 import pytest
-import strategies
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import SetOp, Universe
 
 from hekitrace.state.attrmap import ALL_BITS, GFN_LIMIT, AttrMap, AttrMapInvariantError
+from tests import strategies
+from tests.strategies import SetOp, Universe
 
 
 class CellModel:

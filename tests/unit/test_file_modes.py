@@ -18,7 +18,8 @@ from hekitrace.journal.segments import Journal, scan
 from hekitrace.pipeline import Pipeline
 from hekitrace.service.alerts import AlertSink
 from hekitrace.sim.scenarios import simulate
-from hekitrace.trace.file import TraceWriter, make_directories, write_events
+from hekitrace.trace.private_files import make_directories
+from hekitrace.trace.writer import TraceWriter, write_events
 
 
 @pytest.fixture(autouse=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
-import os
 import subprocess
 import sys
 import urllib.request
@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from hekitrace.commands import replay as replay_cmd
-from hekitrace.replay import replay
 from hekitrace.config.settings import default_config
 from hekitrace.errors import TraceFormatError, UsageError
+from hekitrace.replay import replay
 from hekitrace.sim import scenarios
-from hekitrace.trace.file import TraceHeader, write_events
+from hekitrace.trace.file import TraceHeader
+from hekitrace.trace.writer import write_events
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "traces"

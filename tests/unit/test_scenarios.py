@@ -13,7 +13,8 @@ import pytest
 from hekitrace.config.settings import default_config
 from hekitrace.replay import replay
 from hekitrace.sim import scenarios as sim
-from hekitrace.trace.file import TraceHeader, write_events
+from hekitrace.trace.file import TraceHeader
+from hekitrace.trace.writer import write_events
 
 HEADER = TraceHeader(abi_profile="heki-v2", extra={"mbec": True})
 NAMES = [n for n in sim.SCENARIO_NAMES if n != "stress"]

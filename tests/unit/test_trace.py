@@ -27,14 +27,8 @@ from hekitrace.state.events import (
 )
 from hekitrace.trace import binary as tracecodec
 from hekitrace.trace import file as trace
-from hekitrace.trace.file import (
-    TraceHeader,
-    TraceProblem,
-    TraceWriter,
-    open_trace,
-    read_events,
-    write_events,
-)
+from hekitrace.trace.file import TraceHeader, TraceProblem, open_trace, read_events
+from hekitrace.trace.writer import TraceWriter, write_events
 
 # -- strategies: every field over its full encoded range ---------------------------------
 u8 = st.integers(0, 2**8 - 1)

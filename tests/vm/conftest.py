@@ -8,18 +8,12 @@ reports the tier's wall time, split into image and boot time per kernel.
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-import harness
-from tier import KERNELS, REPO, boot_tree
+from tests.vm import harness
+from tests.vm.tier import KERNELS, REPO, boot_tree
 
 _TIMES_KEY = pytest.StashKey[dict]()
 

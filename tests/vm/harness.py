@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from image import L1Image
+from tests.vm.image import L1Image
 
 QEMU = "qemu-system-x86_64"
 

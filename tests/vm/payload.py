@@ -9,7 +9,9 @@ missing part is never a silent skip.
 Order matters: hekitrace must be watching before the L2 VMM creates its memslots,
 because the page-list walker translates GPAs through the memslots it saw being set.
 
-Usage (from run.sh): ``python3 payload.py --flavour 6.1 --src /mnt/src --out DIR``.
+Usage (from run.sh): ``PYTHONPATH=/mnt/src python3 payload.py --flavour 6.1 --src /mnt/src
+--out DIR``: the tree's root on PYTHONPATH, so ``tests.vm.l2vmm`` and ``hekitrace`` import
+from the mounted tree.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ import traceback
 import uuid as uuid_mod
 from pathlib import Path
 
+from tests.vm import l2vmm
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import l2vmm
 
 VM_NAME = "l2-heki"
 VMM_ARGV0 = "qemu-system-x86_64"
@@ -400,7 +402,6 @@ def finish_record(proc, trace: Path, out: Path, config: Path) -> tuple[list[dict
 def read_trace_dicts(trace: Path) -> list[dict]:
     """The recorded events, read back with hekitrace's own trace reader, as plain dicts
     (integers stay integers; ProtectEntry tuples stay tuples)."""
-    sys.path.insert(0, str(HERE.parents[1]))
     try:
         from hekitrace.state.events import event_name
         from hekitrace.trace.file import read_events

@@ -12,9 +12,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import payload
 import pytest
-from tier import REPO, boot_tree
+
+from tests.vm import payload
+from tests.vm.tier import REPO, boot_tree
 
 pytestmark = pytest.mark.vm
 
@@ -65,7 +66,7 @@ def test_kernel_facts_attr_hook_and_vm_types(l1_run):
 
 def test_cached_image_is_reused(l1_run):
     """A second request for the same kernel must come from the cache, not rebuild."""
-    import image
+    from tests.vm import image
     again = image.ensure_image(l1_run.results["facts"]["flavour"])
     assert not again.built_now and again.abi == l1_run.image.abi, again
 

@@ -1,5 +1,5 @@
 """Boot helpers of the vm tier shared by conftest.py and the tests (a module of its own:
-test directories are not packages, so ``import conftest`` would be ambiguous)."""
+tests import helpers, never a conftest)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import harness
-import image
 import pytest
+
+from tests.vm import harness, image
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -27,7 +27,7 @@ RUN_SH = """#!/bin/sh
 export PATH=/mnt/host/bin:$PATH PYTHONDONTWRITEBYTECODE=1
 cd /tmp
 echo "PAYLOAD: start $(cut -d' ' -f1 /proc/uptime)"
-python3 /mnt/src/tests/vm/payload.py --flavour {flavour} --out /mnt/host {extra}
+PYTHONPATH=/mnt/src python3 /mnt/src/tests/vm/payload.py --flavour {flavour} --out /mnt/host {extra}
 echo "PAYLOAD: exit $? at $(cut -d' ' -f1 /proc/uptime)"
 """
 

@@ -1,0 +1,1 @@
+"""e2e tier: a real daemon process (root, BPF)."""

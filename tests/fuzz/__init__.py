@@ -1,0 +1,1 @@
+"""Fuzz tier: hypothesis targets with per-target budgets (fuzzbudget.py)."""

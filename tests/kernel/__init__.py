@@ -1,0 +1,1 @@
+"""Kernel tier: real BPF programs on this host (root)."""

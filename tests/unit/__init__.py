@@ -1,0 +1,1 @@
+"""Unit tier: pure Python, no root, no BPF."""
