@@ -23,14 +23,15 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 #: subcommand names, in --help order (each is a module under hekitrace.commands)
-COMMANDS = ("daemon", "status", "top", "snapshot", "vms", "check", "record", "replay",
-            "simulate", "config", "version")
+COMMANDS = ("daemon", "status", "top", "events", "snapshot", "vms", "check", "record",
+            "replay", "simulate", "config", "version")
 
 #: one-line help of each subcommand, shown by 'hekitrace --help' without importing any
 SUMMARIES = {
     "daemon": "run the monitoring daemon (metrics, control socket, alerts)",
     "status": "the daemon's health: hooks, rules, losses, journal, readiness",
     "top": "a live view of the VMs: hypercalls, protection, faults, findings",
+    "events": "stream events and findings live (--follow), or the recent findings",
     "snapshot": "one VM's memory-protection map, pins, lockdown and findings",
     "vms": "list the VMs the daemon (or a trace) knows",
     "check": "which hooks attach on this kernel, and how",
@@ -51,6 +52,9 @@ def _command_module(name: str) -> ModuleType:
     if name == "status":
         from hekitrace.commands import status
         return status
+    if name == "events":
+        from hekitrace.commands import events
+        return events
     if name == "top":
         from hekitrace.commands import top
         return top

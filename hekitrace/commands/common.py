@@ -21,7 +21,7 @@ from hekitrace.config import settings
 from hekitrace.errors import NoDaemonError, UsageError
 from hekitrace.render import documents, vm_select
 from hekitrace.replay import applied_unobserved, replay
-from hekitrace.service.control import ControlClient
+from hekitrace.service.control_client import ControlClient
 
 
 def _add_socket_config(group: argparse._ArgumentGroup) -> None:

@@ -34,11 +34,8 @@ from typing import Any
 from hekitrace.config.limits import MAX_JSON_DEPTH, loads_bounded
 from hekitrace.errors import (
     ControlError,
-    ControlPermissionError,
-    DaemonBusyError,
-    NoDaemonError,
-    VmLookupError,
 )
+from hekitrace.service.follow import Record, Subscriber
 from hekitrace.service.metrics import CLIENT_COUNTS, ClientCounts
 
 #: Request limits from the protocol contract.
@@ -104,7 +101,7 @@ def parse_request(line: bytes) -> dict:
 
 
 class _Conn:
-    __slots__ = ("deadline", "inbuf", "outbuf", "replied", "sock")
+    __slots__ = ("deadline", "follower", "inbuf", "outbuf", "replied", "sock")
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
@@ -112,6 +109,8 @@ class _Conn:
         self.outbuf = b""
         self.deadline = deadline
         self.replied = False
+        #: set for a ``follow`` connection: it stays open and receives published lines
+        self.follower: Subscriber | None = None
 
 
 class ControlServer:
@@ -143,6 +142,7 @@ class ControlServer:
         self._listener: socket.socket | None = None
         self._selector: selectors.BaseSelector | None = None
         self._conns: dict[int, _Conn] = {}
+        self._followers = 0
         self.stats = {"requests": 0, "ok": 0, "errors": 0, "denied": 0, "too_large": 0,
                       "timeout": 0, "bad_request": 0, "internal_errors": 0, "refused_busy": 0}
 
@@ -245,6 +245,9 @@ class ControlServer:
                                     lambda s, m, c=conn: self._on_conn(c, m))
 
     def _on_conn(self, conn: _Conn, mask: int) -> None:
+        if conn.follower is not None:
+            self._on_follower(conn, mask)
+            return
         if mask & selectors.EVENT_READ and not conn.replied:
             try:
                 data = conn.sock.recv(65536)
@@ -266,10 +269,71 @@ class ControlServer:
                 self._reply(conn, error_reply(
                     "too_large", f"request exceeds {self._max_request} bytes"))
                 return
-            self._reply(conn, self._answer(bytes(conn.inbuf[:end])))
+            reply = self._answer(bytes(conn.inbuf[:end]))
+            if isinstance(reply.get("result"), Subscriber):
+                conn.follower = reply["result"]
+                self._followers += 1
+                reply = {"ok": True, "result": {"following": True}}
+            self._reply(conn, reply)
             return
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
+
+    # -- follow connections -----------------------------------------------------------
+    @property
+    def followers(self) -> int:
+        """Open ``follow`` connections (the daemon publishes only when there are some;
+        kept as a count because the daemon asks once per event)."""
+        return self._followers
+
+    def publish(self, records: list[Record]) -> None:
+        """Offer ``records`` to every ``follow`` connection and send what fits; never
+        blocks, whatever a subscriber does."""
+        now = self._clock()
+        for conn in list(self._conns.values()):
+            follower = conn.follower
+            if follower is None:
+                continue
+            lost = follower.offer(records, now)
+            if lost:
+                self.stats["follow_lines_lost"] = self.stats.get("follow_lines_lost", 0) + lost
+            self._send_follower(conn)
+
+    def _on_follower(self, conn: _Conn, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            try:
+                data = conn.sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                data = b"-"
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(conn)   # the subscriber went away
+                return
+        if mask & selectors.EVENT_WRITE:
+            self._send_follower(conn)
+
+    def _send_follower(self, conn: _Conn) -> None:
+        assert self._selector is not None and conn.follower is not None
+        pending = conn.follower.pending
+        if conn.outbuf:                       # the ok reply, not fully sent yet
+            pending[:0] = conn.outbuf
+            conn.outbuf = b""
+        if pending:
+            try:
+                sent = conn.sock.send(pending)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._drop(conn)
+                return
+            conn.follower.sent(sent)
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if pending else 0)
+        callback = lambda s, m, c=conn: self._on_conn(c, m)
+        try:
+            self._selector.modify(conn.sock, events, callback)
+        except KeyError:
+            self._selector.register(conn.sock, events, callback)
 
     def _answer(self, line: bytes) -> dict:
         self.stats["requests"] += 1
@@ -294,6 +358,9 @@ class ControlServer:
 
     def _flush(self, conn: _Conn) -> None:
         assert self._selector is not None
+        if conn.follower is not None:
+            self._send_follower(conn)
+            return
         try:
             sent = conn.sock.send(conn.outbuf)
         except (BlockingIOError, InterruptedError):
@@ -312,7 +379,8 @@ class ControlServer:
             self._selector.register(conn.sock, selectors.EVENT_WRITE, callback)
 
     def _drop(self, conn: _Conn) -> None:
-        self._conns.pop(conn.sock.fileno(), None)
+        if self._conns.pop(conn.sock.fileno(), None) is not None and conn.follower is not None:
+            self._followers -= 1
         if self._selector is not None:
             try:
                 self._selector.unregister(conn.sock)
@@ -328,6 +396,11 @@ class ControlServer:
         """
         now = self._clock() if now is None else now
         for conn in list(self._conns.values()):
+            if conn.follower is not None:
+                if conn.follower.stalled(now):
+                    self.counts.count("control", "slow_subscriber")
+                    self._drop(conn)
+                continue
             if now < conn.deadline:
                 continue
             if conn.replied:
@@ -339,87 +412,3 @@ class ControlServer:
                     "timeout", f"request not complete within {self._timeout:g} s"))
                 if conn.sock.fileno() in self._conns:
                     self._drop(conn)  # one chance to read the error, then gone
-
-
-class ControlClient:
-    """Client side, used by ``hekitrace snapshot`` and ``hekitrace vms``.
-
-    ``request(op, **args)`` returns the ``result`` of an ok reply. Failures raise, with
-    messages meant for operators: :class:`NoDaemonError` (nothing listens at ``path``),
-    :class:`ControlError` (permission denied, daemon died mid-reply, garbage reply),
-    :class:`DaemonBusyError` (alive, but every connection slot is held),
-    :class:`ControlReplyError` for protocol errors, and :class:`VmLookupError` (with
-    ``choices``) for ``unknown_vm`` / ``ambiguous_vm``.
-    """
-
-    def __init__(self, path: str, timeout_seconds: float = 30.0) -> None:
-        self.path = path
-        self.timeout = timeout_seconds
-
-    def request(self, op: str, **args: Any) -> Any:
-        payload = encode({"op": op, **args})
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout)
-        try:
-            try:
-                sock.connect(self.path)
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise NoDaemonError(f"no hekitrace daemon is listening on {self.path} "
-                                    "(is 'hekitrace daemon' or hekitrace.service running?)"
-                                    ) from None
-            except PermissionError:
-                raise ControlPermissionError(f"permission denied connecting to {self.path}: "
-                                   "the control socket is for root only") from None
-            try:
-                sock.sendall(payload)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the daemon may have refused us before reading; read its reply
-            reply = self._read_reply(sock)
-        except TimeoutError:
-            raise ControlError(f"the daemon at {self.path} did not answer within "
-                               f"{self.timeout:g} s") from None
-        finally:
-            sock.close()
-        return self._result(reply)
-
-    def _read_reply(self, sock: socket.socket) -> dict:
-        chunks: list[bytes] = []
-        while True:
-            try:
-                data = sock.recv(1 << 20)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                break
-            chunks.append(data)
-            if data.endswith(b"\n"):
-                break
-        raw = b"".join(chunks)
-        if not raw.endswith(b"\n"):
-            got = f"after {len(raw)} bytes" if raw else "before replying"
-            raise ControlError(f"the daemon at {self.path} closed the connection {got} "
-                               "(did it die? see 'journalctl -u hekitrace')")
-        try:
-            reply = json.loads(raw)
-        except ValueError as error:
-            raise ControlError(f"the daemon at {self.path} sent a reply that is not JSON: "
-                               f"{error}") from None
-        if not isinstance(reply, dict) or "ok" not in reply:
-            raise ControlError(f"the daemon at {self.path} sent an unexpected reply: "
-                               f"{str(reply)[:200]}")
-        return reply
-
-    def _result(self, reply: dict) -> Any:
-        if reply.get("ok") is True:
-            return reply.get("result")
-        err = reply.get("error") or {}
-        code = str(err.get("code", "unknown"))
-        message = str(err.get("message", "no message"))
-        if code in ("unknown_vm", "ambiguous_vm"):
-            raise VmLookupError(message, choices=list(err.get("choices") or []),
-                                ambiguous=code == "ambiguous_vm")
-        if code == "denied":
-            raise ControlPermissionError(f"the daemon at {self.path} refused us: {message}")
-        if code == "busy":
-            raise DaemonBusyError(f"the daemon at {self.path} is alive but busy: {message}")
-        raise ControlReplyError(code, message, path=self.path)

@@ -14,6 +14,9 @@ from typing import Any
 from hekitrace.errors import VmLookupError
 from hekitrace.render import documents, vm_select
 from hekitrace.service.control import RequestError
+from hekitrace.service.follow import Record
+from hekitrace.state.changes import Change
+from hekitrace.trace.jsonl import event_to_dict
 
 MAPS = ("requested", "applied")
 
@@ -67,4 +70,19 @@ def answer(request: dict, host: Any, abi: Any, counts: Mapping[tuple[Any, str, s
         findings = list(recent_findings.get(guest.key, ()))
         return documents.vm_snapshot(guest, abi, findings, maps=tuple(maps),
                                      applied_unobserved=applied_unobserved)
-    raise RequestError("bad_request", f"unknown op {op!r}; expected status, vms or snapshot")
+    raise RequestError("bad_request", f"unknown op {op!r}; expected status, vms, snapshot, recent or follow")
+
+
+def recent(recent_findings: Mapping[Any, Iterable[Any]]) -> dict:
+    """The ``recent`` reply: the findings the daemon keeps per VM, oldest first."""
+    findings = sorted((f for per_vm in recent_findings.values() for f in per_vm),
+                      key=lambda f: f.time_ns)
+    return {"findings": [f.to_dict() for f in findings]}
+
+
+def event_record(change: Change, host: Any) -> Record:
+    """One applied event as a ``follow`` stream record: (kind, VM identity, JSON)."""
+    assert change.event is not None
+    guest = host.guests.get(change.vm) if change.vm is not None else None
+    doc = event_to_dict(change.event)
+    return doc["kind"], identity(guest) if guest is not None else None, doc

@@ -36,7 +36,8 @@ from hekitrace.policy.engine import Policy
 from hekitrace.policy.findings import Finding
 from hekitrace.render.status import status_document, status_line
 from hekitrace.service import control_ops, parts
-from hekitrace.service.control import ControlServer
+from hekitrace.service.control import ControlServer, RequestError
+from hekitrace.service.follow import Filter, Subscriber
 from hekitrace.service.http import Health, HttpServer
 from hekitrace.service.ingest import BATCH_EVENTS, Ingest
 from hekitrace.service.kernel_sync import FaultFilterSync, seed_memslots
@@ -136,14 +137,6 @@ class Daemon:
         """Whether the ``attr_applied`` hook is attached (pairing rules need it)."""
         return any(h.hook == "attr_applied" and h.attached for h in self.hook_report)
 
-    def applied_unobserved(self) -> str | None:
-        """Why this host's applied maps cannot be seen (for snapshots), or None."""
-        if self.applied_hook_active:
-            return None
-        row = next((h for h in self.hook_report if h.hook == "attr_applied"), None)
-        return ("the attribute hook is not attached"
-                + (f": {row.reason}" if row is not None and row.reason else ""))
-
     @property
     def merged_creations(self) -> int:
         """Creation reports of a VM already known from another source, merged by Host."""
@@ -229,6 +222,8 @@ class Daemon:
         filter_sync = self._filter_sync
 
         def observe(change: Change, findings: list[Finding]) -> None:
+            if self.control is not None and self.control.followers and change.event is not None:
+                self.control.publish([control_ops.event_record(change, self.pipeline.host)])
             if change.map_changes:
                 pages.observe(change)
                 if filter_sync is not None and change.vm is not None:
@@ -333,6 +328,8 @@ class Daemon:
             self.journal.after_batch()
 
     def _emit(self, findings: list[Finding]) -> None:
+        if findings and self.control is not None and self.control.followers:
+            self.control.publish([("finding", f.vm, f.to_dict()) for f in findings])
         for finding in findings:
             self.recent_findings.setdefault(
                 finding.vm_key, collections.deque(maxlen=RECENT_FINDINGS)).append(finding)
@@ -417,14 +414,21 @@ class Daemon:
             journal=self.journal.status() if self.journal is not None else None,
             policy=self.pipeline.policy.status())
 
-    def _handle_request(self, request: dict) -> dict:
+    def _handle_request(self, request: dict) -> dict | Subscriber:
         """Answer one control request (in the loop thread, under the state lock)."""
         with self.stats.lock:
             if request["op"] == "status":
                 return self.status()
+            if request["op"] == "follow":
+                try:
+                    return Subscriber(Filter.from_request(request))
+                except ValueError as error:
+                    raise RequestError("bad_request", str(error)) from None
+            if request["op"] == "recent":
+                return control_ops.recent(self.recent_findings)
             return control_ops.answer(request, self.pipeline.host, self.config.abi_profile(),
                                       self.pipeline.policy.counts, self.recent_findings,
-                                      applied_unobserved=self.applied_unobserved())
+                                      applied_unobserved=parts.applied_unobserved(self.hook_report))
 
     # -- reload and shutdown -----------------------------------------------------------
     def reload(self) -> bool:

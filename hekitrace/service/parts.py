@@ -160,3 +160,12 @@ def open_uevents(factory: EventSourceFactory | None, say: Say) -> EventSource | 
     except Exception as error:  # noqa: BLE001 - an optional source must not stop us
         say(f"WARNING: {unavailable_message(error)}")  # the same line as `record`
         return None
+
+
+def applied_unobserved(report: list[HookStatus]) -> str | None:
+    """Why this host's applied maps cannot be seen (for snapshots), or None."""
+    row = next((h for h in report if h.hook == "attr_applied"), None)
+    if row is not None and row.attached:
+        return None
+    return ("the attribute hook is not attached"
+            + (f": {row.reason}" if row is not None and row.reason else ""))

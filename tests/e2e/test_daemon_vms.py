@@ -15,7 +15,8 @@ import pytest
 from hekitrace.capture.testrun import run_raw_tracepoint
 from hekitrace.config.abi import DEFAULT_PROFILE
 from hekitrace.errors import ControlError, VmLookupError
-from hekitrace.service.control import ControlClient, ControlReplyError
+from hekitrace.service.control import ControlReplyError
+from hekitrace.service.control_client import ControlClient
 from tests.e2e.daemon_proc import (
     DaemonProcess,
     bpf_prog_ids_of,

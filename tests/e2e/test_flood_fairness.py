@@ -35,7 +35,7 @@ import pytest
 
 from hekitrace.capture.testrun import run_raw_tracepoint
 from hekitrace.config.abi import DEFAULT_PROFILE
-from hekitrace.service.control import ControlClient
+from hekitrace.service.control_client import ControlClient
 from tests import child_env
 from tests.e2e.daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs, metric_value, wait_for
 from tests.vmm import Vmm

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hekitrace.journal.segments import scan
-from hekitrace.service.control import ControlClient
+from hekitrace.service.control_client import ControlClient
 from tests.e2e.daemon_proc import wait_for
 from tests.e2e.journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect
 

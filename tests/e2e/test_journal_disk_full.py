@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from hekitrace.service.control import ControlClient
+from hekitrace.service.control_client import ControlClient
 from tests.e2e.daemon_proc import metric_value, wait_for
 from tests.e2e.journal_helpers import hypercall_prog_fd, journal_daemon, new_vm, send_protect
 

@@ -35,7 +35,7 @@ from hekitrace.config.settings import load_config
 from hekitrace.journal.segments import scan
 from hekitrace.pipeline import Pipeline
 from hekitrace.render.documents import vm_snapshot
-from hekitrace.service.control import ControlClient
+from hekitrace.service.control_client import ControlClient
 from hekitrace.state.events import ProtectRequest
 from hekitrace.trace.file import read_events
 from tests import child_env

@@ -134,3 +134,39 @@ def test_top_full_screen_redraws_on_resize_and_exits_cleanly(daemon, how):
         assert _wait_exit(pid) == 0
     finally:
         os.close(fd)
+
+
+def test_events_follow_streams_a_vm_created_after_it_started(daemon):
+    proc = subprocess.Popen([*HEKITRACE, "events", "--follow", "-o", "json",
+                             "--socket", daemon.socket_path, "--config",
+                             str(daemon.config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)                      # subscribed before the VM exists
+        with Vmm() as vm:
+            vm.add_memslot(0, 1 << 20)
+            deadline = time.monotonic() + 30
+            seen = []
+            os.set_blocking(proc.stdout.fileno(), False)
+            while time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                if not line:
+                    time.sleep(0.1)
+                    continue
+                record = json.loads(line)
+                seen.append(record["kind"])
+                if record["kind"] == "vm_created" and record["tgid"] == os.getpid():
+                    break
+            else:
+                raise AssertionError(f"no vm_created for pid {os.getpid()}; saw {seen}")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0, proc.stderr.read()
+
+
+def test_events_without_follow_prints_the_findings_held(daemon):
+    proc = _cli(daemon, "events", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert all(json.loads(line)["kind"] == "finding" for line in proc.stdout.splitlines())
+    bad = _cli(daemon, "events", "--follow", "--kind", "nope")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

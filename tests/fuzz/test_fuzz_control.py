@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hekitrace.service.control import ControlClient
+from hekitrace.service.control_client import ControlClient
 from tests.e2e.daemon_proc import DaemonProcess
 from tests.fuzz.fuzzbudget import bounded, budget
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from hekitrace.service.control import ControlClient
+from hekitrace.service.control_client import ControlClient
 from tests import child_env
 from tests.e2e.daemon_proc import DaemonProcess, bpf_prog_ids_of, bpf_progs
 

@@ -22,11 +22,11 @@ import pytest
 from hekitrace.errors import ControlError, NoDaemonError, VmLookupError
 from hekitrace.service.control import (
     MAX_REQUEST_BYTES,
-    ControlClient,
     ControlReplyError,
     ControlServer,
     RequestError,
 )
+from hekitrace.service.control_client import ControlClient
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="setuid(65534) needs root")
 
