@@ -28,7 +28,7 @@ from hekitrace.capture.assemble import LossTracker, ProtectAssembler
 from hekitrace.capture.btf import KernelBtf
 from hekitrace.capture.hooks import ATTR_FUNCTION
 from hekitrace.config.abi import DEFAULT_PROFILE, AbiProfile
-from hekitrace.errors import AttachError, BtfError
+from hekitrace.errors import AttachError
 from hekitrace.state.events import Event, Fault, FaultAccess
 
 #: how often read() looks at the kernel's drop counters (a syscall per counter key)
@@ -102,11 +102,10 @@ class Capture:
     def start(self) -> Capture:
         """Compile, load and attach; raise AttachError for a required hook that failed."""
         btf = KernelBtf.load()   # vmlinux + the KVM modules' split BTF (Debian: kvm=m)
-        try:
-            offsets = loader.kernel_offsets(btf)
-        except BtfError as exc:  # e.g. 6.1: no kvm_gfn_range.arg.attributes: attr hook only
-            self._attr_error = f"kvm_gfn_range offsets: {exc}"
-            offsets = loader.kernel_offsets(btf, attr=False)
+        # e.g. 6.1: no kvm_arch_post_set_memory_attributes, no arg.attributes: the
+        # attr hook only; the reason is the one 'hekitrace check' gives
+        self._attr_error = loader.attr_hook_blocker(btf)
+        offsets = loader.kernel_offsets(btf, attr=not self._attr_error)
         vendor = loader.detect_vendor(self.settings.vendor, say=self._say)
         hz = loader.kernel_hz(say=self._say)
         extra = list(self._extra)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from hekitrace.capture import kvm_uapi
 from hekitrace.capture.btf import Btf, KernelBtf
+from hekitrace.capture.hooks import ATTR_FUNCTION
+from hekitrace.capture.hostenv import kallsyms_has
 from hekitrace.config.abi import AbiProfile
 from hekitrace.errors import AttachError, BtfError
 
@@ -142,6 +144,27 @@ def kernel_offsets(btf: Btf | KernelBtf, attr: bool = True) -> dict[str, int]:
         except BtfError:
             out[name] = -1
     return out
+
+
+#: the reason the attr hook cannot attach on a kernel without its function
+ATTR_ABSENT = "absent from this kernel (not in /proc/kallsyms)"
+
+
+def attr_hook_blocker(btf: Btf | KernelBtf, kallsyms: str = "/proc/kallsyms") -> str:
+    """Why the attr hook cannot attach on this kernel whatever the method, or "".
+
+    The one answer ``hekitrace check`` and the daemon both give: first whether
+    kvm_arch_post_set_memory_attributes exists at all, then whether BTF has the
+    kvm_gfn_range members its program reads (the function arrived in v6.8 with
+    CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES; ``arg.attributes`` with it).
+    """
+    if ATTR_FUNCTION not in kallsyms_has((ATTR_FUNCTION,), kallsyms):
+        return ATTR_ABSENT
+    try:
+        kernel_offsets(btf)
+    except BtfError as exc:
+        return f"kvm_gfn_range offsets: {exc}"
+    return ""
 
 
 def kernel_hz(paths: tuple[str, ...] | None = None, say=None) -> int:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hekitrace.capture.btf import KernelBtf
 from hekitrace.capture.hooks import ATTR_FUNCTION
 from hekitrace.capture.hostenv import (
     BTF_VMLINUX,
@@ -38,7 +39,7 @@ from hekitrace.capture.hostenv import (
     read_lockdown,
     read_privileges,
 )
-from hekitrace.capture.loader import BPF_DIR_ENV, bpf_dir
+from hekitrace.capture.loader import ATTR_ABSENT, BPF_DIR_ENV, attr_hook_blocker, bpf_dir
 from hekitrace.config.settings import Config
 
 #: the KVM misc device in sysfs: its uevents announce VM creation and destruction
@@ -294,11 +295,14 @@ class _Prober:
             target = next((f for f in STAND_IN_FUNCTIONS if f in found), STAND_IN_FUNCTIONS[-1])
             stand_in = True
         methods = [self.fentry(target, stand_in), self.kprobe(target, stand_in)]
-        if exists:
-            return self._summarise(spec, required, True, methods)
-        return HookReport(spec.hook, spec.key, required, False, False, None,
-                          "absent from this kernel (not in /proc/kallsyms)",
-                          tuple(methods))
+        if not exists:
+            return HookReport(spec.hook, spec.key, required, False, False, None,
+                              ATTR_ABSENT, tuple(methods))
+        blocker = attr_hook_blocker(KernelBtf.load()) if spec.hook == ATTR_FUNCTION else ""
+        if blocker:   # the daemon would refuse it for this reason: say the same
+            return HookReport(spec.hook, spec.key, required, True, False, None,
+                              f"cannot attach: {blocker}", tuple(methods))
+        return self._summarise(spec, required, True, methods)
 
     def probe_uevents(self, spec: _HookSpec, required: bool) -> HookReport:
         exists = os.path.isdir(KVM_MISC_DEVICE)

@@ -170,3 +170,21 @@ def test_events_without_follow_prints_the_findings_held(daemon):
     assert all(json.loads(line)["kind"] == "finding" for line in proc.stdout.splitlines())
     bad = _cli(daemon, "events", "--follow", "--kind", "nope")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_check_and_the_daemon_give_the_same_reason_for_a_missing_hook(daemon):
+    """The attr hook on a kernel without kvm_arch_post_set_memory_attributes: 'check'
+    and the daemon's status name the same reason (one function decides it)."""
+    check = subprocess.run([*HEKITRACE, "check", "-o", "json", "--config",
+                            str(daemon.config_path)], capture_output=True, text=True,
+                           timeout=300, check=False)
+    hooks = {h["hook"]: h for h in json.loads(check.stdout)["hooks"]}
+    attr = hooks["kvm_arch_post_set_memory_attributes"]
+    status = json.loads(_cli(daemon, "status", "-o", "json").stdout)
+    daemon_attr = {h["hook"]: h for h in status["hooks"]}["attr_applied"]
+    if attr["attachable"]:
+        assert daemon_attr["attached"], daemon_attr
+    else:
+        assert not daemon_attr["attached"]
+        assert attr["reason"].removeprefix("cannot attach: ") in daemon_attr["reason"], \
+            (attr["reason"], daemon_attr["reason"])
