@@ -190,7 +190,7 @@ def metrics_registry(result: ReplayResult) -> tuple[Any, Any]:
     stats.lost.update(pipeline.lost)
     stats.last_event_ns = pipeline.last_event_ns
     stats.ready = True
-    stats.config_sha256 = pipeline.config.sha256
+    stats.config_sha256 = pipeline.config.digest_label
     health = Health()
     health.ready = True
     health.not_ready_reasons = ()

@@ -278,6 +278,13 @@ class Config:
     sha256: str = field(default=EMPTY_SHA256, compare=False,
                         metadata={"internal": True})
 
+    @property
+    def digest_label(self) -> str:
+        """What ``hekitrace_config_info{sha256}`` and ``status`` show: the file's digest,
+        or ``defaults`` when no file is in force (an empty file has the same digest as
+        the defaults, but it is a file the operator chose)."""
+        return self.sha256 if self.path is not None else "defaults"
+
     def abi_profile(self) -> AbiProfile:
         """The effective ABI profile: the named built-in one with any numbers or bits
         given in ``abi`` replacing its own (then named ``custom``)."""

@@ -162,7 +162,7 @@ class Daemon:
         """
         cfg = self.config
         self._signals.install(self.selector)
-        self.stats.config_sha256 = cfg.sha256
+        self.stats.config_sha256 = cfg.digest_label
         self.stats.config_reload_ns = self._wall_ns()
         self.notifier.status("starting: metrics and control socket")
         registry = self.registry = CollectorRegistry(auto_describe=False)
@@ -450,7 +450,7 @@ class Daemon:
         if new.policy != self.config.policy:
             self._swap_policy(new)
         self.config = new
-        self.stats.config_sha256 = new.sha256
+        self.stats.config_sha256 = new.digest_label
         self.stats.config_reload_success = True
         note = (f"; changes to {', '.join(restart)} take effect after a restart"
                 if restart else "")

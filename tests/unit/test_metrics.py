@@ -213,3 +213,15 @@ def test_metrics_doc_is_generated_and_current():
     doc = (ROOT / "docs" / "metrics.md").read_text()
     for spec in METRICS:
         assert f"`{spec.name}`" in doc
+
+
+def test_config_info_says_defaults_when_no_file_is_in_force(tmp_path):
+    """The HELP text promises "defaults" without a file; a file (even an empty one,
+    whose digest equals the defaults') shows its digest."""
+    from hekitrace.config.settings import default_config, load_config
+
+    assert default_config().digest_label == "defaults"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    loaded = load_config(str(empty))
+    assert loaded.digest_label == loaded.sha256 != "defaults"
