@@ -14,7 +14,7 @@ evidence is costly to build) and scheduling pairing checks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hekitrace.config.abi import AbiProfile, cr_bit_names
@@ -26,6 +26,7 @@ from hekitrace.state.attrmap import GFN_LIMIT
 from hekitrace.state.changes import Change
 from hekitrace.state.events import (
     PAGE_SHIFT,
+    PAGE_SIZE,
     AttrApplied,
     AttrIoctl,
     CrPinRequest,
@@ -33,6 +34,7 @@ from hekitrace.state.events import (
     Event,
     Fault,
     FaultAccess,
+    ProtectEntry,
     ProtectRequest,
 )
 
@@ -44,6 +46,31 @@ _ANNOUNCE_KEEP_WINDOWS = 4
 #: plain ints: IntFlag arithmetic costs microseconds per fault on the hot path
 _WRITE = int(FaultAccess.WRITE)
 _FETCH = int(FaultAccess.FETCH)
+
+
+#: malformed entries listed in a finding's evidence (all of them are counted)
+MALFORMED_SHOWN = 16
+
+
+def malformed_entries(entries: Sequence[ProtectEntry], valid: int) -> list[dict]:
+    """Every malformed entry of a request, in the guest's order, with its index in the
+    list as read (head page first, entries in stored order). The host stops at the first
+    one; the operator needs them all to see what the guest sent."""
+    out = []
+    for index, (gpa, end_gpa, perms) in enumerate(entries):
+        kinds = []
+        if (gpa | end_gpa) & (PAGE_SIZE - 1):
+            kinds.append("entry_misaligned")
+        if end_gpa <= gpa:
+            kinds.append("end_before_start")
+        if perms == 0:
+            kinds.append("zero_permissions")
+        elif perms & ~valid:
+            kinds.append("unknown_bits")
+        for kind in kinds:
+            out.append({"index": index, "kind": kind, "gpa": hex(gpa),
+                        "end_gpa": hex(end_gpa), "permissions": hex(perms)})
+    return out
 
 
 class Rules:
@@ -103,6 +130,8 @@ class Rules:
             bad = [a for a in change.anomalies if a.kind not in _NOT_MALFORMED]
             einval = [r for r in change.rejections if r.errno != "EPERM"]
         if (bad or einval) and enabled["malformed_request"]:
+            malformed = malformed_entries(event.entries[:self.max_entries_inspected],
+                                          self._gvalid)
             kinds = sorted({a.kind for a in bad} | {"rejected_" + r.errno for r in einval})
             self._emit(out, st, "malformed_request", time_ns,
                        f"malformed protect request at gpa {event.list_gpa:#x}: "
@@ -111,7 +140,9 @@ class Rules:
                         "anomalies": [{"kind": a.kind, "message": a.message,
                                        "detail": a.detail} for a in bad[:16]],
                         "rejections": [{"entry": list(r.entry), "errno": r.errno,
-                                        "reason": r.reason} for r in einval[:16]]},
+                                        "reason": r.reason} for r in einval[:16]],
+                        "malformed_entries": malformed[:MALFORMED_SHOWN],
+                        "malformed_entries_total": len(malformed)},
                        ("request", tuple(kinds)))
         gw, gx, valid = self._gw, self._gx, self._gvalid
         for entry in entries:

@@ -136,12 +136,13 @@ class HekiModel:
         check_slots = bool(guest.memslot_gfn_ranges())
         to_kvm = self._to_kvm
         time_ns = event.time_ns
+        last = len(entries) - 1   # anomalies name an entry by its index as the guest stored it
         for index, entry in enumerate(order):
             gpa, end_gpa, perms = entry
             if (gpa & _PAGE_MASK) or (end_gpa & _PAGE_MASK):
                 rejections.append(Rejection(entry, "EINVAL", "gpa or end_gpa not page aligned"))
                 anomalies.append(Anomaly("entry_misaligned", "entry not page aligned",
-                                         {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
+                                         {"gpa": gpa, "end_gpa": end_gpa, "index": last - index}))
                 break
             if perms == 0 or perms & ~valid:
                 kind = "zero_permissions" if perms == 0 else "unknown_bits"
@@ -149,20 +150,20 @@ class HekiModel:
                                             "permissions zero" if perms == 0 else
                                             f"unknown permission bits {perms & ~valid:#x}"))
                 anomalies.append(Anomaly(kind, "invalid permissions",
-                                         {"permissions": perms, "index": index}))
+                                         {"permissions": perms, "index": last - index}))
                 break
             start = gpa >> PAGE_SHIFT
             end = end_gpa >> PAGE_SHIFT
             if end <= start:
                 rejections.append(Rejection(entry, "EINVAL", "end_gpa <= gpa"))
                 anomalies.append(Anomaly("end_before_start", "range ends before it starts",
-                                         {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
+                                         {"gpa": gpa, "end_gpa": end_gpa, "index": last - index}))
                 break
             if start < 0 or end > GFN_LIMIT:
                 # cannot happen with u64 guest values; a corrupt trace could carry it
                 rejections.append(Rejection(entry, "EINVAL", "gfn outside 52-bit space"))
                 anomalies.append(Anomaly("gfn_overflow", "range outside the 52-bit space",
-                                         {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
+                                         {"gpa": gpa, "end_gpa": end_gpa, "index": last - index}))
                 break
             if not mbec and not perms & exec_bit:
                 # "Clearing kernel exec depends on MBEC" (docs/heki-abi.md section 5)
@@ -174,7 +175,7 @@ class HekiModel:
             if check_slots and not guest.covered_by_memslots(start, end):
                 anomalies.append(Anomaly("outside_memslots",
                                          "range not (fully) backed by a memslot",
-                                         {"gpa": gpa, "end_gpa": end_gpa, "index": index}))
+                                         {"gpa": gpa, "end_gpa": end_gpa, "index": last - index}))
             value = to_kvm.get(perms)
             if value is None:
                 value = to_kvm[perms] = self._guest_to_kvm(perms)

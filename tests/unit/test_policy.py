@@ -281,6 +281,34 @@ def test_malformed_request_and_near_miss():
     assert rig.protect(11, ProtectEntry(0x5000, 0x6000, R)) == []
 
 
+def test_malformed_request_lists_every_bad_entry_by_the_guests_index():
+    """The host stops at the first bad entry; the evidence names all of them, each at
+    its index in the list as the guest stored it (not the host's processing order)."""
+    rig = Rig()
+    rig.boot()
+    good = ProtectEntry(0x9000, 0xA000, R)
+    stored = (good, ProtectEntry(0x7000, 0x6000, R), ProtectEntry(0x5001, 0x6000, R),
+              good, ProtectEntry(0xB000, 0xC000, R | (1 << 9)))
+    out = rig.feed(ProtectRequest(T0 + 10, A, A, 0x9000, stored))
+    finding = next(f for f in out if f.rule == "malformed_request")
+    listed = [(m["index"], m["kind"]) for m in finding.evidence["malformed_entries"]]
+    assert listed == [(1, "end_before_start"), (2, "entry_misaligned"), (4, "unknown_bits")]
+    assert finding.evidence["malformed_entries_total"] == 3
+    # the host model's own anomaly (the first bad entry it met, processing from the end)
+    # names that entry by the guest's index too
+    assert [a["detail"]["index"] for a in finding.evidence["anomalies"]] == [4]
+
+
+def test_malformed_entries_are_bounded_but_all_counted():
+    bad = tuple(ProtectEntry(0x1001 + i * 0x1000, 0x2000 + i * 0x1000, R) for i in range(40))
+    rig = Rig()
+    rig.boot()
+    out = rig.feed(ProtectRequest(T0 + 10, A, A, 0x9000, bad))
+    finding = next(f for f in out if f.rule == "malformed_request")
+    assert len(finding.evidence["malformed_entries"]) == 16
+    assert finding.evidence["malformed_entries_total"] == 40
+
+
 def test_map_degraded_once_per_reason():
     rig = Rig()
     rig.boot()

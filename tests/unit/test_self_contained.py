@@ -25,6 +25,8 @@ _OUTSIDE_DOCS = (
     "heki-kvm" + _MD, "build-host" + _MD, "nested-kvm-tcg" + _MD, "pvm-guest" + _MD,
     "heki-host-kernel" + _MD, "heki-guest-kernel" + _MD, "qemu-in-l1" + _MD,
     "observability" + "-anchors", "style" + "-anchors", "reference" + "/",
+    # a bare section number of the outside reference ("(reference 1.5)")
+    r"\(" + "reference" + r" \d|: " + "reference" + r" \d",
 )
 CITATION = re.compile("|".join(_OUTSIDE_DOCS))
 
@@ -93,6 +95,7 @@ def test_no_tracked_file_cites_an_outside_document():
     "the QEMU flags of " + "nested-kvm-tcg" + ".md",
     "read " + "STYLE" + ".md first",
     "compare with " + "observability" + "-anchors" + " 2",
+    "return -KVM_ENOSYS (" + "reference" + " 1.5); the return",
 ])
 def test_scanner_catches_a_planted_citation(planted, tmp_path):
     text = f"first line\n{planted}\nlast line\n"
