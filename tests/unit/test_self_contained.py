@@ -25,7 +25,7 @@ _OUTSIDE_DOCS = (
     "heki-kvm" + _MD, "build-host" + _MD, "nested-kvm-tcg" + _MD, "pvm-guest" + _MD,
     "heki-host-kernel" + _MD, "heki-guest-kernel" + _MD, "qemu-in-l1" + _MD,
     "observability" + "-anchors", "style" + "-anchors", "reference" + "/",
-    # a bare section number of the outside reference ("(reference 1.5)")
+    # a bare section number of the outside reference, in parentheses or after a colon
     r"\(" + "reference" + r" \d|: " + "reference" + r" \d",
 )
 CITATION = re.compile("|".join(_OUTSIDE_DOCS))
