@@ -28,7 +28,7 @@ from hekitrace.capture.assemble import LossTracker, ProtectAssembler
 from hekitrace.capture.btf import KernelBtf
 from hekitrace.capture.hooks import ATTR_FUNCTION
 from hekitrace.config.abi import DEFAULT_PROFILE, AbiProfile
-from hekitrace.errors import AttachError
+from hekitrace.errors import AttachError, BtfError
 from hekitrace.state.events import Event, Fault, FaultAccess
 
 #: how often read() looks at the kernel's drop counters (a syscall per counter key)
@@ -105,7 +105,10 @@ class Capture:
         # e.g. 6.1: no kvm_arch_post_set_memory_attributes, no arg.attributes: the
         # attr hook only; the reason is the one 'hekitrace check' gives
         self._attr_error = loader.attr_hook_blocker(btf)
-        offsets = loader.kernel_offsets(btf, attr=not self._attr_error)
+        try:   # the offsets are wanted whenever BTF has them (the test-run twin reads them)
+            offsets = loader.kernel_offsets(btf)
+        except BtfError:
+            offsets = loader.kernel_offsets(btf, attr=False)
         vendor = loader.detect_vendor(self.settings.vendor, say=self._say)
         hz = loader.kernel_hz(say=self._say)
         extra = list(self._extra)

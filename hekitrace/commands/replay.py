@@ -19,7 +19,6 @@ import threading
 from collections.abc import Iterator
 
 from prometheus_client.exposition import generate_latest
-from tqdm import tqdm
 
 from hekitrace.commands import exit_status
 from hekitrace.commands.common import dump
@@ -118,6 +117,10 @@ def progress_bar(paths: list[str]) -> Iterator[Progress | None]:
         except OSError:
             sizes.append(None)
     total = sum(sizes) if all(size is not None for size in sizes) else None   # type: ignore[arg-type]
+    # imported here: only a terminal gets a bar, and scripts that replay in a loop (and
+    # the VM tier's L1, which has no terminal) never load it
+    from tqdm import tqdm
+
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
               desc="replay", leave=False, mininterval=0.5) as bar:
         def update(done_bytes: int, events: int) -> None:
