@@ -58,6 +58,8 @@ deb:
 	bash packaging/build-deb.sh
 
 # Every benchmark once (at most 20 minutes; BENCHMARKS.md): each target against a baseline
-# measured in the same run, written to bench/results.json. Root (bcc, BPF_PROG_TEST_RUN).
+# measured in the same run, written to bench/results.json, then BENCHMARKS.md from it.
+# Root (bcc, BPF_PROG_TEST_RUN).
 bench: setup
 	$(PYTHON) bench/run_all.py --output bench/results.json
+	$(PYTHON) bench/report.py --results bench/results.json --output BENCHMARKS.md

@@ -216,14 +216,34 @@ def part_fault_path(q: dict) -> list[dict]:
                    "rounds": q["rounds"], "best_of": q["rounds"]})]
 
 
+def run_others(q: dict) -> dict[str, str]:
+    out = {}
+    for script, args in (("bench_attrmap.py", q["attrmap_args"]),
+                         ("bench_journal.py", q["journal_args"])):
+        say(f"{script} {' '.join(args)}")
+        t = time.time()
+        la = load()
+        proc = subprocess.run([sys.executable, str(HERE / script), *args],
+                              capture_output=True, text=True, check=False)
+        text = proc.stdout if proc.returncode == 0 else \
+            f"FAILED (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-2000:]}"
+        out[f"{script} {' '.join(args)}".strip()] = (
+            f"(load average {la} -> {load()}; {time.time() - t:.0f} s)\n\n{text}")
+    return out
+
+
 PARTS = {"consumer": part_consumer, "e2e": part_e2e, "replay": part_replay,
          "memory": part_memory, "bpf": part_bpf, "fault_path": part_fault_path}
 FULL = {"records": 300_000, "rounds": 3, "mix_events": 300_000, "hostile_flood": 200_000,
         "replay_fault": 1_000_000, "replay_prot": 300_000, "vms": 100, "ranges": 10_000,
-        "bpf_runs": 20_000, "faults": 50_000}
+        "bpf_runs": 20_000, "faults": 50_000, "attrmap_args": [], "journal_args": []}
 QUICK = {"records": 50_000, "rounds": 1, "mix_events": 40_000, "hostile_flood": 20_000,
          "replay_fault": 60_000, "replay_prot": 30_000, "vms": 10, "ranges": 10_000,
-         "bpf_runs": 5_000, "faults": 10_000}
+         "bpf_runs": 5_000, "faults": 10_000,
+         "attrmap_args": ["--ranges", "10000", "--updates", "20000", "--queries", "20000",
+                          "--repeat", "1"],
+         "journal_args": ["--events", "20000", "--repeat", "1", "--vms", "10",
+                          "--tail", "20000"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (development)")
     parser.add_argument("--only", action="append", choices=sorted(PARTS),
                         help="run only these parts (repeatable)")
+    parser.add_argument("--no-others", action="store_true",
+                        help="skip bench_attrmap.py and bench_journal.py (no targets)")
     args = parser.parse_args(argv)
     q = QUICK if args.quick else FULL
     started = time.time()
@@ -248,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failures[part] = f"{type(error).__name__}: {error}"
         say(f"part {part}: {time.time() - t:.0f} s")
+    others = {} if args.no_others or args.only else run_others(q)
     doc = {
         "generated": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "host": {"kernel": platform.release(), "python": platform.python_version(),
@@ -255,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": "quick" if args.quick else "full", "parameters": q,
         "load_average_start": la, "load_average_end": load(),
         "duration_seconds": round(time.time() - started, 1),
-        "failed_parts": failures, "entries": entries}
+        "failed_parts": failures, "entries": entries, "other_benchmarks": others}
     Path(args.output).write_text(json.dumps(doc, indent=2) + "\n")
     for e in entries:
         ratio = "-" if e["ratio"] is None else f"{e['ratio']:.2f}"
