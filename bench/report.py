@@ -151,17 +151,26 @@ def render(doc: dict) -> str:
                     f"{c.get('rounds')}"
                     + (f"; {c['prefix_events_not_timed']:,} history events fed first, untimed"
                        if c.get("prefix_events_not_timed") else "")]
-            extra = {k: v for k, v in d.items() if k != "ratio_is"}
+            extra = {k: v for k, v in d.items() if k not in ("ratio_is", "all_cases_ns")}
             if extra:
                 out.append("- details: " + "; ".join(f"{k.replace('_', ' ')} {fmt(v)}"
                                                      for k, v in extra.items()))
             out.append("")
+            if "all_cases_ns" in d:
+                out += ["Every case of the run (kernel ns per run):", "",
+                        "| case | ns/run |", "|---|---:|"]
+                out += [f"| {k} | {v:.0f} |" for k, v in d["all_cases_ns"].items()]
+                out.append("")
     others = doc.get("other_benchmarks") or {}
     if others:
         out += ["## Other benchmarks (no target here)", "",
                 "Run by `make bench` too; their own output, as printed."]
+        titles = {"bench_attrmap.py": "AttrMap", "bench_journal.py": "Journal and recovery"}
         for name, text in others.items():
-            out += ["", f"### {name}", "", text.strip()]
+            title = titles.get(name.split()[0], name)
+            text = "\n".join("#" + line if line.startswith("### ") else line
+                             for line in text.strip().splitlines())
+            out += ["", f"### {title} (`bench/{name}`)", "", text]
         out.append("")
     out += ["## Reproduce", "",
             "As root, from a checkout: `make bench` (runs scripts/setup.sh, then "
