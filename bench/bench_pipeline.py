@@ -114,7 +114,7 @@ def fault_path(faults: int, rounds: int) -> dict:
             feed(ProtectRequest(t + 1, 1, 1, 0x9000, (ProtectEntry(g << 12, (g + 1) << 12, 5),)))
             t += 2
         events = [Fault(t + 10 + i, 1, 1, 0, (0x2800 + i % 512) << 12, 0x182, 0,
-                        FaultAccess.WRITE, 1, 0) for i in range(faults)]
+                        int(FaultAccess.WRITE), 1, 0) for i in range(faults)]
         apply, evaluate = host.apply, policy.evaluate
         gc.collect()
         start = _CLOCK()

@@ -166,7 +166,7 @@ def mix_telemetry(vms: int, events: int, seed: int = 1) -> tuple[list, list]:
         if k % 3 == 2:
             mix.append(Fault(e.time_ns, e.tgid, e.tid, 0,
                              (0x200000 + rng.randrange(4096)) << 12, 0x182, 0,
-                             FaultAccess.WRITE, 1, 0))
+                             int(FaultAccess.WRITE), 1, 0))
         if len(mix) >= events:
             break
     return prefix, mix
@@ -231,7 +231,7 @@ def mix_hostile(booting: int = 50, flood: int = 200_000, seed: int = 4) -> tuple
         else:
             events.append(Fault(t, bad.tgid, bad.tgid + 1 + k % 4, k % 4,
                                 rng.randrange(*text) << 12, 0x182, 0xFFFFFFFFC0001000,
-                                FaultAccess.WRITE, 1, 0))
+                                int(FaultAccess.WRITE), 1, 0))
     streams = _booting(booting, seed + 1, T_START)
     return list(heapq.merge(events, *streams, key=lambda e: e.time_ns)), bad.tgid
 
