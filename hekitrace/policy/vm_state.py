@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 
 #: bound on the "announced writable" ranges remembered per VM (text_poke near-miss)
 MAX_RECENT_WRITABLE = 256
-#: announcements up to this many pages wide are indexed page by page; wider ones (rare:
-#: text_poke announces a page or two) are kept in a short list that is scanned
-INDEX_MAX_PAGES = 64
+#: announcements up to this many pages wide are indexed page by page; wider ones (module
+#: unloads; text_poke announces a page or two) are kept in a short list that is scanned
+INDEX_MAX_PAGES = 8
 
 
 class Announcements:

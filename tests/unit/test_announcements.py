@@ -71,7 +71,8 @@ def test_index_answers_as_the_scan_on_random_sequences(seed):
         now += rnd.randrange(0, 50)
         if op < 0.4:
             s = rnd.randrange(0, 400)
-            width = rnd.choice([1, 1, 2, 3, 64, 65, 200])   # around the index's limit
+            limit = vm_state.INDEX_MAX_PAGES
+            width = rnd.choice([1, 1, 2, 3, limit, limit + 1, 200])   # around the limit
             t = now - rnd.randrange(0, 30)                   # not always in order
             index.append(t, s, s + width)
             oracle.append(t, s, s + width)
