@@ -8,7 +8,7 @@ PYTHON := .venv/bin/python
 HEKITRACE := .venv/bin/hekitrace
 CONFIG := configs/hekitrace.yaml
 
-.PHONY: setup test demo check fuzz soak deb
+.PHONY: setup test demo check fuzz soak deb bench
 
 setup:
 	bash scripts/setup.sh
@@ -56,3 +56,10 @@ soak: setup
 # dist/hekitrace_VERSION_all.deb (with the source package beside it).
 deb:
 	bash packaging/build-deb.sh
+
+# Every benchmark once (at most 20 minutes; BENCHMARKS.md): each target against a baseline
+# measured in the same run, written to bench/results.json, then BENCHMARKS.md from it.
+# Root (bcc, BPF_PROG_TEST_RUN).
+bench: setup
+	$(PYTHON) bench/run_all.py --output bench/results.json
+	$(PYTHON) bench/report.py --results bench/results.json --output BENCHMARKS.md

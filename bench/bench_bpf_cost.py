@@ -42,11 +42,20 @@ def measure(fd: int, args_of, runs: int, drain=None, drain_every: int = 1000) ->
     return (after.run_time_ns - before.run_time_ns) / cnt if cnt else float("nan")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=20000)
-    args = ap.parse_args()
-    runs = args.runs
+#: results' names of the cases bench/run_all.py reports as targets, by key
+KEYS = {
+    "baseline: empty raw tracepoint program": "empty",
+    "fault: write, page not in the filter (bucket miss)": "unprotected_page",
+    "fault: write, not in the filter, new bucket each run": "cold_bucket",
+    "fault: write, protected page, storm counted in kernel": "storm",
+    "fault: storm on 2 pages in 2 buckets, alternating": "storm_two_buckets",
+    "fault: write, protected page, first fault (record sent)": "first_fault",
+    "fault: read access (dropped before any map)": "read",
+}
+
+
+def measure_all(runs: int) -> list[tuple[str, float]]:
+    """(case, kernel ns per run) for every case; see the module docstring."""
     cap = Capture(settings=loader.CaptureSettings(fault_report_interval_seconds=60.0),
                   required={"hypercall": False, "ioctl": False}, attach=False,
                   say=lambda m: None).start()
@@ -102,6 +111,15 @@ def main() -> int:
         os.close(stats_fd)
         cap.close()
         empty.cleanup()
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=20000)
+    args = ap.parse_args()
+    runs = args.runs
+    results = measure_all(runs)
     print(f"# bpf program cost, {runs} runs each, kernel {platform.release()}, "
           f"{os.cpu_count()} cpus")
     print(f"{'program / case':<58} {'ns/run':>8}")

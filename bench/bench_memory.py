@@ -6,7 +6,13 @@ process, and reports the process RSS (VmRSS and VmHWM from /proc/self/status) be
 and after, plus the time one ``/metrics`` scrape takes over that state (the collector
 holds the state lock that long, so it bounds how long a scrape can delay a batch).
 
-Usage: .venv/bin/python bench/bench_memory.py [--vms 100] [--ranges 10000]
+With ``--with-bcc`` (what bench/run_all.py runs) the capture engine is started first in
+the same process (bcc compiles and loads every program, as the daemon does; nothing is
+attached), so the figure is the whole daemon process's; owned (private) and shared
+memory are then read from /proc/self/smaps_rollup. ``--json`` prints the figures as one
+JSON object.
+
+Usage: .venv/bin/python bench/bench_memory.py [--vms 100] [--ranges 10000] [--with-bcc] [--json]
 """
 
 from __future__ import annotations
@@ -27,12 +33,53 @@ def rss_kib(field: str = "VmRSS") -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def main() -> int:
+def smaps_rollup_kib() -> dict[str, int]:
+    """/proc/self/smaps_rollup's kB fields (Rss, Pss, Shared_*, Private_*, Anonymous...)."""
+    out: dict[str, int] = {}
+    with open("/proc/self/smaps_rollup") as handle:
+        for line in handle:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                out[parts[0].rstrip(":")] = int(parts[1])
+    return out
+
+
+def memory_split() -> dict[str, float]:
+    """RSS, owned (private) and shared MiB of this process."""
+    r = smaps_rollup_kib()
+    private = r.get("Private_Clean", 0) + r.get("Private_Dirty", 0)
+    shared = r.get("Shared_Clean", 0) + r.get("Shared_Dirty", 0)
+    return {"rss_mib": r.get("Rss", 0) / 1024, "private_mib": private / 1024,
+            "shared_mib": shared / 1024, "pss_mib": r.get("Pss", 0) / 1024,
+            "anonymous_mib": r.get("Anonymous", 0) / 1024}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=100)
     parser.add_argument("--ranges", type=int, default=10_000,
                         help="distinct ranges per map per VM (default: 10000)")
-    args = parser.parse_args()
+    parser.add_argument("--with-bcc", action="store_true",
+                        help="start the capture engine (bcc) in this process first")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    start_kib = rss_kib()
+    capture = None
+    bcc_seconds = 0.0
+    if args.with_bcc:
+        from hekitrace.capture.engine import Capture
+
+        t = time.perf_counter()
+        from hekitrace.config.settings import parse_config
+        from hekitrace.service import parts
+
+        # the daemon's own start-up step (service/parts.py start_capture: the engine,
+        # then the C heap bcc's compile freed handed back), hooks not attached
+        capture, _report = parts.start_capture(
+            lambda cfg, say: Capture(cfg, attach=False, say=say).start(),
+            parse_config("{}\n", "<bench>"), lambda _line: None)
+        bcc_seconds = time.perf_counter() - t
+    bcc_split = memory_split()
 
     from prometheus_client import generate_latest
     from prometheus_client.registry import CollectorRegistry
@@ -87,6 +134,20 @@ def main() -> int:
 
     daemon_scrape, size = scrape_seconds(pages)
     recount_scrape, _ = scrape_seconds(None)
+    final = memory_split()
+    if args.json:
+        import json
+
+        print(json.dumps({
+            "vms": args.vms, "ranges": args.ranges, "with_bcc": args.with_bcc,
+            "interpreter_mib": start_kib / 1024,
+            "before_state": bcc_split, "bcc_start_seconds": bcc_seconds,
+            "with_state": final, "peak_rss_mib": rss_kib("VmHWM") / 1024,
+            "rss_mb": state_kib * 1024 / 1e6, "build_seconds": build_seconds,
+            "scrape_ms": daemon_scrape * 1000, "stored_ranges": sum(r + a for r, a in sizes)}))
+        if capture is not None:
+            capture.close()
+        return 0
     print(f"VMs: {args.vms}; stored ranges per VM requested/applied: "
           f"{sizes[0][0]}/{sizes[0][1]}")
     print(f"RSS before state: {base_kib / 1024:.1f} MiB (python + hekitrace + prometheus_client)")
@@ -102,6 +163,11 @@ def main() -> int:
     print(f"/metrics render ({size} bytes), median of 5: {daemon_scrape * 1000:.1f} ms with the "
           f"daemon's incremental page counts, {recount_scrape * 1000:.1f} ms summing the maps "
           "(the state lock is held that long)")
+    print(f"owned (private) {final['private_mib']:.1f} MiB, shared {final['shared_mib']:.1f} MiB "
+          f"(smaps_rollup); before the state: RSS {bcc_split['rss_mib']:.1f} MiB"
+          + (f" with bcc loaded in {bcc_seconds:.1f} s" if args.with_bcc else ""))
+    if capture is not None:
+        capture.close()
     return 0
 
 

@@ -57,6 +57,81 @@ def _pipeline(config, prefix: list, events: list) -> float:
     return _CLOCK() - start
 
 
+def fault_path(faults: int, rounds: int) -> dict:
+    """ns per protected write fault (Host.apply + Policy.evaluate) on a VM holding 256
+    write announcements none of which covers the faulting pages (storm-controlled: 512
+    distinct pages, so dedup windows absorb the repeats): with the fault rule's page
+    index (policy.vm_state.Announcements) and, as the same-run baseline, with the
+    previous algorithm (every announcement scanned; the oracle of
+    tests/unit/test_announcements.py, restated here since bench/ and tests/ stay apart)."""
+    from collections import deque
+
+    from hekitrace.config.abi import AbiProfile
+    from hekitrace.config.settings import parse_config
+    from hekitrace.policy import vm_state
+    from hekitrace.policy.engine import Policy
+    from hekitrace.state.events import Memslot, ProtectEntry, VmCreated
+    from hekitrace.state.host import Host
+
+    class Scan:
+        def __init__(self) -> None:
+            self.entries: deque = deque(maxlen=vm_state.MAX_RECENT_WRITABLE)
+
+        def __bool__(self) -> bool:
+            return bool(self.entries)
+
+        def append(self, t: int, s: int, e: int) -> None:
+            self.entries.append((t, s, e))
+
+        def expire(self, horizon: int) -> None:
+            while self.entries and self.entries[0][0] < horizon:
+                self.entries.popleft()
+
+        def announced(self, gfn: int, when: int, window: int) -> bool:
+            for t, s, e in self.entries:
+                if s <= gfn < e and when - t <= window:
+                    return True
+            return False
+
+    t0 = 1_795_000_000_000_000_000
+    abi = AbiProfile(name="heki-v2-mbec", lock_cr_update=13, protect_memory=14, mbec=True)
+
+    def run() -> float:
+        host = Host(abi)
+        policy = Policy(parse_config("{}\n").policy, abi, clock=lambda: t0,
+                        applied_hook_active=False)
+
+        def feed(event) -> None:  # type: ignore[no-untyped-def]
+            policy.evaluate(host.apply(event), host)
+
+        feed(VmCreated(t0, 1, 1, name="v", uuid="u"))
+        feed(Memslot(t0, 1, 1, 0, 0, 0, 1 << 30, 0x7F0000000000))
+        feed(ProtectRequest(t0 + 1, 1, 1, 0x9000, (ProtectEntry(0x1000 << 12, 0x3000 << 12, 5),)))
+        t = t0 + 2
+        for i in range(256):
+            g = 0x1000 + 2 * i
+            feed(ProtectRequest(t, 1, 1, 0x9000, (ProtectEntry(g << 12, (g + 1) << 12, 3),)))
+            feed(ProtectRequest(t + 1, 1, 1, 0x9000, (ProtectEntry(g << 12, (g + 1) << 12, 5),)))
+            t += 2
+        events = [Fault(t + 10 + i, 1, 1, 0, (0x2800 + i % 512) << 12, 0x182, 0,
+                        int(FaultAccess.WRITE), 1, 0) for i in range(faults)]
+        apply, evaluate = host.apply, policy.evaluate
+        gc.collect()
+        start = _CLOCK()
+        for event in events:
+            evaluate(apply(event), host)
+        return (_CLOCK() - start) / faults * 1e9
+
+    index_ns = min(run() for _ in range(rounds))
+    real = vm_state.Announcements
+    vm_state.Announcements = Scan  # type: ignore[misc,assignment]
+    try:
+        scan_ns = min(run() for _ in range(rounds))
+    finally:
+        vm_state.Announcements = real  # type: ignore[misc]
+    return {"index_ns": index_ns, "scan_ns": scan_ns}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000,

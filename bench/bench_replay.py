@@ -118,6 +118,81 @@ def replay_prefix(path: str, limit: int | None) -> int:
     return replay([prefix]).events
 
 
+def write_mix_trace(path: str, kind: str, events: int, seed: int = 0) -> int:
+    """A trace for the replay targets (bench/run_all.py); returns its event count.
+
+    ``fault``: 8 Heki guests boot (kernel, 3 modules), then reported write and fetch
+    faults (the kernel's collapsed storms, count 1-50) on their protected text and
+    rodata, on module pages a text_poke announced, and on unprotected pages, with one
+    text_poke per 200 faults. ``protection``: the stress guest (module and BPF-JIT churn,
+    text pokes; about 70% map changes) on 8 VMs.
+    """
+    import random
+
+    from hekitrace.sim.guest import SimVm
+    from hekitrace.state.events import FaultAccess
+
+    header = TraceHeader(kernel_release="simulated", abi_profile="heki-v2",
+                         start_time_ns=scenarios.DEFAULT_START_NS, hostname="bench",
+                         extra={"bench": f"replay-{kind}", "events": events, "mbec": True})
+    if kind == "protection":
+        made = scenarios.simulate(["stress"], vms=8, seed=seed,
+                                  stress_events=events // 8 + 1)[:events]
+    else:
+        rng = random.Random(seed)
+        vms = []
+        for i in range(8):
+            vm = SimVm(random.Random(rng.getrandbits(64)), name=f"f{i}",
+                       start_ns=scenarios.DEFAULT_START_NS + i * 1000, mbec=True)
+            vm.create()
+            vm.boot()
+            vm.modules = [vm.load_module(6, 2, 2) for _ in range(3)]
+            vms.append(vm)
+        per_vm = events // 8 + 1
+        for vm in vms:
+            text, rodata = vm.layout.text, vm.layout.rodata
+            n = 0
+            while len(vm.events) < per_vm:
+                n += 1
+                roll = rng.random()
+                if n % 200 == 0:
+                    vm.text_poke(rng.choice(vm.modules[-1]["text"]))
+                elif roll < 0.5:
+                    vm.fault(rng.randrange(*text), FaultAccess.WRITE, 0xFFFFFFFF81000000,
+                             rng.randint(1, 50))
+                elif roll < 0.7:
+                    vm.fault(rng.randrange(*rodata), FaultAccess.WRITE, 0xFFFFFFFF81000000, 1)
+                elif roll < 0.85:
+                    vm.fault(rng.choice(vm.modules[-1]["text"]), FaultAccess.WRITE,
+                             0xFFFFFFFFC0000000, 1)
+                else:
+                    vm.fault(0x300000 + rng.randrange(1 << 16), FaultAccess.FETCH,
+                             0xFFFFFFFF81000000, 1)
+        import heapq
+        made = list(heapq.merge(*(vm.events for vm in vms), key=lambda e: e.time_ns))
+    with TraceWriter(path, header) as writer:
+        writer.write_all(made)
+    return len(made)
+
+
+def floor_and_replay(path: str, rounds: int = 1) -> dict:
+    """Decode-only floor (every event of the binary trace, ``TraceReader.batches``) and
+    the full replay (``hekitrace.replay.replay``: decode + Pipeline.feed_many), best of
+    ``rounds`` each, in CPU time of this process."""
+    best_floor = best_replay = float("inf")
+    events = 0
+    for _ in range(rounds):
+        events, _wall, cpu = timed(lambda: decode_binary(path))
+        best_floor = min(best_floor, cpu)
+        got, _wall, cpu = timed(lambda: replay([path]).events)
+        assert got == events, (got, events)
+        best_replay = min(best_replay, cpu)
+    return {"events": events, "floor_cpu_s": best_floor, "replay_cpu_s": best_replay,
+            "floor_events_per_s": events / best_floor,
+            "replay_events_per_s": events / best_replay,
+            "replay_over_floor": best_replay / best_floor}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=5_000_000,

@@ -161,7 +161,7 @@ class Rules:
         kw, heki = self._kw, self._heki
         for mc in change.map_changes:
             if mc.new & kw and not mc.old & kw and mc.old & heki:
-                st.recent_writable.append((time_ns, mc.gfn_start, mc.gfn_end))
+                st.recent_writable.append(time_ns, mc.gfn_start, mc.gfn_end)
         for rejection in change.rejections:
             if rejection.errno == "EPERM":
                 self._on_eperm(rejection.entry, event, st, guest, out)
@@ -263,17 +263,13 @@ class Rules:
             recent = st.recent_writable
             announced = False
             if recent:
-                # announcements far older than any fault could refer to are dropped
+                # announcements far older than any fault could refer to are dropped; then
+                # one index lookup on the page (vm_state.Announcements), not a scan
                 window = self._window_ns
-                horizon = time_ns - _ANNOUNCE_KEEP_WINDOWS * window
-                while recent and recent[0][0] < horizon:
-                    recent.popleft()
-                when = first_ns or time_ns
-                for t, s, e in recent:
-                    if s <= gfn < e and when - t <= window:
-                        self.stats["announced_writes"] += count
-                        announced = True
-                        break
+                recent.expire(time_ns - _ANNOUNCE_KEEP_WINDOWS * window)
+                if recent.announced(gfn, first_ns or time_ns, window):
+                    self.stats["announced_writes"] += count
+                    announced = True
             if not announced and self._admit(out, st, "protected_write", time_ns,
                                              (gfn, "w"), count):
                 self._record(out, st, "protected_write", time_ns,

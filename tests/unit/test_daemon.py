@@ -294,3 +294,11 @@ def test_daemon_without_a_capture_engine_reports_every_hook_unattached():
         [(hook, False, "no capture engine") for hook in HOOKS]
     assert d.status_line() == "NOT READY; 0 VMs (0 degraded); hooks 0/5; 0 events, 0 lost; " \
         "queue 0/8"
+
+
+def test_release_freed_heap_is_harmless():
+    """The daemon trims the C heap after bcc's compile (parts.start_capture); the call
+    is safe at any time and says whether glibc was there to do it."""
+    from hekitrace.service import parts
+
+    assert parts.release_freed_heap() in (True, False)

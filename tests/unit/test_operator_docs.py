@@ -5,6 +5,7 @@ lays out the files docs/install.md promises."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -45,54 +46,47 @@ def test_man_page_exit_statuses_match_cli():
     assert codes == set(exit_status.ALL)
 
 
-def _bpf_cost_rows() -> dict[str, int]:
-    """BENCHMARKS.md's BPF cost table: case -> median of the current ("now") column."""
-    text = (ROOT / "BENCHMARKS.md").read_text()
-    head = text.index("| program / case | before: best / median / max | now: best / median / max |")
-    rows = {}
-    for line in text[head:].splitlines()[2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        m = re.fullmatch(r"\**(\d+) / (\d+) / (\d+)\**", cells[-1])
-        assert m, f"unparsable BENCHMARKS.md row: {line}"
-        rows[cells[0]] = int(m.group(2))
-    return rows
+def _bpf_cost_cases() -> dict[str, int]:
+    """bench/results.json's BPF cost of every case (ns per run, rounded), as make bench
+    measured them: the figures BENCHMARKS.md and the man page quote."""
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    storm = next(e for e in results["entries"] if e["name"] == "bpf_fault_storm")
+    return {case: round(ns) for case, ns in storm["details"]["all_cases_ns"].items()}
 
 
-#: each OVERHEAD sentence's case -> the BENCHMARKS.md row it must quote (its median, now)
+#: each OVERHEAD sentence's case -> the results.json case it must quote
 _OVERHEAD_CASES = {
-    "an empty program costing": "baseline: empty raw tracepoint program",
-    "the fault hook drops (read access) costs": "fault: read access (dropped on the error code)",
-    "on an unprotected page": "fault: write, page not in the filter (same bucket every run)",
-    "on one 2 MiB region (": "fault: write, not in the filter, new bucket every run",
-    "inside a storm": "fault: write, protected page, storm counted in the kernel",
+    "an empty program costing": "empty",
+    "the fault hook drops (read access) costs": "read",
+    "on an unprotected page": "unprotected_page",
+    "on one 2 MiB region (": "cold_bucket",
+    "inside a storm": "storm",
     "A CR4 write costs": "cr: CR4 write (record sent)",
     "a filtered CR3 write": "cr: CR3 write (filtered)",
     "a non-Heki hypercall": "hypercall: other nr (telemetry record)",
-    "200-entry page list": "hypercall: PROTECT_MEMORY, 2-page list, 200 entries (8 KiB read)",
+    "200-entry page list": "hypercall: PROTECT_MEMORY, 2-page list, 200 entries",
 }
 
 
 def test_man_page_overhead_cites_benchmarks():
-    """Each ns figure of the OVERHEAD section is the current median of the BENCHMARKS.md
-    row of the case the sentence names (not just some number found in BENCHMARKS.md), and
-    no ns figure goes unchecked."""
+    """Each ns figure of the OVERHEAD section is bench/results.json's figure for the case
+    the sentence names (not just some number found somewhere), and no ns figure goes
+    unchecked."""
     overhead = MAN.read_text().split(".SH OVERHEAD", 1)[1].split(".SH", 1)[0]
-    rows = _bpf_cost_rows()
+    rows = _bpf_cost_cases()
     checked = set()
     for phrase, row in _OVERHEAD_CASES.items():
-        assert row in rows, f"BENCHMARKS.md has no row {row!r}"
+        assert row in rows, f"bench/results.json has no case {row!r}"
         at = overhead.find(phrase)
         assert at >= 0, f"OVERHEAD no longer says {phrase!r}"
         # the figure of a case is the first "N ns" after its phrase
         m = re.compile(r"\b(\d+) ns\b").search(overhead, at + len(phrase))
         assert m is not None, f"no ns figure after {phrase!r}"
         assert int(m.group(1)) == rows[row], \
-            f"OVERHEAD says {m.group(0)} for {row!r}; BENCHMARKS.md's median now is {rows[row]}"
+            f"OVERHEAD says {m.group(0)} for {row!r}; bench/results.json says {rows[row]}"
         checked.add(m.start())
     every = {m.start() for m in re.finditer(r"\b(\d+) ns\b", overhead)}
-    assert every == checked, "an ns figure in OVERHEAD is not tied to a BENCHMARKS.md row"
+    assert every == checked, "an ns figure in OVERHEAD is not tied to a results.json case"
 
 
 def test_every_rule_id_is_documented():
