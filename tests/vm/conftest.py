@@ -20,7 +20,7 @@ if str(HERE) not in sys.path:
 
 import harness  # noqa: E402
 
-from tier import KERNELS, REPO, boot_tree  # noqa: E402
+from tier import HEKI_HOST, KERNELS, REPO, boot_tree  # noqa: E402
 
 _TIMES_KEY = pytest.StashKey[dict]()
 
@@ -34,6 +34,12 @@ def vm_times(request) -> dict:
 def l1_run(request, vm_times) -> harness.VmRun:
     """The one boot of this kernel for the session, with the working tree as is."""
     return boot_tree(request.param, REPO, "tree", vm_times)
+
+
+@pytest.fixture(scope="session")
+def heki_host_run(vm_times) -> harness.VmRun:
+    """The one boot of the Heki-v2-compatible test host for the session."""
+    return boot_tree(HEKI_HOST, REPO, "tree", vm_times)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
