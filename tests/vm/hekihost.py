@@ -20,8 +20,9 @@ rebuild after a patch or fragment change take one to two minutes.
 The L1 root is the tier's debootstrap root (``image._base_tar``) plus
 ``/boot/config-<release>`` and ``/lib/modules/<release>/modules.builtin`` (so that
 ``modprobe kvm_amd`` answers "built in"); no initramfs: the kernel mounts
-``root=/dev/vda`` itself and starts ``/sbin/l1init``. bcc takes the kernel headers from
-``CONFIG_IKHEADERS`` (``/sys/kernel/kheaders.tar.xz``).
+``root=/dev/vda`` itself and starts ``/sbin/l1init``. bcc's kernel headers are the
+``CONFIG_IKHEADERS`` archive unpacked into ``/lib/modules/<release>/build`` at image build
+time (the root has no xz for bcc to unpack ``/sys/kernel/kheaders.tar.xz`` itself).
 
 Debian bumps ``linux-source-6.12`` every few weeks. ``SOURCE_VERSION`` is the version the
 patch was made against and that scripts/setup.sh installs; when only another version is
@@ -39,6 +40,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -141,6 +143,8 @@ def _build_kernel(cache: Path, version: str, dest: Path) -> None:
     tmp.mkdir()
     shutil.copy2(src / "arch/x86/boot/bzImage", tmp / "bzImage")
     shutil.copy2(src / ".config", tmp / "config")
+    # what CONFIG_IKHEADERS serves as /sys/kernel/kheaders.tar.xz
+    shutil.copy2(src / "kernel/kheaders_data.tar.xz", tmp / "kheaders.tar.xz")
     (tmp / "release").write_text(release + "\n")
     (tmp / "source").write_text(f"{SOURCE_PACKAGE} {version}\n{toolchain()}\n")
     (tmp / "BUILT").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
@@ -162,6 +166,16 @@ def _build_root(cache: Path, kernel: Path, release: str, dest: Path) -> None:
         mods.mkdir(parents=True, exist_ok=True)
         (mods / "modules.builtin").write_text("\n".join(BUILTIN_MODULES) + "\n")
         (mods / "modules.order").write_text("")
+        # bcc's kernel headers: the CONFIG_IKHEADERS archive, unpacked at build time
+        # (bcc would unpack /sys/kernel/kheaders.tar.xz itself, but the root has no xz)
+        headers = stage / "usr/src" / f"linux-headers-{release}"
+        headers.mkdir(parents=True)
+        with tarfile.open(kernel / "kheaders.tar.xz") as tar:
+            if hasattr(tarfile, "tar_filter"):
+                tar.extractall(headers, filter="tar")
+            else:   # a Python without extraction filters (our own build's archive)
+                tar.extractall(headers)
+        (mods / "build").symlink_to(f"/usr/src/linux-headers-{release}")
         _run_plain("depmod root", ["depmod", "-b", str(stage), release])
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)

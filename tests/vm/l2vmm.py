@@ -118,7 +118,7 @@ STORM_FAULTS = 40                       # the handler returns into the write thi
 CR0_CODE_GPA = 0x1400                   # mov eax, cr0; mov cr0, eax; hlt
 GP_MARK = 0xDEAD                        # AX after the #GP handler ran
 RELAX_LIST = 0x34000                    # rodata -> rw- (mutable): the host answers -EPERM
-VMM_ATTR = (SLOT1_GPA + 0xA0000, 4)     # KVM_SET_MEMORY_ATTRIBUTES without any hypercall
+VMM_ATTR = (SLOT1_GPA + 0xC0000, 4)     # KVM_SET_MEMORY_ATTRIBUTES without any hypercall
 VMM_ATTR_VALUE = KVM_HEKI_READ | KVM_HEKI_EXEC
 # --scenario private (KVM_X86_SW_PROTECTED_VM, guest_memfd)
 PRIVATE_VMM = (0x80000, 0x4000)         # made private then shared by the VMM
