@@ -179,7 +179,9 @@ class Kvm:
 
     def add_gmem_slot(self, gpa: int, size: int) -> mmap.mmap:
         """A memslot backed by guest_memfd (private) and an anonymous mmap (shared)."""
-        gmem = fcntl.ioctl(self.vm, KVM_CREATE_GUEST_MEMFD, struct.pack("<QQ48x", size, 0))
+        # a mutable buffer: fcntl.ioctl then returns the ioctl's value (the new fd)
+        gmem = fcntl.ioctl(self.vm, KVM_CREATE_GUEST_MEMFD,
+                           bytearray(struct.pack("<QQ48x", size, 0)), True)
         mem = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                         mmap.PROT_READ | mmap.PROT_WRITE)
         hva = ctypes.addressof(ctypes.c_char.from_buffer(mem))
