@@ -135,8 +135,8 @@ def _build_kernel(cache: Path, version: str, dest: Path) -> None:
                CCACHE_NOHASHDIR="1", CCACHE_MAXSIZE="2G", KBUILD_BUILD_USER="hekitrace",
                KBUILD_BUILD_HOST="vm-tier", KBUILD_BUILD_TIMESTAMP="2026-01-01")
     cc = "ccache gcc" if shutil.which("ccache") else "gcc"
-    _run("make bzImage", ["make", f"-j{os.cpu_count() or 2}", f"CC={cc}", "bzImage"], log,
-         cwd=src, env=env)
+    jobs = os.environ.get("HEKITRACE_VM_JOBS") or str(os.cpu_count() or 2)
+    _run("make bzImage", ["make", f"-j{jobs}", f"CC={cc}", "bzImage"], log, cwd=src, env=env)
     release = (src / "include/config/kernel.release").read_text().strip()
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
