@@ -13,9 +13,10 @@ KVM_SW_PROTECTED_VM. It is a test host, not Heki: docs/vm-tier.md lists the devi
 The bzImage is cached in ``$HEKITRACE_VM_CACHE`` (default ``/var/cache/hekitrace-vm``)
 under ``heki-kernel-<key>/``, the key hashing the source package version, the fragment,
 the patch and the gcc and pahole versions; a changed input builds again. A build from
-scratch takes 6-9 minutes on two cores; ccache (``<cache>/ccache``, with CCACHE_BASEDIR
-and CCACHE_NOHASHDIR=1 so that the per-build directory does not defeat it) makes a
-rebuild after a patch or fragment change take one to two minutes.
+scratch took 45 minutes on the shared 2-core build host at a load average near 10;
+ccache (``<cache>/ccache``, with CCACHE_BASEDIR and CCACHE_NOHASHDIR=1 so that the
+per-build directory does not defeat it) is the fallback when a key changes (13 minutes
+after a config change that touched half of the objects, docs/vm-tier.md).
 
 The L1 root is the tier's debootstrap root (``image._base_tar``) plus
 ``/boot/config-<release>`` and ``/lib/modules/<release>/modules.builtin`` (so that
@@ -211,7 +212,8 @@ def ensure_image() -> L1Image:
         kernel = cache / f"heki-kernel-{key}"
         if not (kernel / "BUILT").exists():
             _log(f"building the Heki-v2-compatible test host kernel ({SOURCE_PACKAGE} "
-                 f"{version}, key {key}); 6-9 min cold, about 1-2 min with ccache")
+                 f"{version}, key {key}): minutes with a warm ccache, up to tens of "
+                 "minutes cold on a busy 2-core host")
             t0 = time.monotonic()
             _build_kernel(cache, version, kernel)
             _log(f"kernel built in {time.monotonic() - t0:.0f} s")
