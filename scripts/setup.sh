@@ -3,8 +3,10 @@
 # and quick (nothing is reinstalled that is already in place). Non-interactive: safe as
 # root in CI (CI=true, no stdin) and on a Debian or Ubuntu hypervisor host.
 #  - Debian packages: python3-bpfcc (bcc; NEVER the unrelated PyPI "bcc"), promtool,
-#    rsvg-convert, QEMU + debootstrap for the vm test tier. Packages the distribution does
-#    not have are skipped with a warning, except the ones bcc itself needs.
+#    rsvg-convert, QEMU + debootstrap for the vm test tier, and the kernel build tools
+#    plus linux-source-6.12 (pinned, from bookworm-security) for its Heki-v2-compatible
+#    test host (tests/vm/hekihost.py). Packages the distribution does not have are
+#    skipped with a warning, except the ones bcc itself needs.
 #  - Kernel headers for the running kernel; where the distribution packages none for it,
 #    its generic headers linked in with a warning (docs/kernel-support.md section 4): safe because
 #    no hekitrace BPF program takes a struct layout from headers; offsets come from BTF.
@@ -74,7 +76,8 @@ apt_install() {
 install_packages() {
     local pkgs=(python3-bpfcc bpfcc-tools python3-venv python3-pip
                 prometheus librsvg2-bin bpftool qemu-system-x86 debootstrap e2fsprogs
-                cpio zstd kmod systemd)
+                cpio zstd kmod systemd
+                dwarves flex bison libelf-dev bc ccache xz-utils patch make gcc)
     # without these there is no hekitrace at all; the rest serve tests and tools
     local essential=" python3-bpfcc python3-venv python3-pip "
     local missing=() wanted=()
@@ -93,6 +96,26 @@ install_packages() {
     [ ${#wanted[@]} -gt 0 ] || return 0
     log "installing Debian packages: ${wanted[*]}"
     apt_install "${wanted[@]}"
+}
+
+# Debian's 6.12 kernel source for the vm tier's Heki host, at the version
+# tests/vm/hekihost.py pins (SOURCE_VERSION) while the archive still has it; otherwise
+# the current one (the tier then builds that and says so; see docs/vm-tier.md)
+install_heki_source() {
+    local pkg=linux-source-6.12 pin madison
+    installed "$pkg" && return 0
+    pin=$(sed -n 's/^SOURCE_VERSION = "\(.*\)"$/\1/p' "$here/tests/vm/hekihost.py")
+    apt_update
+    madison=$(apt-cache madison "$pkg" 2>/dev/null || true)
+    if [ -n "$pin" ] && [[ "$madison" == *"| $pin |"* ]]; then
+        log "installing $pkg=$pin"
+        apt_install "$pkg=$pin"
+    elif has_candidate "$pkg"; then
+        warn "$pkg $pin is no longer in the archive; installing the current version"
+        apt_install "$pkg"
+    else
+        warn "$pkg is not available (bookworm-security); the vm tier's Heki host cannot be built"
+    fi
 }
 
 # tree_release DIR: the release a kernel header tree was built for
@@ -182,6 +205,7 @@ make_venv() {
 need_root
 need_apt
 install_packages
+install_heki_source
 install_headers
 mount_tracefs
 make_venv

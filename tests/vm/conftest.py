@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.vm import harness
-from tests.vm.tier import KERNELS, REPO, boot_tree
+from tests.vm.tier import HEKI_HOST, KERNELS, REPO, boot_tree
 
 _TIMES_KEY = pytest.StashKey[dict]()
 
@@ -27,6 +27,12 @@ def vm_times(request) -> dict:
 def l1_run(request, vm_times) -> harness.VmRun:
     """The one boot of this kernel for the session, with the working tree as is."""
     return boot_tree(request.param, REPO, "tree", vm_times)
+
+
+@pytest.fixture(scope="session")
+def heki_host_run(vm_times) -> harness.VmRun:
+    """The one boot of the Heki-v2-compatible test host for the session."""
+    return boot_tree(HEKI_HOST, REPO, "tree", vm_times)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

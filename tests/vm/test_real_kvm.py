@@ -1,4 +1,5 @@
-"""The real-KVM tier: Debian 6.1 and 6.12 with kvm_amd under QEMU TCG, an L2 Heki guest.
+"""The real-KVM tier: Debian 6.1 and 6.12 with kvm_amd under QEMU TCG, an L2 Heki guest,
+and a Heki-v2-compatible test host (``test_heki_host_*``, ``make test-heki-host``).
 
 Each check of the in-L1 payload (tests/vm/payload.py) is its own test here, named
 ``test_payload_check[<kernel>-<check>]``, so a failure names the kernel and the check and
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.vm import payload
-from tests.vm.tier import REPO, boot_tree
+from tests.vm.tier import HEKI_HOST, REPO, boot_tree
 
 pytestmark = pytest.mark.vm
 
@@ -98,3 +99,61 @@ def test_broken_page_list_reader_is_caught(vm_times):
         f"cannot judge the mutant: {c['detail']}"
     assert not c["ok"], "a page-list reader that reads 8 bytes off went unnoticed: " \
                         f"{c['detail']}"
+
+
+# ---------------------------------------------------------------------------------------
+# the Heki-v2-compatible test host (tests/vm/hekihost.py): test names carry "heki_host"
+# so that `pytest tests/vm -k heki_host` (make test-heki-host) runs only this kernel
+
+@pytest.mark.parametrize("check", payload.HEKI_CHECK_NAMES)
+def test_heki_host_check(heki_host_run, check):
+    c = _result(heki_host_run, check)
+    assert c["ok"], f"{heki_host_run.image.abi}: {check}: {c['detail']}"
+
+
+def test_heki_host_kernel_facts(heki_host_run):
+    """What the test host offers: SW_PROTECTED_VM (bit 1 of KVM_CAP_VM_TYPES, needs the
+    TDP MMU: -cpu qemu64,+svm,+npt), and the Heki bits 4-7 as memory attributes of
+    every VM besides PRIVATE (which only SW_PROTECTED VMs support)."""
+    facts = heki_host_run.results["facts"]
+    assert facts["attr_symbol"] is True, facts
+    assert facts["kvm_cap_vm_types"] == 0x3, facts
+    assert facts["sw_protected_vm"] == "created", facts
+    assert facts["kvm_cap_memory_attributes"] == 0xF8, facts
+    assert facts["default_vm_memory_attributes"] == 0xF0, facts
+    assert facts["default_vm_set_private"] == -22, facts
+
+
+def test_heki_host_cached_image_is_reused(heki_host_run):
+    import hekihost
+    again = hekihost.ensure_image()
+    assert not again.built_now and again.abi == heki_host_run.image.abi, again
+
+
+# the attribute hook's range end read in bpf/attr.c (the real hook's reader)
+ATTR_END = re.compile(r"(bpf_probe_read_kernel\(&end, sizeof\(end\), range \+ )"
+                      r"HK_GFN_RANGE_END_OFF\)")
+
+
+def test_heki_host_broken_attr_reader_is_caught(vm_times):
+    """An attribute hook that takes the range end from the wrong field (start) must make
+    the applied map differ from the kernel's: the tier really checks the applied side."""
+    source = (REPO / "bpf/attr.c").read_text()
+    assert len(ATTR_END.findall(source)) == 1, \
+        "the range-end read in bpf/attr.c changed: update ATTR_END in this test"
+    tmp = Path(tempfile.mkdtemp(prefix="hekitrace-mutant-"))
+    try:
+        tree = tmp / "tree"
+        shutil.copytree(REPO, tree, symlinks=True, ignore=shutil.ignore_patterns(
+            ".venv", ".git", "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis"))
+        (tree / "bpf/attr.c").write_text(ATTR_END.sub(r"\1HK_GFN_RANGE_START_OFF)", source))
+        run = boot_tree(HEKI_HOST, tree, "mutant", vm_times, "--record-only")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    good = _result(run, "heki.hypercall_returns")
+    assert good["ok"], f"the mutant run itself is broken: {good['detail']}"
+    fired = _result(run, "record.attr_hook_fired")
+    assert fired["ok"], f"cannot judge the mutant: {fired['detail']}"
+    c = _result(run, "record.applied_equals_kernel")
+    assert not c["ok"], "an attribute hook reading the range end from the start field " \
+                        f"went unnoticed: {c['detail']}"

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm import harness, image
+from tests.vm import harness, hekihost, image
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 KERNELS = ("6.1", "6.12")
+#: the third L1 kernel: Debian's 6.12 source with the project's Heki v2 host port
+HEKI_HOST = hekihost.FLAVOUR
 
 #: the hekitrace CLI inside L1: the working tree (9p, read-only) on PYTHONPATH
 HEKITRACE_WRAPPER = """#!/bin/sh
@@ -56,11 +58,14 @@ def boot_tree(flavour: str, src: Path, label: str, times: dict,
         pytest.fail("the vm tier needs root (debootstrap, image build): run as root")
     t0 = time.monotonic()
     try:
-        img = image.ensure_image(flavour)
+        img = hekihost.ensure_image() if flavour == HEKI_HOST else image.ensure_image(flavour)
     except image.ImageBuildError as e:
         pytest.fail(str(e))
     t1 = time.monotonic()
-    timeout = float(os.environ.get("HEKITRACE_VM_TIMEOUT", "420"))
+    # the Heki host's payload runs two L2 guests and extracts bcc's headers from
+    # CONFIG_IKHEADERS first: a longer bound
+    timeout = float(os.environ.get("HEKITRACE_VM_TIMEOUT",
+                                   "600" if flavour == HEKI_HOST else "420"))
     script = RUN_SH.format(flavour=flavour, extra=payload_args)
     for attempt in range(1, BOOT_ATTEMPTS + 1):
         run_dir = _run_dir(flavour, label)
