@@ -730,7 +730,7 @@ def _diff(a: dict[int, int], b: dict[int, int], names=("a", "b")) -> str:
 
 
 def heki_vmm_checks(checks: Checks, mh: dict, mp: dict | None, log: str) -> None:
-    import l2vmm as v  # noqa: PLC0415
+    from tests.vm import l2vmm as v  # noqa: PLC0415
     rets = {h["what"]: h["ret32"] for h in mh["hypercalls"]}
     want = {"cr_version": 1, "lock_cr4": 0, "lock_cr0": 0, "valid": 0,
             "relax_immutable": (-v.KVM_EPERM) & 0xffffffff,
@@ -795,7 +795,7 @@ def expected_heki_maps(mh: dict) -> tuple[dict[int, int], dict[int, int]]:
 
 def heki_map_checks(checks: Checks, prefix: str, vm: dict, findings: list[dict],
                     mh: dict, kernel_pages: dict[int, int]) -> None:
-    import l2vmm as v  # noqa: PLC0415
+    from tests.vm import l2vmm as v  # noqa: PLC0415
     req_want, app_want = expected_heki_maps(mh)
     requested, applied = map_pages(vm, "requested"), map_pages(vm, "applied")
     ioctl = {g for a in mh["attr_ioctls"] if a["result"] == 0
@@ -866,7 +866,7 @@ def heki_map_checks(checks: Checks, prefix: str, vm: dict, findings: list[dict],
 
 
 def private_map_check(checks: Checks, name: str, vm: dict | None, mp: dict | None) -> None:
-    import l2vmm as v  # noqa: PLC0415
+    from tests.vm import l2vmm as v  # noqa: PLC0415
 
     def go():
         if vm is None or mp is None:
@@ -1019,7 +1019,7 @@ def heki_record_checks(checks: Checks, events: list[dict], replay: dict, mh: dic
 
 def heki_daemon_checks(checks: Checks, out: Path, mh: dict, mp: dict | None,
                        kernel_pages: dict[int, int]) -> None:
-    import l2vmm as v  # noqa: PLC0415
+    from tests.vm import l2vmm as v  # noqa: PLC0415
     snap = hekitrace(["snapshot", VM_NAME, "-o", "json", "--image",
                       str(out / "l2-heki.svg")])
     if snap.returncode != 0:

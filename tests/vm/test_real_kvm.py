@@ -125,7 +125,7 @@ def test_heki_host_kernel_facts(heki_host_run):
 
 
 def test_heki_host_cached_image_is_reused(heki_host_run):
-    import hekihost
+    from tests.vm import hekihost
     again = hekihost.ensure_image()
     assert not again.built_now and again.abi == heki_host_run.image.abi, again
 
