@@ -196,8 +196,16 @@ make_venv() {
         "$venv/bin/python" -m pip install -q -e "$here[test]" </dev/null >&2
         echo "$want" >"$stamp"
     fi
+    # The venv also sees the system dist-packages, and setuptools' editable finder runs
+    # after them: a hekitrace installed from the .deb would shadow this checkout. A path
+    # line of our own puts the checkout on sys.path ahead of dist-packages.
+    "$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+        | { read -r site; echo "$here" >"$site/hekitrace-checkout.pth"; }
     "$venv/bin/python" -c 'import bcc, hekitrace' \
         || die "the venv cannot import bcc or hekitrace"
+    "$venv/bin/python" -c 'import hekitrace, sys; sys.exit(not hekitrace.__file__.startswith(sys.argv[1]))' \
+        "$here/hekitrace/" \
+        || die "the venv imports hekitrace from $("$venv/bin/python" -c 'import hekitrace; print(hekitrace.__file__)'), not from $here"
     "$venv/bin/python" -c 'import bcc, sys; sys.exit(not hasattr(bcc, "BPF"))' \
         || die "'import bcc' in the venv is not Debian's python3-bpfcc (PyPI 'bcc'?)"
 }
