@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import subprocess
+import sys
 
 import pytest
 
@@ -116,3 +117,17 @@ def test_a_tls_change_needs_no_restart_but_a_listen_change_does(pki):
         tls_on.metrics, listen=old.metrics.listen))
     assert restart_needed(old, same_listen) == []
     assert restart_needed(old, tls_on) == ["metrics"]
+
+
+def test_config_validate_names_a_key_that_does_not_match(pki, tmp_path):
+    """``hekitrace config validate`` (what ExecStartPre= or CI runs before a reload)
+    catches a renewal that put the wrong key in place, with exit status 3."""
+    path = tmp_path / "hekitrace.yaml"
+    path.write_text(tls_yaml(certfile=pki.server_cert, keyfile=pki.client_key))
+    run = subprocess.run([sys.executable, "-m", "hekitrace.cli", "config", "validate",
+                          str(path)], check=False, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 3, run.stderr
+    assert f"{path}:5: metrics.tls.keyfile: the private key in {pki.client_key} does not " \
+           f"belong to the certificate in {pki.server_cert}" in run.stderr
+    assert "Traceback" not in run.stderr
