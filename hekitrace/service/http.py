@@ -197,7 +197,8 @@ class HttpServer:
         return context is not None or was is not None
 
     def describe_tls(self) -> str:
-        """What new connections get, for the log: "plain HTTP" or the certificate."""
+        """What new connections get, for the log: "plain HTTP", or TLS and whether
+        client certificates are required."""
         if self._tls is None:
             return "plain HTTP"
         mode = ("client certificates required" if self._tls.verify_mode == ssl.CERT_REQUIRED
