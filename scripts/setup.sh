@@ -76,7 +76,7 @@ apt_install() {
 install_packages() {
     local pkgs=(python3-bpfcc bpfcc-tools python3-venv python3-pip
                 prometheus librsvg2-bin bpftool qemu-system-x86 debootstrap e2fsprogs
-                cpio zstd kmod systemd
+                cpio zstd kmod systemd openssl
                 dwarves flex bison libelf-dev bc ccache xz-utils patch make gcc)
     # without these there is no hekitrace at all; the rest serve tests and tools
     local essential=" python3-bpfcc python3-venv python3-pip "

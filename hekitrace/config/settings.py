@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import ipaddress
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -23,9 +22,10 @@ from typing import Any
 
 import yaml
 
-from hekitrace.config import abi, limits
+from hekitrace.config import abi, limits, tls
 from hekitrace.config import schema as yamlschema
 from hekitrace.config.abi import AbiProfile
+from hekitrace.config.metrics_endpoint import MetricsConfig
 from hekitrace.config.schema import (
     FrozenMap,
     NodeWalker,
@@ -74,39 +74,6 @@ def bit_position(v: Any) -> str | None:
 
 def hypercall_number(v: Any) -> str | None:
     return None if 0 <= v < 2**32 else "a hypercall number 0-4294967295"
-
-
-def split_listen(v: str) -> tuple[str, int]:
-    """``IP:PORT``, ``[IPv6]:PORT``, ``localhost:PORT`` or ``:PORT`` (every address: host
-    ``""``) -> (host, port); port 0 asks the kernel for a free one (tests).
-
-    The one parser of ``metrics.listen``: the config check and the HTTP server both use
-    it. ValueError says what was expected.
-    """
-    if v.startswith("["):
-        host, sep, port = v[1:].partition("]:")
-    else:
-        host, sep, port = v.rpartition(":")
-        if ":" in host:
-            raise ValueError("an IPv6 address in brackets, e.g. [::1]:9864")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError("HOST:PORT with a port 0-65535 (e.g. 127.0.0.1:9864, [::1]:9864, "
-                         ":9864 for every address)")
-    if host and host != "localhost":
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError("an IP address, localhost or nothing before the port") from None
-    return host, int(port)
-
-
-def listen_address(v: Any) -> str | None:
-    """The config check of ``metrics.listen`` (:func:`split_listen`)."""
-    try:
-        split_listen(v)
-    except ValueError as error:
-        return str(error)
-    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,12 +192,6 @@ class AlertsConfig:
     file: str | None = setting(None, str, absolute_path, True)
     #: mode of the alert file when hekitrace creates it (findings name VMs)
     file_mode: int = setting(0o600, int, permission_bits)
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    listen: str = setting("127.0.0.1:9864", str, listen_address)
-    vm_label: str = setting("name", str, one_of("name", "uuid", "pid"))
 
 
 @dataclass(frozen=True)
@@ -475,6 +436,24 @@ class _ConfigWalker(NodeWalker):
             raise self.fail(node, "journal.max_bytes",
                             f"expected at least segment_bytes "
                             f"({config.journal.segment_bytes}), got {config.journal.max_bytes}")
+        self.check_tls(config, root)
+
+    def check_tls(self, config: Config, root: yaml.Node) -> None:
+        """``metrics.tls``: a workable combination of keys, and files that load."""
+        settings = config.metrics.tls
+        problem = settings.problem()
+        if problem is not None:
+            key = f"metrics.tls.{problem[0]}"
+            node = yamlschema.locate(root, *key.split(".")) or \
+                yamlschema.locate(root, "metrics", "tls")
+            raise self.fail(node, key, f"expected {problem[1]}")
+        if settings.enabled:
+            try:
+                tls.server_context(settings)
+            except ConfigError as error:
+                key = error.key or "metrics.tls"
+                raise self.fail(yamlschema.locate(root, *key.split(".")), key,
+                                error.reason) from None
 
 
 def _build_profile(cfg: AbiConfig) -> AbiProfile:

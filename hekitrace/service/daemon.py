@@ -38,7 +38,7 @@ from hekitrace.render.status import status_document, status_line
 from hekitrace.service import control_ops, parts
 from hekitrace.service.control import ControlServer, RequestError
 from hekitrace.service.follow import Filter, Subscriber
-from hekitrace.service.http import Health, HttpServer
+from hekitrace.service.http import Health, HttpServer, tls_context
 from hekitrace.service.ingest import BATCH_EVENTS, Ingest
 from hekitrace.service.kernel_sync import FaultFilterSync, seed_memslots
 from hekitrace.service.metrics import HekitraceCollector, LoopStats, PageCounts, build_info
@@ -169,10 +169,10 @@ class Daemon:
         registry.register(HekitraceCollector(self._state_ref, self.stats, build_info(),
                                              vm_label=cfg.metrics.vm_label,
                                              page_counts=self.page_counts))
-        self.http = HttpServer(cfg.metrics.listen, registry, self.health)
+        self.http = HttpServer(cfg.metrics.listen, registry, self.health,
+                               tls=tls_context(cfg.metrics.tls))
         self.http.start()
-        self.say(f"metrics on http://{self.http.host}:{self.http.port}/metrics "
-                 "(/healthz, /readyz)")
+        self.say(f"metrics on {self.http.url}/metrics (/healthz, /readyz)")
         self.control = ControlServer(str(cfg.control.socket), self._handle_request)
         self.control.open(self.selector)
         self.say(f"control socket {cfg.control.socket}")
@@ -440,15 +440,17 @@ class Daemon:
             self.alert_sink.reopen()
         try:
             new = self._load_config(self.config_path)
+            tls = tls_context(new.metrics.tls)  # every time: a renewed certificate
         except (ConfigError, OSError) as error:
             self.stats.config_reload_success = False
-            self.say(f"ERROR: config reload rejected, keeping the previous configuration: "
-                     f"{error}")
+            self.say(f"ERROR: config reload rejected, keeping the previous configuration: {error}")
             self.notifier.ready(f"config reload FAILED: {error}; {self.status_line()}")
             return False
         restart = restart_needed(self.config, new)
         if new.policy != self.config.policy:
             self._swap_policy(new)
+        if self.http is not None and self.http.set_tls(tls):
+            self.say(f"metrics endpoint: new connections use {self.http.describe_tls()}")
         self.config = new
         self.stats.config_sha256 = new.digest_label
         self.stats.config_reload_success = True

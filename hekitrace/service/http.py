@@ -1,4 +1,5 @@
-"""The HTTP endpoint: ``/metrics``, ``/healthz`` and ``/readyz`` on one port.
+"""The HTTP endpoint: ``/metrics``, ``/healthz`` and ``/readyz`` on one port, over HTTPS
+when ``metrics.tls`` says so.
 
 prometheus_client renders ``/metrics`` (no hand-written exposition); this module adds the
 two probes and a small bounded server (:class:`HttpServer`). It runs in its own thread so
@@ -6,14 +7,16 @@ a slow scraper never delays event processing; the probes only read two plain val
 (:class:`Health`), so they never take the state lock.
 
 Defaults (observability conventions 10): loopback only, port 9864, set by
-``metrics.listen`` ("ADDR:PORT", "[v6addr]:PORT"). Nothing but metrics and probe
-results is served: no state dumps on the metrics port.
+``metrics.listen`` ("ADDR:PORT", "[v6addr]:PORT"), plain HTTP. With ``metrics.tls`` the
+port speaks only TLS (docs/metrics-tls.md). Nothing but metrics and probe results is
+served: no state dumps on the metrics port.
 """
 
 from __future__ import annotations
 
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +26,8 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from hekitrace.config import limits
-from hekitrace.config.settings import split_listen
+from hekitrace.config.metrics_endpoint import TlsConfig, split_listen
+from hekitrace.config.tls import server_context
 from hekitrace.errors import ConfigError
 from hekitrace.service.metrics import CLIENT_COUNTS, ClientCounts, ClientCountsCollector
 
@@ -31,6 +35,15 @@ DEFAULT_PORT = 9864
 #: /healthz fails when the loop has not finished an iteration for this long. The loop
 #: wakes at least once a second (its timers), so 30 s means it is stuck, not idle.
 HEALTH_STALE_SECONDS = 30.0
+#: The first byte of every TLS connection: a handshake record (RFC 8446 section 5.1,
+#: ContentType handshake(22); the same in TLS 1.2, RFC 5246 section 6.2.1).
+TLS_HANDSHAKE_RECORD = b"\x16"
+#: OpenSSL's reasons for a handshake refused because of the client's certificate
+#: (none sent, or one the client CA did not sign): counted apart from other failures,
+#: because they mean a scraper without the right certificate, not a broken client.
+CLIENT_CERT_REASONS = frozenset({"PEER_DID_NOT_RETURN_A_CERTIFICATE",
+                                 "CERTIFICATE_VERIFY_FAILED", "NO_CERTIFICATE_RETURNED"})
+NOT_TLS_REPLY = ("400 Bad Request", "this port serves HTTPS (metrics.tls): use https://\n")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -41,6 +54,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     except ValueError as error:
         raise ConfigError(f"expected {error}, got {value!r}", key="metrics.listen") from None
     return host or "0.0.0.0", port
+
+
+def tls_context(settings: TlsConfig) -> ssl.SSLContext | None:
+    """The server context ``metrics.tls`` asks for, None for plain HTTP; ConfigError
+    when a file cannot be used (config/tls.py)."""
+    return server_context(settings) if settings.enabled else None
 
 
 class Health:
@@ -97,7 +116,7 @@ def make_app(registry: CollectorRegistry, health: Health) -> Callable:
 
 class HttpServer:
     """Serves :func:`make_app` on ``listen`` from one daemon thread, to a bounded number
-    of clients.
+    of clients, over TLS when given a ``tls`` context.
 
     Why not a thread per connection (``ThreadingMixIn``): a flood of silent or slow
     clients then costs a thread and its stack each, for as long as they like. Here one
@@ -111,9 +130,19 @@ class HttpServer:
     a flood of silent clients can delay a real scrape by one loop iteration, not by a
     timeout. Every client dropped that way, timed out or refused is counted in
     ``hekitrace_clients_refused_total{server="metrics"}`` (:class:`ClientCounts`).
+
+    With TLS the same selector drives the handshake without blocking (``do_handshake``
+    on a non-blocking socket, resumed when the socket is ready), inside the same
+    deadline and eviction: a client that stalls its handshake is dropped like a silent
+    plain one. A connection whose first byte is not a TLS handshake record gets a plain
+    ``400`` saying to use https (``not_tls``); a failed handshake is counted as
+    ``tls_client_certificate`` (no certificate, or one the client CA did not sign) or
+    ``tls_handshake`` (anything else). :meth:`set_tls` swaps the context for new
+    connections (a reload's renewed certificate).
     """
 
     def __init__(self, listen: str, registry: CollectorRegistry, health: Health, *,
+                 tls: ssl.SSLContext | None = None,
                  counts: ClientCounts | None = None,
                  max_connections: int = limits.HTTP_MAX_CONNECTIONS,
                  timeout_seconds: float = limits.HTTP_REQUEST_TIMEOUT_SECONDS) -> None:
@@ -131,6 +160,7 @@ class HttpServer:
         sock.setblocking(False)
         self._listener = sock
         self.port = sock.getsockname()[1]
+        self._tls = tls
         self._app = make_app(registry, health)
         self.counts = counts if counts is not None else CLIENT_COUNTS
         self._registry = registry
@@ -151,6 +181,29 @@ class HttpServer:
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def url(self) -> str:
+        """``https://HOST:PORT`` when new connections get TLS, else ``http://HOST:PORT``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self._tls is not None else 'http'}://{host}:{self.port}"
+
+    def set_tls(self, context: ssl.SSLContext | None) -> bool:
+        """Serve connections accepted from now on with ``context`` (None: plain HTTP);
+        those already open finish with what they had. One attribute store: the HTTP
+        thread reads it once per accept. True when there is something to say: TLS is in
+        use (its files were read again) or was just turned off."""
+        was, self._tls = self._tls, context
+        return context is not None or was is not None
+
+    def describe_tls(self) -> str:
+        """What new connections get, for the log: "plain HTTP", or TLS and whether
+        client certificates are required."""
+        if self._tls is None:
+            return "plain HTTP"
+        mode = ("client certificates required" if self._tls.verify_mode == ssl.CERT_REQUIRED
+                else "no client authentication")
+        return f"TLS ({mode})"
 
     def start(self) -> None:
         self._thread.start()
@@ -183,18 +236,25 @@ class HttpServer:
         while not self._stop:
             now = time.monotonic()
             wait = min((c.deadline for c in self._conns.values()), default=now + 1.0) - now
-            for key, mask in self._selector.select(max(0.0, min(wait, 1.0))):
+            for key, _mask in self._selector.select(max(0.0, min(wait, 1.0))):
                 if key.fileobj is self._listener:
                     self._accept()
                 elif key.fileobj is self._wake_r:
                     return
                 else:
-                    conn = key.data
-                    if mask & selectors.EVENT_READ and not conn.outbuf:
-                        self._read(conn)
-                    elif mask & selectors.EVENT_WRITE:
-                        self._write(conn)
+                    self._step(key.data)
             self._expire(time.monotonic())
+
+    def _step(self, conn: _HttpConn) -> None:
+        """Move ``conn`` on from whatever it was waiting for."""
+        if conn.outbuf:
+            self._write(conn)
+        elif conn.stage == _SNIFF:
+            self._sniff(conn)
+        elif conn.stage == _HANDSHAKE:
+            self._handshake(conn)
+        else:
+            self._read(conn)
 
     def _accept(self) -> None:
         for _ in range(limits.HTTP_LISTEN_BACKLOG):  # bounded work per wake-up
@@ -209,10 +269,10 @@ class HttpServer:
                 self.counts.count("metrics", "busy")
                 client.close()
                 continue
-            conn = _HttpConn(client, time.monotonic() + self._timeout)
+            conn = _HttpConn(client, time.monotonic() + self._timeout, self._tls)
             self._conns[client.fileno()] = conn
             self._selector.register(client, selectors.EVENT_READ, conn)
-            self._read(conn)  # a scraper usually sent its request with the handshake
+            self._step(conn)  # a scraper usually sent its first bytes with the connect
 
     def _evict_oldest_reader(self) -> bool:
         readers = [c for c in self._conns.values() if not c.outbuf]
@@ -222,16 +282,92 @@ class HttpServer:
         self._drop(min(readers, key=lambda c: c.deadline))
         return True
 
-    def _read(self, conn: _HttpConn) -> None:
+    # -- TLS: recognise, then handshake without blocking ----------------------------------
+    def _sniff(self, conn: _HttpConn) -> None:
+        """Look at the first byte without taking it: a TLS client starts with a
+        handshake record; anything else (a plain-HTTP scrape) is answered in plain text
+        and closed, so its operator sees why instead of a reset."""
         try:
-            data = conn.sock.recv(limits.HTTP_MAX_REQUEST_BYTES)
+            first = conn.sock.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._drop(conn)
             return
-        if not data:
+        if not first:
             self._drop(conn)
+            return
+        if first != TLS_HANDSHAKE_RECORD or conn.tls is None:
+            self.counts.count("metrics", "not_tls")
+            try:  # take what it sent, so closing does not reset the connection first
+                conn.sock.recv(limits.HTTP_MAX_REQUEST_BYTES)
+            except OSError:
+                pass
+            self._respond(conn, _simple(*NOT_TLS_REPLY))
+            return
+        self._selector.unregister(conn.sock)
+        try:
+            conn.sock = conn.tls.wrap_socket(conn.sock, server_side=True,
+                                             do_handshake_on_connect=False)
+        except (ssl.SSLError, OSError):
+            self.counts.count("metrics", "tls_handshake")
+            conn.sock.close()
+            self._conns.pop(conn.fd, None)
+            return
+        self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+        conn.stage = _HANDSHAKE
+        self._handshake(conn)
+
+    def _handshake(self, conn: _HttpConn) -> None:
+        try:
+            conn.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self._wait(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._wait(conn, selectors.EVENT_WRITE)
+            return
+        except ssl.SSLError as error:
+            reason = ("tls_client_certificate" if error.reason in CLIENT_CERT_REASONS
+                      else "tls_handshake")
+            self.counts.count("metrics", reason)
+            self._drop(conn)
+            return
+        except OSError:  # reset or closed mid-handshake
+            self.counts.count("metrics", "tls_handshake")
+            self._drop(conn)
+            return
+        conn.stage = _REQUEST
+        self._wait(conn, selectors.EVENT_READ)
+        self._read(conn)  # the request may have come with the client's Finished
+
+    def _wait(self, conn: _HttpConn, events: int) -> None:
+        if conn.events != events:
+            self._selector.modify(conn.sock, events, conn)
+            conn.events = events
+
+    # -- HTTP ---------------------------------------------------------------------------
+    def _read(self, conn: _HttpConn) -> None:
+        data = b""
+        # an SSL socket may hold decrypted bytes the selector cannot see: take them too
+        for _ in range(limits.HTTP_MAX_REQUEST_BYTES // 512):
+            try:
+                chunk = conn.sock.recv(limits.HTTP_MAX_REQUEST_BYTES)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                    ssl.SSLWantWriteError):
+                break
+            except OSError:
+                self._drop(conn)
+                return
+            if not chunk:
+                if not data:
+                    self._drop(conn)
+                    return
+                break
+            data += chunk
+            if not (isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending()):
+                break
+        if not data:
             return
         conn.inbuf += data
         end = conn.inbuf.find(b"\r\n\r\n")
@@ -284,22 +420,35 @@ class HttpServer:
         self._write(conn)
 
     def _write(self, conn: _HttpConn) -> None:
+        wait = selectors.EVENT_WRITE
         try:
             sent = conn.sock.send(conn.outbuf)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
             sent = 0
+        except ssl.SSLWantReadError:
+            sent, wait = 0, selectors.EVENT_READ
         except OSError:
             self._drop(conn)
             return
         conn.outbuf = conn.outbuf[sent:]
         if not conn.outbuf:
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            self._drop(conn)
+            self._finish(conn)
             return
-        self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        self._wait(conn, wait)
+
+    def _finish(self, conn: _HttpConn) -> None:
+        """The reply is out: say so (TLS close_notify, then FIN) and close."""
+        if isinstance(conn.sock, ssl.SSLSocket):
+            try:
+                # sends close_notify; the peer's reply is not awaited (non-blocking)
+                conn.sock.unwrap()
+            except (ssl.SSLError, OSError, ValueError):
+                pass
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._drop(conn)
 
     def _expire(self, now: float) -> None:
         for conn in [c for c in self._conns.values() if c.deadline <= now]:
@@ -307,7 +456,7 @@ class HttpServer:
             self._drop(conn)
 
     def _drop(self, conn: _HttpConn) -> None:
-        self._conns.pop(conn.sock.fileno(), None)
+        self._conns.pop(conn.fd, None)
         try:
             self._selector.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -315,12 +464,23 @@ class HttpServer:
         conn.sock.close()
 
 
-class _HttpConn:
-    __slots__ = ("deadline", "inbuf", "outbuf", "sock")
+#: connection stages: waiting for the first byte (TLS only), in the TLS handshake,
+#: reading the request head (a reply being written is ``outbuf`` not empty)
+_SNIFF, _HANDSHAKE, _REQUEST = "sniff", "handshake", "request"
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+
+class _HttpConn:
+    __slots__ = ("deadline", "events", "fd", "inbuf", "outbuf", "sock", "stage", "tls")
+
+    def __init__(self, sock: socket.socket, deadline: float,
+                 tls: ssl.SSLContext | None) -> None:
         self.sock = sock
+        #: the descriptor, kept because a closed or unwrapped socket forgets it
+        self.fd = sock.fileno()
         self.deadline = deadline
+        self.tls = tls
+        self.stage = _SNIFF if tls is not None else _REQUEST
+        self.events = selectors.EVENT_READ
         self.inbuf = bytearray()
         self.outbuf = b""
 

@@ -110,7 +110,9 @@ METRICS: tuple[MetricSpec, ...] = (
                "(server=\"control\") dropped without an answer: busy (every connection slot "
                "held; on the metrics port the oldest silent client is evicted), timeout (no "
                "complete request or reply within the timeout), too_large (request over the "
-               "limit)."),
+               "limit); with metrics.tls also not_tls (a plain-HTTP client, answered 400), "
+               "tls_client_certificate (no client certificate, or one the client CA did not "
+               "sign) and tls_handshake (any other failed TLS handshake)."),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in METRICS}
 
@@ -129,11 +131,15 @@ class ClientCounts:
 
     SERVERS = ("metrics", "control")
     REASONS = ("busy", "timeout", "too_large")
+    #: the metrics port's own reasons (service/http.py), there from the start like the rest
+    #: so that increase() sees the first refusal
+    TLS_REASONS = ("not_tls", "tls_client_certificate", "tls_handshake")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counts: dict[tuple[str, str], int] = {
             (server, reason): 0 for server in self.SERVERS for reason in self.REASONS}
+        self.counts.update({("metrics", reason): 0 for reason in self.TLS_REASONS})
 
     def count(self, server: str, reason: str, n: int = 1) -> None:
         with self._lock:

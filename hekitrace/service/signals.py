@@ -11,11 +11,14 @@ A reload changes the ``policy`` section (rules, severities, exceptions, windows)
 a new Policy replaces the old one and keeps its findings counts, so
 ``hekitrace_findings_total`` stays monotonic. The other sections configure parts built
 at start-up (hooks, rings, sockets, journal, state limits, alert sinks); a change to
-them is said in the log ("take effect after a restart"), never silently ignored.
+them is said in the log ("take effect after a restart"), never silently ignored. The one
+exception is ``metrics.tls``: the daemon reloads its files on every SIGHUP (a renewed
+certificate) and serves new connections with them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import selectors
 import signal
 import socket
@@ -79,7 +82,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     pairs: dict[str, tuple[object, object]] = {
         "abi": (old.abi, new.abi), "hooks": (old.hooks, new.hooks),
         "capture": (old.capture, new.capture), "control": (old.control, new.control),
-        "metrics": (old.metrics, new.metrics), "journal": (old.journal, new.journal),
+        "metrics": (dataclasses.replace(old.metrics, tls=new.metrics.tls), new.metrics),
+        "journal": (old.journal, new.journal),
         "state": (old.state, new.state), "alerts": (old.alerts, new.alerts)}
     return [name for name in RESTART_SECTIONS if pairs[name][0] != pairs[name][1]]
 

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -46,14 +47,17 @@ def unit_capabilities() -> list[str]:
 class DaemonProcess:
     """One daemon; ``start()`` returns when READY=1 arrived (or raises with its stderr)."""
 
-    def __init__(self, extra_config: str = "", watchdog_usec: int = 2_000_000) -> None:
+    def __init__(self, extra_config: str = "", watchdog_usec: int = 2_000_000,
+                 metrics_config: str = "", client_tls: ssl.SSLContext | None = None) -> None:
+        """``metrics_config`` is YAML added under ``metrics:`` (indented two spaces, e.g.
+        a ``tls:`` block); ``client_tls`` is the context :meth:`http` then scrapes with."""
         self.dir = Path(tempfile.mkdtemp(prefix="hekitrace-e2e-"))
         os.chmod(self.dir, 0o755)  # a uid-65534 child must reach the socket to be refused
         self.port = free_port()
         self.socket_path = str(self.dir / "run" / "control.sock")
         self.config_path = self.dir / "hekitrace.yaml"
         self.base_config = (
-            f"metrics:\n  listen: \"127.0.0.1:{self.port}\"\n"
+            f"metrics:\n  listen: \"127.0.0.1:{self.port}\"\n{metrics_config}"
             f"control:\n  socket: {self.socket_path}\n"
             f"journal:\n  enabled: false\n  directory: {self.dir / 'state'}\n"
             "daemon:\n  status_interval_seconds: 1\n" + extra_config)
@@ -69,6 +73,7 @@ class DaemonProcess:
         self._pending: list[str] = []
         self.watchdog_usec = watchdog_usec
         self.proc: subprocess.Popen | None = None
+        self.client_tls = client_tls
         self.stderr_path = self.dir / "stderr.log"
 
     def start(self, timeout: float = 60.0) -> DaemonProcess:
@@ -127,9 +132,14 @@ class DaemonProcess:
         raise AssertionError(f"no matching sd_notify message in {timeout} s; got "
                              f"{self.messages}\nstderr:\n{self.stderr()}")
 
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.client_tls else 'http'}://127.0.0.1:{self.port}"
+
     def http(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+            with urllib.request.urlopen(self.url + path, timeout=10,
+                                        context=self.client_tls) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
